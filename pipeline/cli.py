@@ -1,0 +1,124 @@
+"""Command line: `python -m pipeline engine --model NAME`, `serve`, `ask`, `bench`, `cards`.
+
+Flags map onto function arguments; nothing else overrides a card. Subcommands import their modules
+lazily so `--help` and card errors answer in well under a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from pipeline.card import CardError, available_cards, load_card
+from pipeline.stages import STAGE_ORDER
+
+DEFAULT_MODEL = "tiny-qwen3"
+
+
+def _cmd_engine(args: argparse.Namespace) -> int:
+    from pipeline.runner import Options, StageFailed, run_pipeline
+
+    card = load_card(args.model)
+    options = Options(from_scratch=args.from_scratch, no_gate=args.no_gate, backend=args.backend)
+    try:
+        report = run_pipeline(
+            card, Path(args.build_dir), until=args.until, force=tuple(args.force), options=options
+        )
+    except StageFailed as exc:
+        print(f"\nerror: {exc}", file=sys.stderr)
+        print(
+            f"Outputs of the stages before '{exc.stage}' are kept under {args.build_dir}/{card.name}/; "
+            "fix the cause and run the same command again to resume from there "
+            "(DMS_DEBUG=1 prints the traceback).",
+            file=sys.stderr,
+        )
+        return 1
+    root = Path(args.build_dir) / card.name
+    print(f"\nreport: {root / 'report.json'}")
+    if (root / "model_repo").exists():
+        print(f"Triton model repository: {root / 'model_repo'}")
+    done = [s for s in STAGE_ORDER if s in report.get("stages", {})]
+    print(f"stages run: {' -> '.join(done)}")
+    return 0
+
+
+def _cmd_cards(args: argparse.Namespace) -> int:
+    for name in available_cards():
+        card = load_card(name)
+        print(f"{name:16s} {card.family:6s} {card.description}")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from pipeline.serve.cli import serve_command
+
+    return serve_command(args)
+
+
+def _cmd_ask(args: argparse.Namespace) -> int:
+    from pipeline.serve.cli import ask_command
+
+    return ask_command(args)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from pipeline.runtime.bench import bench_command
+
+    return bench_command(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    engine = sub.add_parser("engine", help="run the build pipeline for a model card")
+    engine.add_argument("--model", default=os.environ.get("MODEL", DEFAULT_MODEL), help="card name or path")
+    engine.add_argument("--until", choices=STAGE_ORDER, help="stop after this stage")
+    engine.add_argument("--force", action="append", default=[], choices=STAGE_ORDER, help="rerun a stage")
+    engine.add_argument("--from-scratch", action="store_true", help="retrain the embedded model too")
+    engine.add_argument("--no-gate", action="store_true", help="record failed gates but keep building")
+    engine.add_argument("--backend", choices=("torch", "trtllm"), help="engine backend (default: card)")
+    engine.add_argument("--build-dir", default="build")
+    engine.set_defaults(func=_cmd_engine)
+
+    cards = sub.add_parser("cards", help="list the model cards")
+    cards.set_defaults(func=_cmd_cards)
+
+    serve = sub.add_parser("serve", help="serve a built model repository with Triton")
+    serve.add_argument("--model", default=os.environ.get("MODEL", DEFAULT_MODEL))
+    serve.add_argument("--build-dir", default="build")
+    serve.add_argument("--http-port", type=int, default=8000)
+    serve.add_argument("--grpc-port", type=int, default=8001)
+    serve.add_argument("--metrics-port", type=int, default=8002)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    serve.set_defaults(func=_cmd_serve)
+
+    ask = sub.add_parser("ask", help="send a prompt to a running server")
+    ask.add_argument("prompt")
+    ask.add_argument("--url", default=None, help="host:port (default 127.0.0.1:8000 http, :8001 grpc)")
+    ask.add_argument("--protocol", choices=("http", "grpc"), default="http")
+    ask.add_argument("--stream", action="store_true", help="stream tokens (gRPC)")
+    ask.add_argument("--max-tokens", type=int, default=64)
+    ask.add_argument("--temperature", type=float, default=0.0)
+    ask.set_defaults(func=_cmd_ask)
+
+    bench = sub.add_parser("bench", help="KV memory and decode speed, DMS against vanilla and HF")
+    bench.add_argument("--out", default="build/bench")
+    bench.add_argument("--context", type=int, default=4096)
+    bench.add_argument("--batch", type=int, default=8)
+    bench.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CardError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; completed stages are kept, run the command again to resume", file=sys.stderr)
+        return 130

@@ -1,0 +1,200 @@
+"""The stage runner: each stage turns earlier stages' output directories into one new directory.
+
+An output directory is keyed by a hash of the stage's settings and of its inputs' contents, written
+under a temporary name and renamed when complete, and carries a `manifest.json`. A stage whose key
+already has a complete directory is skipped. A failing or interrupted stage leaves nothing behind and
+never touches earlier outputs, so the next run resumes where this one stopped.
+
+Layout under build/<model>/:
+    stages/<stage>-<key>/     complete outputs (manifest.json inside)
+    <stage> -> stages/...     a link to the output the last run used
+    report.json               every stage's figures, plus {"stages": {stage: {seconds, cached}}}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.card import Card
+from pipeline.stages import STAGE_ORDER, load_stage
+
+MANIFEST = "manifest.json"
+
+
+class StageFailed(RuntimeError):
+    """A stage raised; the message names the stage and what to do."""
+
+    def __init__(self, stage: str, cause: BaseException):
+        self.stage = stage
+        self.cause = cause
+        super().__init__(f"stage '{stage}' failed: {cause}")
+
+
+@dataclass(frozen=True)
+class Options:
+    """Run-wide choices from the command line that some stages read (and key on)."""
+
+    from_scratch: bool = False
+    no_gate: bool = False
+    backend: str | None = None  # overrides card.build.backend when given
+
+
+@dataclass
+class StageContext:
+    card: Card
+    out_dir: Path  # write here (a temporary directory; renamed when the stage returns)
+    inputs: dict[str, Path]  # completed output directories of the stages this one depends on
+    reports: dict[str, dict[str, Any]]  # figures that earlier stages reported
+    options: Options = field(default_factory=Options)
+    build_root: Path = Path("build")
+
+
+def hash_tree(path: Path) -> str:
+    """Content hash of every file under `path` (names and bytes), manifest excluded."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST):
+        digest.update(str(file.relative_to(path)).encode())
+        with file.open("rb") as fh:
+            digest.update(hashlib.file_digest(fh, "sha256").digest())
+    return digest.hexdigest()
+
+
+def stage_key(name: str, version: int, settings: dict[str, Any], input_hashes: dict[str, str]) -> str:
+    blob = json.dumps(
+        {"stage": name, "version": version, "settings": settings, "inputs": input_hashes},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def read_manifest(out_dir: Path) -> dict[str, Any] | None:
+    path = out_dir / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def run_pipeline(
+    card: Card,
+    build_root: Path,
+    until: str | None = None,
+    force: tuple[str, ...] = (),
+    options: Options | None = None,
+    log=print,
+) -> dict[str, Any]:
+    """Run the stages in order up to `until`; return the report."""
+    options = options or Options()
+    for name in (*force, *([until] if until else [])):
+        if name not in STAGE_ORDER:
+            raise ValueError(f"unknown stage '{name}': stages are {', '.join(STAGE_ORDER)}")
+    model_root = build_root / card.name
+    (model_root / "stages").mkdir(parents=True, exist_ok=True)
+    outputs: dict[str, Path] = {}
+    manifests: dict[str, dict[str, Any]] = {}
+    timings: dict[str, dict[str, Any]] = {}
+
+    for name in STAGE_ORDER:
+        stage = load_stage(name)
+        if stage is None:
+            log(f"[{name}] not part of this build yet; stopping here")
+            break
+        missing = [d for d in stage.DEPENDS if d not in outputs]
+        if missing:
+            raise StageFailed(name, RuntimeError(f"needs stages {missing} first"))
+        settings = stage.settings(card, options)
+        input_hashes = {d: manifests[d]["output_hash"] for d in stage.DEPENDS}
+        key = stage_key(name, stage.VERSION, settings, input_hashes)
+        out_dir = model_root / "stages" / f"{name}-{key}"
+        manifest = read_manifest(out_dir)
+        cached = manifest is not None and name not in force
+        if cached:
+            log(f"[{name}] up to date ({out_dir.relative_to(build_root)})")
+        else:
+            ctx = StageContext(
+                card=card,
+                out_dir=out_dir,  # replaced by the temporary directory in _run_stage
+                inputs={d: outputs[d] for d in stage.DEPENDS},
+                reports={d: m["report"] for d, m in manifests.items()},
+                options=options,
+                build_root=build_root,
+            )
+            log(f"[{name}] running")
+            manifest = _run_stage(stage, ctx, settings, input_hashes, key)
+            log(f"[{name}] done in {manifest['seconds']:.1f} s")
+        outputs[name] = out_dir
+        manifests[name] = manifest
+        timings[name] = {"seconds": manifest["seconds"], "cached": cached}
+        _point_link(model_root / name, out_dir)
+        write_report(model_root, card, manifests, timings)
+        if name == until:
+            break
+    return json.loads((model_root / "report.json").read_text())
+
+
+def _run_stage(stage, ctx: StageContext, settings, input_hashes, key: str) -> dict[str, Any]:
+    final_dir = ctx.out_dir
+    tmp_dir = final_dir.with_name(f".{final_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir(parents=True)
+    ctx.out_dir = tmp_dir
+    start = time.monotonic()
+    try:
+        report = stage.run(ctx) or {}
+    except BaseException as exc:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        if os.environ.get("DMS_DEBUG"):
+            traceback.print_exc()
+        raise StageFailed(stage.NAME, exc) from exc
+    seconds = time.monotonic() - start
+    manifest = {
+        "stage": stage.NAME,
+        "key": key,
+        "version": stage.VERSION,
+        "card": ctx.card.name,
+        "settings": settings,
+        "inputs": {d: {"dir": str(p), "hash": input_hashes[d]} for d, p in ctx.inputs.items()},
+        "seconds": round(seconds, 3),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "outputs": sorted(str(p.relative_to(tmp_dir)) for p in tmp_dir.rglob("*") if p.is_file()),
+        "output_hash": hash_tree(tmp_dir),
+        "report": report,
+    }
+    (tmp_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    # Swap in atomically; an older output of the same key (a --force rerun) goes only once the new is whole.
+    if final_dir.exists():
+        old = final_dir.with_name(f".{final_dir.name}.old-{os.getpid()}")
+        final_dir.rename(old)
+        tmp_dir.rename(final_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp_dir.rename(final_dir)
+    ctx.out_dir = final_dir
+    return manifest
+
+
+def _point_link(link: Path, target: Path) -> None:
+    tmp = link.with_name(f".{link.name}.link-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target.relative_to(link.parent))
+    os.replace(tmp, link)
+
+
+def write_report(
+    model_root: Path, card: Card, manifests: dict[str, dict], timings: dict[str, dict]
+) -> None:
+    report: dict[str, Any] = {"model": card.name, "card": card.path}
+    for name, manifest in manifests.items():
+        report[name] = manifest["report"]
+    report["stages"] = timings
+    tmp = model_root / ".report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2, default=str))
+    os.replace(tmp, model_root / "report.json")
