@@ -88,8 +88,9 @@ def run_pipeline(
     force: tuple[str, ...] = (),
     options: Options | None = None,
     log=print,
+    load=load_stage,
 ) -> dict[str, Any]:
-    """Run the stages in order up to `until`; return the report."""
+    """Run the stages in order up to `until`; return the report. `load(name)` gives a stage module."""
     options = options or Options()
     for name in (*force, *([until] if until else [])):
         if name not in STAGE_ORDER:
@@ -101,7 +102,7 @@ def run_pipeline(
     timings: dict[str, dict[str, Any]] = {}
 
     for name in STAGE_ORDER:
-        stage = load_stage(name)
+        stage = load(name)
         if stage is None:
             log(f"[{name}] not part of this build yet; stopping here")
             break
@@ -132,6 +133,8 @@ def run_pipeline(
         manifests[name] = manifest
         timings[name] = {"seconds": manifest["seconds"], "cached": cached}
         _point_link(model_root / name, out_dir)
+        if (out_dir / "model_repo").is_dir():  # the product: build/<model>/model_repo
+            _point_link(model_root / "model_repo", out_dir / "model_repo")
         write_report(model_root, card, manifests, timings)
         if name == until:
             break

@@ -1,0 +1,103 @@
+"""Model card validation: every card loads, and each kind of mistake names the file, key and fix."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.card import CardError, available_cards, load_card
+from pipeline.cli import main
+
+BASE = {
+    "name": "t",
+    "family": "qwen3",
+    "description": "test card",
+    "source": {"kind": "local", "dir_env": "DMS_TEST_MODEL_DIR"},
+    "dms": {"window": 32},
+    "retrofit": {"seq_len": 256},
+    "build": {"kv_block_size": 16},
+}
+
+
+def write_card(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "card.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def with_change(section: str | None, key: str, value) -> dict:
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in BASE.items()}
+    target = data.setdefault(section, {}) if section else data
+    target[key] = value
+    return data
+
+
+@pytest.mark.parametrize("name", available_cards())
+def test_every_shipped_card_loads(name):
+    card = load_card(name)
+    assert card.name == name
+    assert card.build.kv_block_size < card.dms.window
+
+
+def test_required_cards_are_shipped():
+    assert {"tiny-qwen3", "smollm2-135m", "qwen3-8b", "qwen3-1.7b", "llama-3.2-1b"} <= set(available_cards())
+
+
+def test_valid_card_loads(tmp_path):
+    card = load_card(str(write_card(tmp_path, BASE)))
+    assert card.dms.window == 32 and card.dms.target_cr == 8.0  # int in YAML becomes float
+
+
+@pytest.mark.parametrize(
+    "section,key,value,message",
+    [
+        (None, "colour", "blue", "unknown key 'colour'"),
+        ("dms", "windw", 3, "unknown key 'dms.windw'"),
+        ("dms", "window", "wide", "'dms.window' must be int"),
+        ("dms", "decision", "magic", "'dms.decision' is 'magic'; allowed: 'borrowed', 'adapter'"),
+        (None, "family", "gpt2", "'family' is 'gpt2'; allowed"),
+        ("dms", "target_cr", 0.5, "must be >= 1"),
+        ("build", "kv_block_size", 64, "must be smaller than dms.window"),
+        ("dms", "window", 512, "must be shorter than retrofit.seq_len"),
+        ("retrofit", "checkpoint_crs", "2,4", "'retrofit.checkpoint_crs' must be a list"),
+        ("build", "tp_size", 3, "tp_size must be 1, 2, 4 or 8"),
+    ],
+)
+def test_card_errors_name_file_key_and_allowed(tmp_path, section, key, value, message):
+    path = write_card(tmp_path, with_change(section, key, value))
+    with pytest.raises(CardError) as err:
+        load_card(str(path))
+    assert message in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_missing_required_key(tmp_path):
+    data = dict(BASE)
+    del data["family"]
+    with pytest.raises(CardError, match="missing required key 'family'"):
+        load_card(str(write_card(tmp_path, data)))
+
+
+def test_not_a_mapping(tmp_path):
+    path = tmp_path / "card.yaml"
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(CardError, match="must be a YAML mapping"):
+        load_card(str(path))
+
+
+def test_local_weights_dir_missing_says_how_to_provide_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("DMS_TEST_MODEL_DIR", raising=False)
+    card = load_card(str(write_card(tmp_path, BASE)))
+    with pytest.raises(CardError, match="set DMS_TEST_MODEL_DIR=/path/to/hf-checkpoint"):
+        card.weights_dir()
+    monkeypatch.setenv("DMS_TEST_MODEL_DIR", str(tmp_path))
+    with pytest.raises(CardError, match="no config.json"):
+        card.weights_dir()
+    (tmp_path / "config.json").write_text("{}")
+    assert card.weights_dir() == tmp_path
+
+
+def test_unknown_model_lists_cards(capsys):
+    assert main(["engine", "--model", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'nope'" in err and "tiny-qwen3" in err and "qwen3-8b" in err

@@ -1,0 +1,163 @@
+"""The stage runner: caching, atomic outputs, resume after failure, --force, --until, the report.
+
+The stages here are small real stage modules (they write files and report figures); the runner under
+test is the real one.
+"""
+
+import json
+import types
+from pathlib import Path
+
+import pytest
+
+from pipeline.card import load_card
+from pipeline.runner import Options, StageFailed, run_pipeline
+from pipeline.stages import STAGE_ORDER, load_stage
+
+
+class Recorder:
+    """Builds stage modules that append to `calls` when they run, and can be told to fail."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+        self.fail: set[str] = set()
+        self.value = "v1"
+
+    def module(self, name: str, depends: tuple[str, ...]) -> types.ModuleType:
+        mod = types.ModuleType(f"fake_{name}")
+        mod.NAME, mod.DEPENDS, mod.VERSION = name, depends, 1
+
+        def settings(card, options):
+            return {"value": self.value if name == "prepare" else None}
+
+        def run(ctx):
+            self.calls.append(name)
+            (ctx.out_dir / "out.txt").write_text(f"{name}:{self.value}")
+            if name in self.fail:
+                raise RuntimeError(f"{name} broke")
+            for dep in depends:
+                assert (ctx.inputs[dep] / "out.txt").is_file()
+            return {"wrote": name}
+
+        mod.settings, mod.run = settings, run
+        return mod
+
+    def loader(self, stages=("prepare", "retrofit", "evaluate")):
+        chain = {}
+        prev: tuple[str, ...] = ()
+        for name in stages:
+            chain[name] = self.module(name, prev)
+            prev = (name,)
+        return lambda name: chain.get(name)
+
+
+@pytest.fixture
+def card():
+    return load_card("tiny-qwen3")
+
+
+def run(card, tmp_path, rec, **kw):
+    return run_pipeline(card, tmp_path, load=rec.loader(), log=lambda *_: None, **kw)
+
+
+def test_second_run_is_cached(card, tmp_path):
+    rec = Recorder()
+    report = run(card, tmp_path, rec)
+    assert rec.calls == ["prepare", "retrofit", "evaluate"]
+    assert report["stages"]["retrofit"]["cached"] is False
+    report = run(card, tmp_path, rec)
+    assert rec.calls == ["prepare", "retrofit", "evaluate"]  # nothing ran again
+    assert all(s["cached"] for s in report["stages"].values())
+    assert report["retrofit"] == {"wrote": "retrofit"}
+
+
+def test_outputs_have_manifest_and_link(card, tmp_path):
+    rec = Recorder()
+    run(card, tmp_path, rec)
+    link = tmp_path / card.name / "retrofit"
+    manifest = json.loads((link / "manifest.json").read_text())
+    assert manifest["stage"] == "retrofit"
+    assert manifest["outputs"] == ["out.txt"]
+    assert set(manifest["inputs"]) == {"prepare"}
+    assert len(manifest["output_hash"]) == 64 and manifest["seconds"] >= 0
+
+
+def test_failed_stage_keeps_earlier_outputs_and_resumes(card, tmp_path):
+    rec = Recorder()
+    rec.fail = {"retrofit"}
+    with pytest.raises(StageFailed, match="stage 'retrofit' failed: retrofit broke"):
+        run(card, tmp_path, rec)
+    stages_dir = tmp_path / card.name / "stages"
+    # Nothing half-written: only prepare's complete directory exists.
+    assert sorted(p.name.split("-")[0] for p in stages_dir.iterdir()) == ["prepare"]
+    rec.fail = set()
+    run(card, tmp_path, rec)
+    assert rec.calls == ["prepare", "retrofit", "retrofit", "evaluate"]  # prepare not rerun
+
+
+def test_force_reruns_one_stage_and_keeps_downstream_if_output_same(card, tmp_path):
+    rec = Recorder()
+    run(card, tmp_path, rec)
+    report = run(card, tmp_path, rec, force=("retrofit",))
+    assert rec.calls[3:] == ["retrofit"]  # same output hash, so evaluate stays cached
+    assert report["stages"]["retrofit"]["cached"] is False
+    assert report["stages"]["evaluate"]["cached"] is True
+
+
+def test_changed_settings_rerun_downstream(card, tmp_path):
+    rec = Recorder()
+    run(card, tmp_path, rec)
+    rec.value = "v2"
+    run(card, tmp_path, rec)
+    assert rec.calls[3:] == ["prepare", "retrofit", "evaluate"]
+
+
+def test_until_stops_early(card, tmp_path):
+    rec = Recorder()
+    report = run(card, tmp_path, rec, until="retrofit")
+    assert rec.calls == ["prepare", "retrofit"]
+    assert "evaluate" not in report["stages"]
+
+
+def test_unknown_stage_name(card, tmp_path):
+    with pytest.raises(ValueError, match="unknown stage 'retro'"):
+        run(card, tmp_path, Recorder(), until="retro")
+
+
+def test_report_gathers_figures(card, tmp_path):
+    run(card, tmp_path, Recorder(), options=Options())
+    report = json.loads((tmp_path / card.name / "report.json").read_text())
+    assert report["model"] == "tiny-qwen3"
+    assert report["prepare"] == {"wrote": "prepare"}
+    assert set(report["stages"]) == {"prepare", "retrofit", "evaluate"}
+
+
+def test_every_shipped_stage_has_the_interface():
+    for name in STAGE_ORDER:
+        stage = load_stage(name)
+        if stage is None:
+            continue
+        assert stage.NAME == name
+        assert all(dep in STAGE_ORDER[: STAGE_ORDER.index(name)] for dep in stage.DEPENDS)
+        assert isinstance(stage.VERSION, int) and callable(stage.settings) and callable(stage.run)
+
+
+def test_interrupted_stage_leaves_no_temporary_directory(card, tmp_path):
+    rec = Recorder()
+    loader = rec.loader()
+
+    def interrupting(name):
+        mod = loader(name)
+        if mod is not None and name == "retrofit":
+
+            def run_then_interrupt(ctx):
+                (ctx.out_dir / "partial.bin").write_bytes(b"x")
+                raise KeyboardInterrupt
+
+            mod.run = run_then_interrupt
+        return mod
+
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(card, tmp_path, load=interrupting, log=lambda *_: None)
+    leftovers = [p.name for p in Path(tmp_path / card.name / "stages").iterdir()]
+    assert all(name.startswith("prepare-") for name in leftovers), leftovers
