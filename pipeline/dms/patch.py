@@ -1,0 +1,292 @@
+"""Turn a Hugging Face Qwen3 / Llama causal LM into a DMS model in place (dms-spec.md sections 1-3).
+
+No copy of transformers' modeling files: each attention module keeps its own projections and norms and
+gets a new `forward` (our function, bound to the instance) that computes the decision logits, applies
+the shift by one and runs the soft-mask attention. Anything with the same layout (q/k/v/o_proj, optional
+q_norm/k_norm, rotary `position_embeddings` from the decoder layer) can be patched.
+
+    settings = DmsSettings.from_config(config)      # or from a card
+    patch_model(model, settings)                     # adds adapters in adapter mode, rebinds forwards
+    with dms_mode(model, "train", generator=g) as rec:   # noisy decisions; rec.hard has the decisions
+        logits = model(input_ids).logits
+    with dms_mode(model, "teacher"):                 # the base model: no eviction, no channel zeroing
+        ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from pipeline.dms import rule
+from pipeline.dms.attention import flex_attention_dms, reference_attention
+
+# The HF architectures whose attention layout we know (config.architectures[0]).
+SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "LlamaForCausalLM")
+
+# NVIDIA's config keys and defaults (dms-spec.md section 6).
+DMS_CONFIG_DEFAULTS: dict[str, Any] = {
+    "dms_alpha_scale": 100.0,
+    "dms_initial_alpha_offset": 5.0,
+    "dms_window_size": 512,
+    "dms_paged_attention_block_size": 256,
+    "dms_cr": 8,
+    "dms_disable_eviction": False,
+    "dms_separate_alpha": False,
+    "dms_alpha_per": "head",
+    "dms_tau": 0.1,
+    "dms_chunked_prefill": None,
+    "dms_preallocate_for_tokens": 4096,
+}
+
+
+class UnsupportedModelError(ValueError):
+    """The model's architecture or attention layout is not one we can patch."""
+
+
+@dataclass(frozen=True)
+class DmsSettings:
+    window: int = 512
+    separate_alpha: bool = False  # True: adapter; False: borrowed query neuron
+    alpha_per: Literal["head", "layer"] = "head"
+    alpha_scale: float = 100.0
+    initial_alpha_offset: float = 5.0
+    tau: float = 0.1
+    disable_eviction: bool = False
+
+    @classmethod
+    def from_config(cls, config: Any) -> DmsSettings:
+        get = lambda key: getattr(config, key, DMS_CONFIG_DEFAULTS[key])  # noqa: E731
+        return cls(
+            window=int(get("dms_window_size")),
+            separate_alpha=bool(get("dms_separate_alpha")),
+            alpha_per=get("dms_alpha_per"),
+            alpha_scale=float(get("dms_alpha_scale")),
+            initial_alpha_offset=float(get("dms_initial_alpha_offset")),
+            tau=float(get("dms_tau")),
+            disable_eviction=bool(get("dms_disable_eviction")),
+        )
+
+
+@dataclass
+class DmsRecorder:
+    """What one forward pass produced, per layer in order: hard decisions [B, Hkv, T] (straight-through
+    in "train" mode, 0/1 otherwise; already shifted by one, last position 0)."""
+
+    hard: list[torch.Tensor] = field(default_factory=list)
+
+    def stacked(self) -> torch.Tensor:
+        """[L, B, Hkv, T]."""
+        return torch.stack(self.hard)
+
+
+@dataclass
+class _Runtime:
+    """Per-forward switches shared by every patched attention module of one model."""
+
+    mode: Literal["train", "hard", "teacher"] = "hard"
+    generator: torch.Generator | None = None
+    recorder: DmsRecorder | None = None
+    use_flex: bool = False
+
+
+def check_architecture(config: Any) -> str:
+    """The architecture name, or a clear error when we cannot patch it."""
+    archs = list(getattr(config, "architectures", None) or [])
+    arch = archs[0] if archs else type(config).__name__.replace("Config", "ForCausalLM")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"cannot retrofit DMS onto architecture '{arch}': supported are "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} (and models with the same attention layout); "
+            "pick a card whose model is one of these"
+        )
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    if heads % kv:
+        raise UnsupportedModelError(
+            f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}"
+        )
+    return arch
+
+
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    mods = [m for name, m in model.named_modules() if name.endswith("self_attn")]
+    for m in mods:
+        for needed in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim"):
+            if not hasattr(m, needed):
+                raise UnsupportedModelError(f"attention module {type(m).__name__} has no '{needed}'")
+    if not mods:
+        raise UnsupportedModelError(f"{type(model).__name__} has no `self_attn` modules to patch")
+    return mods
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # Qwen3 and Llama share this rotary form; cos/sin: [B, T, D].
+    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+
+
+def _dms_attention_forward(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    attention_mask: torch.Tensor | None = None,
+    past_key_values: Any = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """The patched attention forward. hidden_states [B, T, hidden] -> ([B, T, hidden], None)."""
+    s: DmsSettings = self.dms_settings
+    rt: _Runtime = self.dms_runtime
+    b, t, _ = hidden_states.shape
+    shape = (b, t, -1, self.head_dim)
+    q = self.q_proj(hidden_states).view(shape)
+    k = self.k_proj(hidden_states).view(shape)
+    v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+    if getattr(self, "q_norm", None) is not None:
+        q, k = self.q_norm(q), self.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, D]
+    hkv = k.shape[1]
+    teacher = rt.mode == "teacher"
+
+    logit = None
+    if not teacher:
+        if s.separate_alpha:
+            x = self.dms_proj_alpha(self.dms_proj_alpha_norm(hidden_states))  # [B, T, Hkv]
+            logit = x.transpose(1, 2) * s.alpha_scale - s.initial_alpha_offset
+            if s.alpha_per == "layer":
+                logit = logit[:, :1].expand(-1, hkv, -1)
+        else:
+            logit = rule.borrowed_logits(q, hkv, s.alpha_per, s.alpha_scale, s.initial_alpha_offset)
+            q = rule.zero_borrowed_channel(q, hkv, s.alpha_per)
+    cos, sin = position_embeddings
+    q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+    if logit is not None and not s.separate_alpha:
+        q = rule.zero_borrowed_channel(q, hkv, s.alpha_per)  # RoPE mixes channel -1 back in
+
+    if past_key_values is not None:
+        k, v = past_key_values.update(k, v, self.layer_idx)
+        if k.shape[2] != t and logit is not None and not s.disable_eviction:
+            raise NotImplementedError(
+                "the patched HF model evicts only within one forward pass; decode with a KV cache through "
+                "pipeline.runtime (or load with dms_disable_eviction=True)"
+            )
+
+    key_logit = None
+    if logit is not None and not s.disable_eviction:
+        if rt.mode == "train":
+            noisy, hard = rule.gumbel_sigmoid(logit.float(), s.tau, generator=rt.generator)
+        else:
+            noisy = logit.float()
+            hard = (noisy > 0).float()
+        # Shift by one: the decision at t decides key t-1; the last key has no decision and is kept.
+        key_logit = rule.shift_by_one(noisy, rule.KEEP_LOGIT)
+        if rt.recorder is not None:
+            rt.recorder.hard.append(rule.shift_by_one(hard, 0.0))
+    elif rt.recorder is not None:
+        rt.recorder.hard.append(torch.zeros(b, hkv, t, device=q.device))
+
+    if k.shape[2] != t:  # cached decode with eviction off: plain attention over the cache
+        out = reference_attention_offset(q, k, v, self.scaling)
+    elif rt.mode == "hard" and key_logit is not None:
+        # Inference semantics: evicted keys beyond the window are gone (-inf), not down-weighted.
+        key_logit = torch.where(
+            key_logit > 0, torch.full_like(key_logit, 1e4), torch.full_like(key_logit, -1e4)
+        )
+        out = reference_attention(q, k, v, key_logit, s.window, self.scaling)
+    elif rt.use_flex:
+        out = flex_attention_dms(q, k, v, key_logit, s.window, self.scaling)
+    else:
+        out = reference_attention(q, k, v, key_logit, s.window, self.scaling)
+    out = out.transpose(1, 2).reshape(b, t, -1)
+    return self.o_proj(out), None
+
+
+def reference_attention_offset(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """Causal attention of T new queries over Tk >= T keys (the last T are the new ones)."""
+    t, tk = q.shape[2], k.shape[2]
+    qpos = torch.arange(tk - t, tk, device=q.device)
+    mask = rule.causal(qpos, torch.arange(tk, device=q.device))
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True
+    )
+
+
+def patch_model(model: nn.Module, settings: DmsSettings | None = None) -> nn.Module:
+    """Make `model` a DMS model in place and write the dms_* keys into its config. Adapter mode adds
+    `self_attn.dms_proj_alpha` (Linear hidden -> Hkv, no bias, zero-initialised) and
+    `self_attn.dms_proj_alpha_norm` (RMSNorm over hidden) unless they already exist."""
+    config = model.config
+    check_architecture(config)
+    settings = settings or DmsSettings.from_config(config)
+    runtime = _Runtime()
+    hidden = config.hidden_size
+    eps = getattr(config, "rms_norm_eps", 1e-6)
+    for attn in _attention_modules(model):
+        if settings.separate_alpha and not hasattr(attn, "dms_proj_alpha"):
+            ref = attn.q_proj.weight
+            attn.dms_proj_alpha = nn.Linear(
+                hidden, config.num_key_value_heads, bias=False, device=ref.device, dtype=ref.dtype
+            )
+            nn.init.zeros_(attn.dms_proj_alpha.weight)
+            attn.dms_proj_alpha_norm = nn.RMSNorm(hidden, eps=eps, device=ref.device, dtype=ref.dtype)
+        attn.dms_settings = settings
+        attn.dms_runtime = runtime
+        attn.forward = types.MethodType(_dms_attention_forward, attn)
+    model.dms_runtime = runtime
+    model.dms_settings = settings
+    for key, value in (
+        ("dms_window_size", settings.window),
+        ("dms_separate_alpha", settings.separate_alpha),
+        ("dms_alpha_per", settings.alpha_per),
+        ("dms_alpha_scale", settings.alpha_scale),
+        ("dms_initial_alpha_offset", settings.initial_alpha_offset),
+        ("dms_tau", settings.tau),
+        ("dms_disable_eviction", settings.disable_eviction),
+    ):
+        setattr(config, key, value)
+    for key, value in DMS_CONFIG_DEFAULTS.items():
+        if not hasattr(config, key):
+            setattr(config, key, value)
+    return model
+
+
+@contextlib.contextmanager
+def dms_mode(
+    model: nn.Module,
+    mode: Literal["train", "hard", "teacher"],
+    generator: torch.Generator | None = None,
+    use_flex: bool = False,
+) -> Iterator[DmsRecorder]:
+    """Run the patched model's forwards in one mode; restores the previous mode on exit.
+
+    train: Gumbel-sigmoid noise, soft mask, straight-through hard decisions recorded;
+    hard: inference decisions (logit > 0), evicted keys beyond the window masked out;
+    teacher: the base model (no eviction, borrowed channel NOT zeroed, adapters unused).
+    """
+    rt: _Runtime = model.dms_runtime
+    saved = (rt.mode, rt.generator, rt.recorder, rt.use_flex)
+    recorder = DmsRecorder()
+    rt.mode, rt.generator, rt.recorder, rt.use_flex = mode, generator, recorder, use_flex
+    try:
+        yield recorder
+    finally:
+        rt.mode, rt.generator, rt.recorder, rt.use_flex = saved
+
+
+def dms_parameter_names(model: nn.Module) -> list[str]:
+    """Parameters that DMS training updates: the adapters (adapter mode) or the attention layers'
+    weights (borrowed mode: the decision neuron lives in q_proj, and the layer learns to do without it)."""
+    if model.dms_settings.separate_alpha:
+        return [n for n, _ in model.named_parameters() if ".dms_proj_alpha" in n]
+    return [n for n, _ in model.named_parameters() if ".self_attn." in n]
