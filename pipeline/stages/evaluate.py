@@ -1,0 +1,122 @@
+"""evaluate: accuracy against compression, DMS against training-free eviction, on the same engine; gated.
+
+Writes `results.json` (every figure plus per-item results), `results.md` (the table) and
+`accuracy_vs_cr.png`. The gate (card eval.max_accuracy_drop, points) stops the build when DMS at the
+target CR loses too much accuracy against vanilla, unless --no-gate (recorded in the report).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.card import Card, card_section
+from pipeline.runner import Options, StageContext
+
+NAME = "evaluate"
+DEPENDS: tuple[str, ...] = ("prepare", "retrofit")
+VERSION = 1
+
+RESULTS, TABLE, PLOT = "results.json", "results.md", "accuracy_vs_cr.png"
+
+
+def settings(card: Card, options: Options) -> dict[str, Any]:
+    out = card_section(card, "eval", "dms", "build")
+    out["no_gate"] = options.no_gate
+    return out
+
+
+def cr_label(cr: float) -> str:
+    """2.0 -> "2", 2.5 -> "2.5" (the retrofit checkpoints' labels)."""
+    return f"{float(cr):g}"
+
+
+def build_items(card: Card, tokenizer) -> list[Any]:
+    """Held-out items: the synthetic suite for the embedded model, passkey retrieval for real models."""
+    if card.source.kind == "embedded":
+        from pipeline.data.tasks import TASKS, eval_items
+
+        return [
+            it
+            for task in TASKS
+            for length in card.eval.lengths
+            for it in eval_items(task, length, card.eval.items_per_task)
+        ]
+    import random
+
+    from pipeline.eval.passkey import make_passkey_item
+
+    rng = random.Random(f"passkey/eval/{card.name}")
+    return [
+        make_passkey_item(tokenizer, length, rng)
+        for length in card.eval.lengths
+        for _ in range(card.eval.items_per_task)
+    ]
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    from pipeline.eval.compare import METHOD_ORDER, compare_methods
+    from pipeline.eval.gate import check_gate, enforce_gate
+    from pipeline.eval.passkey import passkey_correct
+    from pipeline.eval.plot import plot_accuracy_vs_cr
+    from pipeline.eval.scoring import exact_match
+    from pipeline.eval.summary import markdown_table, summarize
+
+    card = ctx.card
+    base_dir = ctx.inputs["prepare"] / "model"
+    retrofit = ctx.reports.get("retrofit", {})
+    if not retrofit.get("checkpoints"):
+        raise RuntimeError("the retrofit stage reported no checkpoints; rerun it with --force retrofit")
+    checkpoints = {
+        cr_label(float(k)): ctx.inputs["retrofit"] / rel for k, rel in retrofit["checkpoints"].items()
+    }
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    items = build_items(card, tokenizer)
+    score = exact_match if card.source.kind == "embedded" else passkey_correct
+
+    start = time.monotonic()
+    results, baseline_targets = compare_methods(
+        card, tokenizer, base_dir, checkpoints, items, card.build.max_batch_size,
+        score=score,
+    )
+    summary = summarize(results)
+    target = cr_label(card.dms.target_cr)
+    gate = check_gate(summary["accuracy"], target, card.eval.max_accuracy_drop)
+
+    public = Path(ctx.build_root) / card.name / NAME  # the runner's link to this stage's final directory
+    report: dict[str, Any] = {
+        "accuracy_unit": "percent",
+        "accuracy": summary["accuracy"],
+        "measured_cr": summary["measured_cr"],
+        "peak_kv_bytes": summary["peak_kv_bytes"],
+        "generated_tokens": summary["generated_tokens"],
+        "baseline_target_cr": baseline_targets,
+        "items_per_task": card.eval.items_per_task,
+        "lengths": list(card.eval.lengths),
+        "seconds": round(time.monotonic() - start, 1),
+        "plot": str(public / PLOT),
+        "table": str(public / TABLE),
+        "results": str(public / RESULTS),
+    }
+    plot_accuracy_vs_cr(
+        summary["accuracy"], summary["measured_cr"], ctx.out_dir / PLOT,
+        f"{card.name}: accuracy against KV compression (same engine, greedy)",
+    )
+    table = markdown_table(summary, METHOD_ORDER)
+    (ctx.out_dir / TABLE).write_text(
+        f"# {card.name}: accuracy against compression\n\n"
+        f"{card.eval.items_per_task} held-out items per task and length {list(card.eval.lengths)}; "
+        "baselines run at DMS's measured CR per length. Accuracy in %, exact match.\n\n"
+        f"{table}\n![accuracy vs CR]({PLOT})\n"
+    )
+    full = {**report, "by_length": summary["by_length"], "gate": gate,
+            "items": [dataclasses.asdict(r) for r in results]}
+    (ctx.out_dir / RESULTS).write_text(json.dumps(full, indent=1))
+    # Last: a failed gate raises here (the runner then keeps nothing of this stage) unless --no-gate.
+    report["gate"] = enforce_gate(gate, ctx.options.no_gate)
+    return report
