@@ -1,0 +1,63 @@
+"""Training batches of task text: items packed into fixed-length rows, with a loss weight per token.
+
+Rows hold one or more whole items (`<bos> prompt answer <eos>`), padded at the end. Items in one row
+never conflict: the asked fact is always (re)defined inside its own item, so "the latest definition
+wins" is always right even when attention reaches back into an earlier item of the row.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+
+from pipeline.data.tasks import MIN_LENGTH, TASKS, train_item
+
+# Loss weight of prompt tokens (filler and facts are mostly unpredictable noise); answers weigh 1.
+PROMPT_WEIGHT = 0.05
+
+
+def _item_length(room: int, rng: random.Random) -> int:
+    """Half the items nearly fill the row (long context), half are log-uniform short ones."""
+    if rng.random() < 0.5:
+        return rng.randint(max(MIN_LENGTH, room // 2), room)
+    return max(MIN_LENGTH, min(room, round(math.exp(rng.uniform(math.log(MIN_LENGTH), math.log(room))))))
+
+
+def sample_batch_with_weights(
+    tokenizer, batch_size: int, seq_len: int, rng: random.Random, split: str = "train",
+    tasks: tuple[str, ...] = TASKS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed rows and per-token loss weights.
+
+    Returns (tokens [B, seq_len] long, weights [B, seq_len] float): weights[b, t] is the weight of
+    predicting tokens[b, t] from the prefix (0 for <bos> and padding, 1 for answer tokens and <eos>,
+    PROMPT_WEIGHT for prompt tokens).
+    """
+    if split != "train":
+        raise ValueError("training batches come from split='train'; held-out items: tasks.eval_items")
+    if seq_len < MIN_LENGTH + 2:
+        raise ValueError(f"seq_len={seq_len} is too short: items need at least {MIN_LENGTH + 2} tokens")
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    tokens = torch.full((batch_size, seq_len), pad, dtype=torch.long)
+    weights = torch.zeros(batch_size, seq_len)
+    for b in range(batch_size):
+        pos = 0
+        while seq_len - pos >= MIN_LENGTH + 2:
+            item = train_item(_item_length(seq_len - pos - 2, rng), rng, task=rng.choice(tasks))
+            prompt = tokenizer.convert_tokens_to_ids(item.prompt.split())
+            answer = tokenizer.convert_tokens_to_ids(item.answer.split())
+            ids = [bos, *prompt, *answer, eos]
+            tokens[b, pos : pos + len(ids)] = torch.tensor(ids)
+            weights[b, pos + 1 : pos + 1 + len(prompt)] = PROMPT_WEIGHT
+            weights[b, pos + 1 + len(prompt) : pos + len(ids)] = 1.0
+            pos += len(ids)
+    return tokens, weights
+
+
+def sample_batch(
+    tokenizer, batch_size: int, seq_len: int, rng: random.Random, split: str = "train"
+) -> torch.Tensor:
+    """Packed rows of task text, [B, seq_len] long (pad = tokenizer.pad_token_id)."""
+    return sample_batch_with_weights(tokenizer, batch_size, seq_len, rng, split)[0]

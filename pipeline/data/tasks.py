@@ -1,0 +1,174 @@
+"""Synthetic long-context tasks where what must be remembered is sparse.
+
+Every item is `prompt` + short `answer` over a small closed vocabulary of whitespace-separated words
+(one word == one token of the project tokenizer, see `tokenizer.py`). Most of a prompt is random filler
+that can be forgotten; a few fact statements, placed far back (at least `TAIL_FILLER` tokens before the
+question at long lengths), must be kept. That is exactly what learned KV eviction (DMS) exploits.
+
+- needle:     `k17 : 42 .` pairs among filler; `? k17 :` -> `42`.
+- variables:  chains `v3 = 7 .` ... `v10 = v3 .` ... `v22 = v10 .` among filler; `? v22 =` -> `7`.
+- arithmetic: `v3 = 7 .` definitions among filler; `? v3 + v8 + v1 =` -> `7 + 5 = 12 + 2 = 14`
+              (the steps are written out in the answer).
+
+Held-out items use item seeds from a range disjoint from training's (`item_seed`).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+TASKS: tuple[str, ...] = ("needle", "variables", "arithmetic")
+
+# The closed vocabulary. Keys and variables are distinct word families so the model can tell facts
+# from filler at a glance; values are the numbers 0..99 (one token each).
+NUMBERS: tuple[str, ...] = tuple(str(i) for i in range(100))
+KEYS: tuple[str, ...] = tuple(f"k{i}" for i in range(64))
+VARIABLES: tuple[str, ...] = tuple(f"v{i}" for i in range(64))
+FILLER_WORDS: tuple[str, ...] = (
+    "the", "a", "grass", "is", "green", "sky", "blue", "river", "flows", "slowly", "over", "stones",
+    "birds", "sing", "in", "morning", "light", "wind", "moves", "through", "tall", "trees", "old",
+    "house", "stands", "near", "hill", "children", "play", "by", "quiet", "lake", "clouds", "drift",
+    "across", "sun", "warms", "field", "farmer", "walks", "along", "road", "cat", "sleeps", "on",
+    "wall", "dog", "runs", "and", "then", "again", "soft", "rain", "falls", "night", "comes", "early",
+)
+SYMBOLS: tuple[str, ...] = (".", ":", "=", "+", "?")
+# Every word an item can contain (the tokenizer must cover all of them).
+VOCAB_WORDS: tuple[str, ...] = SYMBOLS + NUMBERS + KEYS + VARIABLES + FILLER_WORDS
+
+# Facts never sit in the last TAIL_FILLER tokens before the question (once the item is long enough),
+# so a 32-token sliding window alone cannot answer.
+TAIL_FILLER = 48
+NEEDLE_PAIRS = 6  # 1 asked + 5 distractor key/value pairs
+VARIABLE_CHAINS = 2  # 1 asked + 1 distractor chain
+VARIABLE_HOPS = 2  # `v = number`, then HOPS aliases: the answer needs HOPS+1 retrievals
+ARITH_DEFS = 5  # variables defined; 3 of them are summed
+ARITH_TERMS = 3
+MIN_LENGTH = 64
+
+# Item seeds: training draws from [0, 2**31), held-out evaluation from [2**31, 2**32).
+_SPLIT_BASE = {"train": 0, "eval": 2**31}
+
+
+@dataclass(frozen=True)
+class Item:
+    prompt: str
+    answer: str
+    task: str
+    length: int  # tokens of prompt + answer (without BOS/EOS)
+
+
+def item_seed(split: str, rng: random.Random) -> int:
+    """A per-item seed from the split's own range (train and eval ranges never overlap)."""
+    if split not in _SPLIT_BASE:
+        raise ValueError(f"unknown split {split!r}: use 'train' or 'eval'")
+    return _SPLIT_BASE[split] + rng.randrange(2**31)
+
+
+def _filler(n: int, rng: random.Random) -> list[str]:
+    """n filler tokens: random 'sentences' of 3-8 words, each ending with '.'."""
+    out: list[str] = []
+    while len(out) < n:
+        out.extend(rng.choice(FILLER_WORDS) for _ in range(rng.randint(3, 8)))
+        out.append(".")
+    return out[:n]
+
+
+def _needle(rng: random.Random) -> tuple[list[list[str]], list[str], list[str]]:
+    keys = rng.sample(KEYS, NEEDLE_PAIRS)
+    values = [rng.choice(NUMBERS) for _ in keys]
+    facts = [[k, ":", v, "."] for k, v in zip(keys, values, strict=True)]
+    rng.shuffle(facts)
+    return facts, ["?", keys[0], ":"], [values[0]]
+
+
+def _variables(rng: random.Random) -> tuple[list[list[str]], list[str], list[str]]:
+    names = rng.sample(VARIABLES, VARIABLE_CHAINS * (VARIABLE_HOPS + 1))
+    chains: list[list[list[str]]] = []
+    for c in range(VARIABLE_CHAINS):
+        chain_names = names[c * (VARIABLE_HOPS + 1) : (c + 1) * (VARIABLE_HOPS + 1)]
+        value = str(rng.randrange(100))
+        stmts = [[chain_names[0], "=", value, "."]]
+        stmts += [[chain_names[i], "=", chain_names[i - 1], "."] for i in range(1, len(chain_names))]
+        chains.append(stmts)
+    # Interleave the chains randomly, keeping each chain's own order (a name is defined before use).
+    order = [c for c, chain in enumerate(chains) for _ in chain]
+    rng.shuffle(order)
+    cursor = [0] * len(chains)
+    facts = []
+    for c in order:
+        facts.append(chains[c][cursor[c]])
+        cursor[c] += 1
+    asked = names[VARIABLE_HOPS]  # the last name of chain 0
+    return facts, ["?", asked, "="], [chains[0][0][2]]
+
+
+def _arithmetic(rng: random.Random) -> tuple[list[list[str]], list[str], list[str]]:
+    names = rng.sample(VARIABLES, ARITH_DEFS)
+    values = [rng.randrange(10) for _ in names]
+    facts = [[n, "=", str(v), "."] for n, v in zip(names, values, strict=True)]
+    rng.shuffle(facts)
+    terms = list(range(ARITH_DEFS))
+    rng.shuffle(terms)
+    terms = terms[:ARITH_TERMS]
+    query = ["?"]
+    for i, t in enumerate(terms):
+        query += (["+"] if i else []) + [names[t]]
+    query.append("=")
+    # Written-out steps: `a + b = s1 + c = s2`.
+    total = values[terms[0]]
+    answer = [str(total)]
+    for t in terms[1:]:
+        answer += ["+", str(values[t])]
+        total += values[t]
+        answer += ["=", str(total)]
+    return facts, query, answer
+
+
+_BUILDERS = {"needle": _needle, "variables": _variables, "arithmetic": _arithmetic}
+
+
+def make_item(task: str, length_tokens: int, rng: random.Random, tokenizer: Any = None) -> Item:
+    """One item of exactly `length_tokens` tokens (prompt + answer, no BOS/EOS).
+
+    One word is one token of the project tokenizer, so the length is exact without a tokenizer; when
+    one is given it is checked against it (a foreign tokenizer would make the length approximate).
+    """
+    if task not in _BUILDERS:
+        raise ValueError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
+    if length_tokens < MIN_LENGTH:
+        raise ValueError(f"length_tokens={length_tokens} is too short: items need at least {MIN_LENGTH}")
+    facts, query, answer = _BUILDERS[task](rng)
+    fact_tokens = sum(len(f) for f in facts)
+    n_filler = length_tokens - fact_tokens - len(query) - len(answer)
+    # Facts go in the front part; the tail before the question is filler only.
+    tail = min(TAIL_FILLER, n_filler // 4)
+    front = n_filler - tail
+    filler = _filler(n_filler, rng)
+    cuts = sorted(rng.randint(0, front) for _ in facts)
+    words: list[str] = []
+    prev = 0
+    for cut, fact in zip(cuts, facts, strict=True):
+        words += filler[prev:cut] + fact
+        prev = cut
+    words += filler[prev:] + query
+    item = Item(prompt=" ".join(words), answer=" ".join(answer), task=task, length=len(words) + len(answer))
+    assert item.length == length_tokens, (item.length, length_tokens)
+    if tokenizer is not None:
+        n = len(tokenizer(item.prompt + " " + item.answer, add_special_tokens=False)["input_ids"])
+        if n != length_tokens:
+            item = Item(item.prompt, item.answer, task, n)
+    return item
+
+
+def eval_items(task: str, length: int, n: int, seed: int = 0) -> list[Item]:
+    """n held-out items of one task and length (seeds from the eval range; deterministic in seed)."""
+    rng = random.Random(f"eval/{task}/{length}/{seed}")
+    return [make_item(task, length, random.Random(item_seed("eval", rng))) for _ in range(n)]
+
+
+def train_item(length: int, rng: random.Random, task: str | None = None) -> Item:
+    """One training item (task drawn uniformly unless given) from the training seed range."""
+    task = task or rng.choice(TASKS)
+    return make_item(task, length, random.Random(item_seed("train", rng)))
