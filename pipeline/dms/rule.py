@@ -61,7 +61,8 @@ def gumbel_sigmoid(
     """
     u = torch.rand((2, *logits.shape), generator=generator, device=logits.device, dtype=torch.float32)
     tiny = torch.finfo(torch.float32).tiny
-    gumbel = -torch.log(-torch.log(u.clamp_min(tiny)).clamp_min(tiny))
+    # Parenthesised: `-log(u).clamp_min(tiny)` would clamp the negative log(u) itself (NaN noise).
+    gumbel = -torch.log((-torch.log(u.clamp_min(tiny))).clamp_min(tiny))
     noise = (gumbel[0] - gumbel[1]).to(logits.dtype)
     noisy_logit = (logits + noise) / tau
     p = torch.sigmoid(noisy_logit)
