@@ -42,13 +42,15 @@ FAMILIES = {
 
 
 def family_of(hf: dict[str, Any]) -> str:
-    model_type = hf.get("model_type")
-    if model_type not in FAMILIES:
-        raise ConversionError(
-            f"model_type '{model_type}' cannot be converted: supported are {', '.join(FAMILIES)} "
-            "(Qwen3ForCausalLM, LlamaForCausalLM)"
-        )
-    return model_type
+    """qwen3 or llama, also for NVIDIA's DMS layout (model_type "qwen3_dms", Qwen3DMSForCausalLM)."""
+    names = " ".join([str(hf.get("model_type", "")), *map(str, hf.get("architectures") or [])]).lower()
+    for family in FAMILIES:
+        if family in names:
+            return family
+    raise ConversionError(
+        f"model_type {hf.get('model_type')!r} / architectures {hf.get('architectures')} cannot be "
+        "converted: supported are Qwen3ForCausalLM and LlamaForCausalLM"
+    )
 
 
 def rope_of(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:

@@ -50,8 +50,10 @@ def convert_checkpoint(
     hf_dir: str | Path, out_dir: str | Path, tp_size: int = 1, dtype: str = "bfloat16", log=print
 ) -> dict[str, Any]:
     """Write `out_dir/config.json` and `out_dir/rank{0..tp_size-1}.safetensors`; return a summary."""
+    import transformers
     from modelopt.torch.export import export_tensorrt_llm_checkpoint
-    from transformers import AutoModelForCausalLM
+
+    from pipeline.dms.checkpoint import load_config
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if dtype not in DTYPES:
@@ -74,7 +76,10 @@ def convert_checkpoint(
         )
 
     torch_dtype = DTYPES[dtype]
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch_dtype).eval()
+    # transformers' own class (never remote code); load_config also reads NVIDIA's qwen3_dms layout.
+    config = load_config(hf_dir)
+    model_cls = getattr(transformers, config.architectures[0])
+    model = model_cls.from_pretrained(hf_dir, config=config, dtype=torch_dtype).eval()
     state = {k: v.to(torch_dtype) for k, v in model.state_dict().items()}
     if adapter:
         adapters = read_hf_tensors(hf_dir, only="dms_proj_alpha")

@@ -1,0 +1,68 @@
+"""The conversion's proof: logits of the engine built from the converted checkpoint against the HF model.
+
+Reference: the HF (DMS) checkpoint in transformers with our DMS patch (`pipeline.dms.checkpoint`),
+inference semantics ("hard" decisions; a plain model runs unpatched). Candidate: the torch engine
+(`pipeline.runtime.engine.Engine`) built from the TensorRT-LLM checkpoint mapped back to HF names (ranks
+merged), run the way it serves: prefill of the first part, then token-by-token decode over the paged
+per-head KV pool with eviction. Tokens are longer than the DMS window so evictions take effect.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pipeline.convert.checkpoint import read_checkpoint, to_hf
+
+
+def reference_logits(hf_dir: Path, ids: list[int]) -> torch.Tensor:
+    """[T, V] float32 logits of the HF model (DMS-patched when it carries dms_* keys)."""
+    from pipeline.dms.checkpoint import load_dms_model
+    from pipeline.dms.patch import dms_mode
+
+    model = load_dms_model(hf_dir, dtype=torch.float32)
+    with torch.inference_mode(), dms_mode(model, "hard"):
+        return model(torch.tensor([ids])).logits[0].float()
+
+
+def engine_logits(ckpt_dir: Path, ids: list[int], prefill_tokens: int, kv_block_size: int) -> torch.Tensor:
+    """[T - prefill_tokens + 1, V] float32 logits of the engine built from the converted checkpoint:
+    the prefill's last position, then one row per decoded token."""
+    from pipeline.runtime.engine import Engine
+    from pipeline.runtime.engine_dir import EngineLimits
+    from pipeline.runtime.sampling import SamplingParams
+    from pipeline.runtime.sequence import Sequence
+
+    hf_cfg, state = to_hf(read_checkpoint(ckpt_dir))
+    pool = -(-len(ids) // kv_block_size) * kv_block_size
+    limits = EngineLimits(
+        max_batch_size=1, max_input_len=len(ids), max_output_len=len(ids),
+        kv_block_size=kv_block_size, kv_pool_tokens=pool,
+    )
+    engine = Engine.from_state(hf_cfg, state, limits, dtype="float32", device="cpu")
+    runner = engine.runner
+    seq = Sequence(request_id=0, prompt_ids=list(ids), params=SamplingParams())
+    runner.attach(seq)
+    try:
+        rows = [runner.prefill(seq, list(ids[:prefill_tokens]))]
+        while seq.num_cached < len(ids):
+            rows.append(runner.decode([seq])[0])
+    finally:
+        runner.release(seq)
+    return torch.stack(rows).float()
+
+
+def roundtrip_max_abs_diff(
+    hf_dir: str | Path, ckpt_dir: str | Path, num_tokens: int, kv_block_size: int, seed: int = 0
+) -> float:
+    """max |engine(converted) - HF| over the logits of `num_tokens` random tokens (half prefilled,
+    half decoded)."""
+    hf_dir, ckpt_dir = Path(hf_dir), Path(ckpt_dir)
+    vocab = read_checkpoint(ckpt_dir).shape.vocab_size
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (num_tokens,), generator=g).tolist()
+    prefill = max(1, num_tokens // 2)
+    ref = reference_logits(hf_dir, ids)[prefill - 1 :]
+    got = engine_logits(ckpt_dir, ids, prefill, kv_block_size)
+    return float((got - ref).abs().max())
