@@ -1,0 +1,43 @@
+"""The KV tensors: one preallocated pool of blocks shared by every layer and KV head.
+
+k, v: [num_blocks, block_size, head_dim]. Block ids come from `BlockPool` (one free list for all
+streams of all layers), so a block is never reserved for a layer that does not need it. Slot n of a
+stream lives at flat row `table[n // block_size] * block_size + n % block_size`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(
+        self, num_blocks: int, block_size: int, head_dim: int, dtype: torch.dtype, device: torch.device
+    ):
+        self.block_size = block_size
+        self.head_dim = head_dim
+        self.k = torch.zeros(num_blocks, block_size, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes of K plus V for one token of one stream."""
+        return 2 * self.head_dim * self.k.element_size()
+
+    @property
+    def bytes_per_block(self) -> int:
+        return self.block_size * self.bytes_per_token
+
+    def rows(self, table: list[int], num_tokens: int) -> torch.Tensor:
+        """Flat row ids [num_tokens] of a stream's first `num_tokens` slots."""
+        slot = torch.arange(num_tokens)
+        blocks = torch.tensor(table, dtype=torch.long)[slot // self.block_size] if num_tokens else slot
+        return (blocks * self.block_size + slot % self.block_size).to(self.k.device)
+
+    def write(self, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: [N, D] into flat rows [N]."""
+        self.k.view(-1, self.head_dim).index_copy_(0, rows, k.to(self.k.dtype))
+        self.v.view(-1, self.head_dim).index_copy_(0, rows, v.to(self.v.dtype))
+
+    def read(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k.view(-1, self.head_dim)[rows], self.v.view(-1, self.head_dim)[rows]

@@ -1,0 +1,282 @@
+"""A small gpt-fast-style Qwen3 / Llama transformer for the inference runtime.
+
+The model knows nothing about the KV pool: the runner drives it layer by layer
+(`layer.project` -> attention over the pool -> `layer.finish`), so prefill, decode and every eviction
+policy share one set of weights and one code path. Weights use Hugging Face parameter names, so an HF
+`model.safetensors` (or an engine directory) loads with `load_state_dict` directly.
+
+DMS decision logits (dms-spec.md section 1) come from `pipeline.dms.rule`: the borrowed query channel
+(read after q_norm, before RoPE; the channel is then zeroed) or the adapter (`dms_proj_alpha`).
+RoPE is applied at LOGICAL positions, whatever slot a token ends up in.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.dms import rule
+
+
+class ModelConfigError(ValueError):
+    """The HF config asks for something this runtime does not implement."""
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    family: str  # "qwen3" | "llama"
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # llama3-style scaling, or None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    # DMS (dms-spec.md section 6); dms=False means a plain checkpoint (no decision logits at all).
+    dms: bool = False
+    dms_window: int = 512
+    dms_alpha_scale: float = 100.0
+    dms_alpha_offset: float = 5.0
+    dms_separate_alpha: bool = False
+    dms_alpha_per: str = "head"
+    dms_disable_eviction: bool = False
+    dms_block_size: int = 256
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> ModelArgs:
+        """Map an HF config.json (Qwen3ForCausalLM / LlamaForCausalLM, optional dms_* keys)."""
+        model_type = cfg.get("model_type")
+        if model_type not in ("qwen3", "llama"):
+            raise ModelConfigError(
+                f"model_type {model_type!r} is not supported by the DMS runtime; use a Qwen3 or Llama "
+                "checkpoint (config.json model_type 'qwen3' or 'llama')"
+            )
+        rope = dict(cfg.get("rope_parameters") or {})
+        theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        if scaling is not None:
+            kind = scaling.get("rope_type", scaling.get("type"))
+            if kind not in ("default", "llama3"):
+                raise ModelConfigError(
+                    f"rope scaling type {kind!r} is not supported (default or llama3 only)"
+                )
+            if kind == "default":
+                scaling = None
+        heads = cfg["num_attention_heads"]
+        if cfg.get("mlp_bias"):
+            raise ModelConfigError("mlp_bias=True is not supported by the DMS runtime")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ModelConfigError(f"hidden_act {cfg.get('hidden_act')!r} is not supported (silu only)")
+        return cls(
+            family=model_type,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            intermediate_size=cfg["intermediate_size"],
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", False)),
+            dms="dms_window_size" in cfg,
+            dms_window=int(cfg.get("dms_window_size", 512)),
+            dms_alpha_scale=float(cfg.get("dms_alpha_scale", 100.0)),
+            dms_alpha_offset=float(cfg.get("dms_initial_alpha_offset", 5.0)),
+            dms_separate_alpha=bool(cfg.get("dms_separate_alpha", False)),
+            dms_alpha_per=str(cfg.get("dms_alpha_per", "head")),
+            dms_disable_eviction=bool(cfg.get("dms_disable_eviction", False)),
+            dms_block_size=int(cfg.get("dms_paged_attention_block_size", 256)),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Same order of operations as HF (normalise in float32, then scale in the input dtype).
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(dtype)
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    dim = args.head_dim
+    inv = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    s = args.rope_scaling
+    if s is not None:  # llama3: low frequencies divided by `factor`, a smooth ramp in between
+        factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old_len = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = (old_len / wavelen - low) / (high - low)
+        scaled = torch.where(wavelen > old_len / low, inv / factor, inv)
+        mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+        inv = torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+    return inv.float()
+
+
+def apply_rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (HF convention). x: [B, T, H, D]; pos: [B, T] logical positions."""
+    freqs = pos.to(torch.float32)[..., None] * inv_freq.to(x.device)  # [B, T, D/2]
+    emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
+    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        h, d = args.hidden_size, args.head_dim
+        bias = args.attention_bias
+        self.q_proj = nn.Linear(h, args.num_heads * d, bias=bias)
+        self.k_proj = nn.Linear(h, args.num_kv_heads * d, bias=bias)
+        self.v_proj = nn.Linear(h, args.num_kv_heads * d, bias=bias)
+        self.o_proj = nn.Linear(args.num_heads * d, h, bias=False)
+        if args.family == "qwen3":
+            self.q_norm = RMSNorm(d, args.rms_norm_eps)
+            self.k_norm = RMSNorm(d, args.rms_norm_eps)
+        if args.dms and args.dms_separate_alpha:
+            self.dms_proj_alpha = nn.Linear(h, args.num_kv_heads, bias=False)
+            self.dms_proj_alpha_norm = RMSNorm(h, args.rms_norm_eps)
+
+
+class Block(nn.Module):
+    """One decoder layer, split where the runner's attention goes."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.self_attn = Attention(args)
+        self.mlp = nn.Module()
+        self.mlp.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.mlp.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.mlp.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def project(
+        self, x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """x: [B, T, hidden] residual input; pos: [B, T] logical positions.
+
+        Returns q [B, T, Hq, D], k, v [B, T, Hkv, D] (RoPE applied to q and k) and the DMS decision
+        logits [B, Hkv, T] (None for a plain checkpoint).
+        """
+        a, att = self.args, self.self_attn
+        b, t, _ = x.shape
+        h = self.input_layernorm(x)
+        q = att.q_proj(h).view(b, t, a.num_heads, a.head_dim)
+        k = att.k_proj(h).view(b, t, a.num_kv_heads, a.head_dim)
+        v = att.v_proj(h).view(b, t, a.num_kv_heads, a.head_dim)
+        if a.family == "qwen3":
+            q, k = att.q_norm(q), att.k_norm(k)
+        logits = None
+        if a.dms:
+            if a.dms_separate_alpha:
+                logits = att.dms_proj_alpha(att.dms_proj_alpha_norm(x)).transpose(1, 2)
+                logits = logits * a.dms_alpha_scale - a.dms_alpha_offset
+                if a.dms_alpha_per == "layer":
+                    logits = logits[:, :1].expand(-1, a.num_kv_heads, -1)
+            else:
+                qh = q.transpose(1, 2)  # rule works on [B, Hq, T, D]
+                logits = rule.borrowed_logits(
+                    qh, a.num_kv_heads, a.dms_alpha_per, a.dms_alpha_scale, a.dms_alpha_offset
+                )
+                q = rule.zero_borrowed_channel(qh, a.num_kv_heads, a.dms_alpha_per).transpose(1, 2)
+        q = apply_rope(q, pos, inv_freq)
+        k = apply_rope(k, pos, inv_freq)
+        if a.dms and not a.dms_separate_alpha:  # RoPE mixes channels: zero the borrowed one again
+            q = rule.zero_borrowed_channel(q.transpose(1, 2), a.num_kv_heads, a.dms_alpha_per).transpose(1, 2)
+        return q, k, v, logits
+
+    def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, hidden]; attn: [B, T, Hq, D] attention output. Returns the layer's output."""
+        x = x + self.self_attn.o_proj(attn.reshape(*attn.shape[:2], -1))
+        h = self.post_attention_layernorm(x)
+        m = self.mlp
+        return x + m.down_proj(F.silu(m.gate_proj(h)) * m.up_proj(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = nn.Module()  # HF names: model.embed_tokens, model.layers.N, model.norm
+        self.model.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.model.layers = nn.ModuleList(Block(args) for _ in range(args.num_layers))
+        self.model.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.layers
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(tokens)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.model.norm(x)).float()
+
+    def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load HF-named weights; a clear error lists missing or unexpected names."""
+        state = dict(state)
+        if self.args.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        expected = set(self.state_dict())
+        if self.args.tie_word_embeddings:
+            expected.discard("lm_head.weight")
+        missing = sorted(expected - set(state))
+        unexpected = sorted(set(state) - expected)
+        if missing or unexpected:
+            raise ModelConfigError(
+                f"weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]} "
+                "(is config.json from the same checkpoint as model.safetensors?)"
+            )
+        self.load_state_dict(state, strict=not self.args.tie_word_embeddings)
+        if self.args.tie_word_embeddings:  # re-tie: moving modules (to_empty) may have split them
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+
+def dense_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked softmax attention with GQA, returning the probabilities too (policies use them).
+
+    q [B, T, Hq, D]; k, v [B, Hkv, L, D]; visible bool [B, Hkv, T, L]. Returns (out [B, T, Hq, D],
+    probs [B, Hkv, T, L] summed over each GQA group's query heads).
+    """
+    b, t, hq, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    qg = q.view(b, t, hkv, g, d).permute(0, 2, 3, 1, 4).float()  # [B, Hkv, G, T, D]
+    scores = torch.einsum("bhgtd,bhld->bhgtl", qg, k.float()) * scale
+    scores = scores.masked_fill(~visible[:, :, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    out = torch.einsum("bhgtl,bhld->bhgtd", probs, v.float())
+    out = out.permute(0, 3, 1, 2, 4).reshape(b, t, hq, d).to(q.dtype)
+    return out, probs.sum(dim=2)
