@@ -1,0 +1,84 @@
+"""build stage: the torch engine from the converted checkpoint, backend choice and its errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.card import load_card
+from pipeline.runner import Options, StageContext
+from pipeline.stages import build
+from tests.convert_models import make_hf
+
+torch.set_num_threads(1)
+
+
+def _card():
+    card = load_card("tiny-qwen3")
+    return dataclasses.replace(card, build=dataclasses.replace(card.build, kv_block_size=4, max_batch_size=2))
+
+
+def _converted(tmp_path: Path, tp: int) -> tuple[Path, dict]:
+    from pipeline.convert.export import convert_checkpoint
+
+    hf = make_hf(tmp_path / "hf", "qwen3", "borrowed")
+    conv = tmp_path / "convert"
+    convert_checkpoint(hf, conv / "trtllm_ckpt", tp_size=tp, dtype="float32", log=lambda *_: None)
+    (conv / "tokenizer").mkdir()
+    return conv, {"checkpoint_dir": "trtllm_ckpt", "tokenizer_dir": "tokenizer", "tp_size": tp}
+
+
+@pytest.fixture
+def no_trtllm(monkeypatch):
+    """This CPU machine, stated explicitly so the test does not depend on what is installed."""
+    monkeypatch.setattr(build, "gpu_present", lambda: False)
+    monkeypatch.delenv("DMS_TRTLLM_PYTHON", raising=False)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_torch_engine_from_checkpoint(tmp_path, no_trtllm, tp):
+    from pipeline.runtime.engine import Engine
+    from pipeline.runtime.engine_dir import load_hf_checkpoint
+
+    conv, report = _converted(tmp_path, tp)
+    out = tmp_path / "build"
+    out.mkdir()
+    ctx = StageContext(card=_card(), out_dir=out, inputs={"convert": conv}, reports={"convert": report},
+                       options=Options(backend=None))
+    got = build.run(ctx)
+    assert got["backend"] == "torch" and got["engine_dir"] == "engine"
+    assert "no NVIDIA GPU" in got["backend_reason"]
+    meta = json.loads((out / "engine" / "engine.json").read_text())
+    assert meta["extra"]["tp_size_merged"] == tp and meta["hf_config"]["dms_window_size"] == 8
+    _, state = load_hf_checkpoint(tmp_path / "hf")
+    engine = Engine.from_dir(out / "engine")
+    for name, tensor in engine.model.state_dict().items():
+        assert torch.equal(tensor, state[name]), name
+
+
+def test_forced_trtllm_without_gpu_fails_clearly(tmp_path, no_trtllm):
+    card = _card()
+    with pytest.raises(build.BackendUnavailable, match="no NVIDIA GPU"):
+        build.run(StageContext(card=card, out_dir=tmp_path, inputs={}, reports={},
+                               options=Options(backend="trtllm")))
+    forced_in_card = dataclasses.replace(card, build=dataclasses.replace(card.build, backend="trtllm"))
+    assert build.settings(forced_in_card, Options())["backend_resolved"] == "unavailable"
+
+
+def test_missing_environment_is_named(monkeypatch, tmp_path):
+    monkeypatch.setattr(build, "gpu_present", lambda: True)
+    monkeypatch.setenv("DMS_TRTLLM_PYTHON", str(tmp_path / "no-such-python"))
+    backend, reason, env = build.resolve_backend("auto")
+    assert backend == "torch" and env is None and "no-such-python cannot run" in reason
+
+
+def test_trtllm_commands_are_argument_lists(tmp_path):
+    local = build.TrtllmEnv(python="/opt/trtllm/bin/python").command(["--x", "1"], tmp_path)
+    assert local[0] == "/opt/trtllm/bin/python" and local[1].endswith("plugins/trtllm/build_engine.py")
+    docker = build.TrtllmEnv(image="img:tag").command(["--x", "1"], tmp_path)
+    assert docker[:3] == ["docker", "run", "--rm"] and "img:tag" in docker and docker[-2:] == ["--x", "1"]
+    assert f"{tmp_path}:{tmp_path}" in docker
