@@ -271,3 +271,65 @@ def test_gpu_qwen3_8b_sizes_bf16(num_seqs, max_len):
     )  # fmt: skip
     assert not out.isnan().any()
     assert rel_err(out, ref) < 1e-2
+
+
+# ---------------------------------------------------------------- ci/gpu_check.py: CPU-checkable parts
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO_ROOT / "ci" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_arguments(gpu_check):
+    assert gpu_check.parse_args([]).size_list == gpu_check.FULL_SIZES
+    assert gpu_check.parse_args(["--quick"]).size_list == gpu_check.QUICK_SIZES
+    args = gpu_check.parse_args(["--sizes", "1x32768, 64x4096", "--quick", "--iters", "7"])
+    assert args.size_list == [(1, 32768), (64, 4096)] and args.iters == 7
+    with pytest.raises(Exception, match="BATCHxCONTEXT"):
+        gpu_check.parse_args(["--sizes", "64by4096"])
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args(["--iters", "0"])
+
+
+def test_gpu_check_without_gpu(gpu_check, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # same answer on a GPU machine
+    out = tmp_path / "r.json"
+    assert gpu_check.main(["--out", str(out)]) == 0
+    assert "no CUDA device" in capsys.readouterr().out
+    import json
+
+    assert json.loads(out.read_text())["status"] == "skipped"
+    assert gpu_check.main(["--require-gpu"]) == 2
+
+
+def test_gpu_check_byte_counts(gpu_check):
+    # Streams of 256, 0 and 257 live tokens (1, 0 and 2 pages of 256), GQA 4, head_dim 128, bf16.
+    one = gpu_check.decode_bytes(
+        [256, 0, 257], group=4, head_dim=128, elem_bytes=2, block_size=256, num_splits=1
+    )
+    assert one["kv"] == 2 * 513 * 128 * 2  # K and V rows of the live tokens only
+    assert one["q_out"] == 2 * 12 * 128 * 2  # 3 streams x 4 query heads, read q + write out
+    assert one["meta"] == 4 * 3 + 4 * 3  # 3 live block-table entries + 3 lengths (int32)
+    assert one["split_partials"] == 0
+    assert one["total"] == one["kv"] + one["q_out"] + one["meta"]
+    three = gpu_check.decode_bytes([256, 0, 257], 4, 128, 2, 256, num_splits=3)
+    assert three["split_partials"] == 2 * 12 * 3 * (128 + 1) * 4  # fp32 partial + lse, written and read
+
+
+def test_kernel_compiles_for_sm90_without_spills(gpu_check):
+    """Ahead-of-time build for Hopper (Triton ships ptxas): no register spills, 16-byte async loads, MMA."""
+    if gpu_check._cuobjdump() is None:
+        pytest.skip("this Triton wheel ships no cuobjdump")
+    report = gpu_check.compile_report(90)
+    split = report["split"]
+    assert split["stack_bytes"] == 0 and split["spill_instructions"] == 0, split
+    assert split["global_loads_128bit"] > 0 and split["async_copies"] > 0, split
+    assert split["mma_instructions"] > 0, split
+    assert split["shared_memory_bytes"] <= 227 * 1024
+    assert report["reduce"]["spill_instructions"] == 0

@@ -32,6 +32,8 @@ LOG2E = 1.4426950408889634
 # Finite stand-in for "no tokens in this split": exp2(EMPTY_LSE - m) underflows to 0 for any real m,
 # and an all-empty row merges to 0/0 guarded to 0 without ever forming inf - inf.
 EMPTY_LSE = tl.constexpr(-1.0e30)
+# The merge pass reads num_splits x head_dim fp32 per query head: one warp per head is enough.
+REDUCE_NUM_WARPS = 1
 
 # The kernels use only Triton builtins plus these combine functions (not tl.max / tl.sum / tl.zeros,
 # which are themselves @jit functions): that is what lets a kernel compiled for the GPU also run
@@ -76,13 +78,13 @@ def dms_decode_split_kernel(
     stride_oh,
     num_kv_heads,
     group_size,
-    head_dim,
     block_size,
     tokens_per_split,
     num_splits,
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
@@ -96,7 +98,7 @@ def dms_decode_split_kernel(
     offs_g = head_block * BLOCK_H + tl.arange(0, BLOCK_H)  # head index inside the GQA group
     offs_d = tl.arange(0, BLOCK_D)
     mask_g = offs_g < group_size
-    mask_d = offs_d < head_dim
+    mask_d = offs_d < HEAD_DIM
     q_heads = kv_head * group_size + offs_g
     q_ptrs = q_ptr + seq.to(tl.int64) * stride_qs + q_heads[:, None] * stride_qh + offs_d[None, :]
     q = tl.load(q_ptrs, mask=mask_g[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_H, BLOCK_D]
@@ -118,7 +120,10 @@ def dms_decode_split_kernel(
         mask_n = offs_n < split_end
         block_ids = tl.load(bt_row + offs_n // block_size, mask=mask_n, other=0).to(tl.int64)
         slots = offs_n % block_size
-        kv_mask = mask_n[:, None] & mask_d[None, :]
+        if BLOCK_D == HEAD_DIM:
+            kv_mask = mask_n[:, None]  # no mask along d: keeps the row loads 16-byte vectorised
+        else:
+            kv_mask = mask_n[:, None] & mask_d[None, :]
         k = tl.load(
             k_ptr + block_ids[:, None] * stride_kb + slots[:, None] * stride_kt + offs_d[None, :],
             mask=kv_mask,
@@ -151,7 +156,7 @@ def dms_decode_split_kernel(
         rows = stream.to(tl.int64) * group_size + offs_g  # = seq * Hq + q_head
         lse = tl.where(has_tokens, m_i + tl.log2(tl.where(has_tokens, l_i, 1.0)), EMPTY_LSE)
         tl.store(mid_lse_ptr + rows * num_splits + split, lse, mask=mask_g)
-        mid_ptrs = mid_o_ptr + (rows[:, None] * num_splits + split) * head_dim + offs_d[None, :]
+        mid_ptrs = mid_o_ptr + (rows[:, None] * num_splits + split) * HEAD_DIM + offs_d[None, :]
         tl.store(mid_ptrs, out_tile, mask=store_mask)
 
 
@@ -163,19 +168,19 @@ def dms_decode_reduce_kernel(
     stride_os,
     stride_oh,
     num_q_heads,
-    head_dim,
     num_splits,
     BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # seq * Hq + q_head
     offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < head_dim
+    mask_d = offs_d < HEAD_DIM
     m = tl.full([1], EMPTY_LSE, dtype=tl.float32)
     denom = tl.full([1], 0.0, dtype=tl.float32)
     acc = tl.full([BLOCK_D], 0.0, dtype=tl.float32)
     for s in range(0, num_splits):
         lse = tl.load(mid_lse_ptr + row * num_splits + s + tl.full([1], 0, dtype=tl.int32))
-        o = tl.load(mid_o_ptr + (row * num_splits + s) * head_dim + offs_d, mask=mask_d, other=0.0)
+        o = tl.load(mid_o_ptr + (row * num_splits + s) * HEAD_DIM + offs_d, mask=mask_d, other=0.0)
         m_new = tl.maximum(m, lse)
         alpha = tl.exp2(m - m_new)
         w = tl.exp2(lse - m_new)
@@ -267,6 +272,12 @@ def _dot_in_fp32(kernel, dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and isinstance(kernel, InterpretedFunction)
 
 
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 pools: three-pass tf32 ("tf32x3", about fp32 accuracy on the tensor cores). Plain "ieee"
+    compiles to an FMA dot that spills registers at these tile sizes (sm_90: 255 regs + 384 B stack)."""
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -283,14 +294,16 @@ def paged_decode_attention(
     num_kv_heads: int,
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
+    plan: DecodeLaunchPlan | None = None,
 ) -> torch.Tensor:
     """Decode attention of one new token per sequence over each (sequence, KV head) stream's live slots.
 
     q [S, Hq, D]; k_cache, v_cache [num_blocks, block_size, D] (one layer's pool); block_tables int32
     [S*Hkv, max_blocks]; stream_lens int32 [S*Hkv] (live tokens, including the new one if it was
     written first). Returns [S, Hq, D] in q's dtype; a stream of length 0 yields zeros.
-    `num_splits` overrides the planned split count (tests, tuning); `out` may be a preallocated
-    [S, Hq, D] tensor of q's dtype (CUDA-graph friendly).
+    `num_splits` overrides the planned split count (tests); `plan` replaces the whole launch plan
+    (tuning: see ci/gpu_check.py --sweep); `out` may be a preallocated [S, Hq, D] tensor of q's dtype
+    (CUDA-graph friendly).
     """
     num_seqs, num_q_heads, head_dim, group = check_decode_inputs(
         q, k_cache, v_cache, block_tables, stream_lens, num_kv_heads
@@ -305,9 +318,12 @@ def paged_decode_attention(
     if num_streams == 0:
         return out
     capacity = block_tables.shape[1] * k_cache.shape[1]
-    plan = plan_decode_launch(
-        num_streams, group, head_dim, capacity, q.element_size(), _num_sms(q.device), num_splits
-    )
+    if plan is None:
+        plan = plan_decode_launch(
+            num_streams, group, head_dim, capacity, q.element_size(), _num_sms(q.device), num_splits
+        )
+    elif plan.block_h * plan.num_head_blocks < group or plan.num_splits * plan.tokens_per_split < capacity:
+        raise ValueError(f"launch plan {plan} does not cover group {group} x capacity {capacity} tokens")
     single = plan.num_splits == 1
     if single:
         mid_o = mid_lse = out  # unused by the kernel when SINGLE_SPLIT
@@ -315,8 +331,7 @@ def paged_decode_attention(
         rows = num_seqs * num_q_heads
         mid_o = torch.empty(rows, plan.num_splits, head_dim, dtype=torch.float32, device=q.device)
         mid_lse = torch.empty(rows, plan.num_splits, dtype=torch.float32, device=q.device)
-    # fp32 pools get exact fp32 dots (not tf32): decode is bandwidth-bound, the slower dot costs nothing.
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    precision = _dot_precision(q.dtype)
     split_kernel = _kernel_for(dms_decode_split_kernel, q.device)
     split_kernel[plan.split_grid(num_streams)](
         q, k_cache, v_cache, block_tables, stream_lens, out, mid_o, mid_lse,
@@ -326,16 +341,16 @@ def paged_decode_attention(
         v_cache.stride(0), v_cache.stride(1),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
-        num_kv_heads, group, head_dim, k_cache.shape[1], plan.tokens_per_split, plan.num_splits,
-        BLOCK_H=plan.block_h, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d,
+        num_kv_heads, group, k_cache.shape[1], plan.tokens_per_split, plan.num_splits,
+        BLOCK_H=plan.block_h, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d, HEAD_DIM=head_dim,
         SINGLE_SPLIT=single, DOT_PRECISION=precision, DOT_IN_FP32=_dot_in_fp32(split_kernel, q.dtype),
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )  # fmt: skip
     if not single:
         reduce_kernel = _kernel_for(dms_decode_reduce_kernel, q.device)
         reduce_kernel[(num_seqs * num_q_heads,)](
-            mid_o, mid_lse, out, out.stride(0), out.stride(1), num_q_heads, head_dim, plan.num_splits,
-            BLOCK_D=plan.block_d, num_warps=4,
+            mid_o, mid_lse, out, out.stride(0), out.stride(1), num_q_heads, plan.num_splits,
+            BLOCK_D=plan.block_d, HEAD_DIM=head_dim, num_warps=REDUCE_NUM_WARPS,
         )  # fmt: skip
     return out
 
@@ -343,3 +358,70 @@ def paged_decode_attention(
 def default_scale(head_dim: int) -> float:
     """The usual softmax scale 1/sqrt(head_dim)."""
     return 1.0 / math.sqrt(head_dim)
+
+
+_TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+# Integer arguments a contiguous pool with head_dim % 16 == 0 makes multiples of 16; the JIT finds the
+# same at launch and then emits 16-byte loads. stride_bt (max_blocks) and the counts are left unhinted.
+_ALIGNED_INT_ARGS = (
+    "stride_qs", "stride_qh", "stride_kb", "stride_kt", "stride_vb", "stride_vt", "stride_os", "stride_oh",
+)  # fmt: skip
+
+
+def compile_decode_kernels(
+    dtype: torch.dtype,
+    head_dim: int,
+    plan: DecodeLaunchPlan,
+    capability: int = 90,
+) -> dict:
+    """Compile both kernels ahead of time for one GPU architecture (no GPU needed: Triton ships ptxas).
+
+    Returns {"split": CompiledKernel, "reduce": CompiledKernel | None} whose `.asm` holds "ptx" and
+    "cubin" and whose `.metadata` holds shared memory, num_warps and the kernel name: what a TensorRT
+    plugin's ahead-of-time implementation returns. The binaries assume what `paged_decode_attention`
+    sees in practice and must be guarded by the caller: all pointers 16-byte aligned and the strides in
+    `_ALIGNED_INT_ARGS` multiples of 16 elements (contiguous q/out/pool with head_dim % 16 == 0).
+    Written against Triton 3.x's `ASTSource(fn, signature, constexprs, attrs)`.
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    elem = _TRITON_TYPES[dtype]
+    target = GPUTarget("cuda", capability, 32)
+    single = plan.num_splits == 1
+    pointer_types = {
+        "q_ptr": elem, "k_ptr": elem, "v_ptr": elem, "out_ptr": elem, "block_tables_ptr": "i32",
+        "stream_lens_ptr": "i32", "mid_o_ptr": "fp32", "mid_lse_ptr": "fp32",
+    }  # fmt: skip
+    split_consts = {
+        "BLOCK_H": plan.block_h, "BLOCK_N": plan.block_n, "BLOCK_D": plan.block_d, "HEAD_DIM": head_dim,
+        "SINGLE_SPLIT": single, "DOT_PRECISION": _dot_precision(dtype),
+        "DOT_IN_FP32": False,
+    }  # fmt: skip
+    reduce_consts = {"BLOCK_D": plan.block_d, "HEAD_DIM": head_dim}
+
+    def build(kernel, consts: dict, options: dict):
+        names = kernel.arg_names
+        signature, attrs = {}, {}
+        for i, name in enumerate(names):
+            if name in consts:
+                signature[name] = "constexpr"
+            elif name in pointer_types:
+                signature[name] = "*" + pointer_types[name]
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            elif name == "scale_log2":
+                signature[name] = "fp32"
+            else:
+                signature[name] = "i32"
+                if name in _ALIGNED_INT_ARGS:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        src = ASTSource(kernel, signature, constexprs=consts, attrs=attrs)
+        return triton.compile(src, target=target, options=options)
+
+    split = build(
+        dms_decode_split_kernel, split_consts, {"num_warps": plan.num_warps, "num_stages": plan.num_stages}
+    )
+    reduce = (
+        None if single else build(dms_decode_reduce_kernel, reduce_consts, {"num_warps": REDUCE_NUM_WARPS})
+    )
+    return {"split": split, "reduce": reduce}
