@@ -255,6 +255,8 @@ class Engine:
         """Queue a request (thread-safe). Raises ValueError for invalid requests."""
         params = replace(params or SamplingParams(), **kw)
         params.validate()
+        if params.max_tokens is None:
+            params = replace(params, max_tokens=self.limits.max_output_len)
         ids = self._encode(prompt)
         if not ids:
             raise ValueError("empty prompt: give at least one token")

@@ -9,7 +9,7 @@ import torch
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int = 64
+    max_tokens: int | None = None  # None: up to the engine's max_output_len
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
@@ -18,7 +18,7 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def validate(self) -> None:
-        if self.max_tokens <= 0:
+        if self.max_tokens is not None and self.max_tokens <= 0:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")

@@ -1,0 +1,135 @@
+"""Engine behaviour: bad input, pool exhaustion (queueing, preemption), streaming, threads, sampling,
+stop tokens, engine directories."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from runtime_models import make_tiny_hf
+
+from pipeline.runtime.engine import Engine
+from pipeline.runtime.engine_dir import (
+    EngineDirError,
+    EngineLimits,
+    read_engine_dir,
+    write_engine_dir_from_hf,
+)
+from pipeline.runtime.sampling import SamplingParams
+
+LIMITS = dict(max_batch_size=4, max_input_len=32, max_output_len=32, kv_block_size=4, kv_pool_tokens=1024)
+
+
+@pytest.fixture(scope="module")
+def dms_dir(tmp_path_factory):
+    torch.set_num_threads(1)
+    return make_tiny_hf(tmp_path_factory.mktemp("dms") / "m", dms="borrowed", window=8, block=4)
+
+
+def _prompts(n: int, length: int = 10) -> list[list[int]]:
+    g = torch.Generator().manual_seed(n)
+    return [torch.randint(0, 96, (length,), generator=g).tolist() for _ in range(n)]
+
+
+def test_bad_requests_raise_clear_errors(dms_dir):
+    engine = Engine.from_hf(dms_dir, limits=LIMITS)
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.submit([])
+    with pytest.raises(ValueError, match="max_input_len"):
+        engine.submit(list(range(33)))
+    with pytest.raises(ValueError, match="max_tokens"):
+        engine.submit([1, 2], max_tokens=0)
+    with pytest.raises(ValueError, match="max_output_len"):
+        engine.submit([1, 2], max_tokens=33)
+    with pytest.raises(ValueError, match="vocabulary"):
+        engine.submit([1, 500])
+    with pytest.raises(ValueError, match="tokenizer"):
+        engine.submit("text without a tokenizer")
+    with pytest.raises(ValueError, match="top_p"):
+        engine.submit([1], top_p=0.0)
+    # the engine still works afterwards
+    assert engine.generate([[1, 2, 3]], max_tokens=3)[0].finish_reason == "length"
+
+
+def test_small_pool_queues_and_preempts_without_changing_results(dms_dir):
+    prompts = _prompts(6, 12)
+    big = Engine.from_hf(dms_dir, limits=LIMITS)
+    expected = [c.token_ids for c in big.generate(prompts, max_tokens=30, ignore_eos=True)]
+    # 2 layers x 2 heads: a prompt of 12 needs 12 blocks; 48 blocks cannot hold six sequences at once
+    small = Engine.from_hf(dms_dir, limits={**LIMITS, "kv_pool_tokens": 48})
+    outs = small.generate(prompts, max_tokens=30, ignore_eos=True)
+    assert [c.token_ids for c in outs] == expected
+    assert all(c.finish_reason == "length" for c in outs)
+    assert small.pool_stats()["blocks_used"] == 0
+
+
+def test_request_that_never_fits_fails_alone(dms_dir):
+    engine = Engine.from_hf(dms_dir, limits={**LIMITS, "kv_pool_tokens": 8})  # 8 blocks in all
+    ok, too_big = engine.submit([1, 2], max_tokens=4), engine.submit(list(range(30)), max_tokens=4)
+    assert too_big.result().finish_reason == "error" and "kv_pool_tokens" in too_big.result().error
+    assert ok.result().finish_reason == "length" and len(ok.result().token_ids) == 4
+    assert engine.pool_stats()["blocks_used"] == 0
+
+
+def test_streaming_stop_tokens_and_seeded_sampling(dms_dir):
+    engine = Engine.from_hf(dms_dir, limits=LIMITS)
+    prompt = _prompts(1)[0]
+    greedy = engine.generate(prompt, max_tokens=12)[0].token_ids
+    streamed = [ev.token_id for ev in engine.stream(prompt, max_tokens=12)]
+    assert streamed == greedy
+    stop = greedy[5]
+    cut = engine.generate(prompt, max_tokens=12, stop_token_ids=(stop,))[0]
+    assert cut.finish_reason == "stop" and cut.token_ids == greedy[: greedy.index(stop) + 1]
+    params = SamplingParams(max_tokens=12, temperature=1.5, top_k=20, top_p=0.9, seed=7)
+    a = engine.generate([prompt, prompt], params)
+    b = engine.generate(prompt, params)[0]
+    assert a[0].token_ids == a[1].token_ids == b.token_ids  # same seed, same tokens, batched or not
+    c = engine.generate(prompt, SamplingParams(max_tokens=12, temperature=1.5, seed=8))[0]
+    assert c.token_ids != a[0].token_ids
+
+
+def test_background_loop_serves_threads_and_cancel(dms_dir):
+    engine = Engine.from_hf(dms_dir, limits=LIMITS)
+    prompts = _prompts(6)
+    expected = [c.token_ids for c in engine.generate(prompts, max_tokens=10, ignore_eos=True)]
+    engine.start()
+    try:
+        results: dict[int, list[int]] = {}
+
+        def client(i: int) -> None:
+            handle = engine.submit(prompts[i], max_tokens=10, ignore_eos=True)
+            results[i] = [ev.token_id for ev in handle]
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert [results[i] for i in range(6)] == expected
+        handle = engine.submit(prompts[0], max_tokens=32, ignore_eos=True)
+        handle.cancel()
+        out = handle.result(timeout=60)
+        assert out.finish_reason in ("cancelled", "length")
+    finally:
+        engine.stop()
+    assert engine.pool_stats()["blocks_used"] == 0
+
+
+def test_engine_dir_roundtrip_and_missing_files(dms_dir, tmp_path):
+    limits = EngineLimits(**LIMITS)
+    out = write_engine_dir_from_hf(tmp_path / "engine", dms_dir, limits)
+    config, _, read_limits, dtype = read_engine_dir(out)
+    assert read_limits == limits and dtype == "float32" and config["dms_window_size"] == 8
+    a = Engine.from_dir(out).generate(_prompts(1)[0], max_tokens=8)[0]
+    b = Engine.from_hf(dms_dir, limits=limits).generate(_prompts(1)[0], max_tokens=8)[0]
+    assert a.token_ids == b.token_ids and a.stats["compression_ratio"] == b.stats["compression_ratio"]
+    (out / "model.safetensors").unlink()
+    with pytest.raises(EngineDirError, match="model.safetensors is missing"):
+        Engine.from_dir(out)
+    with pytest.raises(EngineDirError, match="does not exist"):
+        Engine.from_dir(tmp_path / "nowhere")
+    with pytest.raises(EngineDirError, match="config.json"):
+        Engine.from_hf(tmp_path)
+    with pytest.raises(ValueError, match="smaller than"):
+        Engine.from_hf(dms_dir, limits={**LIMITS, "kv_block_size": 8})
