@@ -76,9 +76,8 @@ def test_policy_generates_through_engine(model_dir, name):
 
 
 def test_gathered_attention_matches_kernel_reference():
-    from plugins.dms_attention.reference import reference_paged_decode_attention
-
     from pipeline.runtime.kv_cache import KVCache
+    from plugins.dms_attention.reference import reference_paged_decode_attention
 
     g = torch.Generator().manual_seed(0)
     cache = KVCache(num_blocks=16, block_size=4, head_dim=8, dtype=torch.float32, device=torch.device("cpu"))
