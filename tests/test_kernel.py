@@ -94,7 +94,9 @@ def test_kernel_half_precision(dtype):
     q, kc, vc, bt, sl = make_pool(lens, 2, 2, head_dim=16, block_size=4, dtype=dtype, seed=7)
     for num_splits in (1, 3):
         out = paged_decode_attention(q, kc, vc, bt, sl, 0.25, 2, num_splits=num_splits)
-        ref = reference_paged_decode_attention(q, kc, vc, bt, sl, 0.25, 2, compute_dtype=torch.float64)
+        ref = reference_paged_decode_attention(
+            q, kc, vc, bt, sl, 0.25, 2, compute_dtype=torch.float64, out_dtype=torch.float64
+        )
         assert out.dtype == dtype
         assert not out.isnan().any()
         assert rel_err(out, ref) < 1e-2
@@ -264,7 +266,7 @@ def test_gpu_qwen3_8b_sizes_bf16(num_seqs, max_len):
             reference_paged_decode_attention(
                 q[s : s + 1], k_cache, v_cache, block_tables[s * num_kv_heads : (s + 1) * num_kv_heads],
                 lens[s * num_kv_heads : (s + 1) * num_kv_heads], head_dim**-0.5, num_kv_heads,
-                compute_dtype=torch.float64,
+                compute_dtype=torch.float64, out_dtype=torch.float64,
             )
             for s in range(num_seqs)
         ]
@@ -333,3 +335,16 @@ def test_kernel_compiles_for_sm90_without_spills(gpu_check):
     assert split["mma_instructions"] > 0, split
     assert split["shared_memory_bytes"] <= 227 * 1024
     assert report["reduce"]["spill_instructions"] == 0
+
+
+def test_gpu_check_inputs_and_check_on_cpu(gpu_check):
+    """gpu_check's input builder (Qwen3-8B heads, -1 past live blocks) and its poisoned-output check,
+    run through the interpreter at a tiny context, with the split-K path the GPU plan would pick."""
+    inp = gpu_check.make_inputs(1, 300, seed=4, dtype=torch.bfloat16, device="cpu")
+    assert inp["lens_list"][:3] == [300, 0, 1] and (inp["block_tables"] == -1).any()
+    check_stream_bounds(inp["block_tables"], inp["stream_lens"], inp["k_cache"].shape[0], 256)
+    plan = plan_decode_launch(8, 4, 128, inp["block_tables"].shape[1] * 256, 2, num_sms=132)
+    assert plan.num_splits > 1
+    row, ref = gpu_check.check_once(inp, plan)
+    assert row["ok"] and not row["nan"] and row["rel_err"] < 1e-2, row
+    assert ref.dtype == torch.float64 and ref.shape == inp["q"].shape

@@ -110,13 +110,15 @@ def reference_paged_decode_attention(
     scale: float,
     num_kv_heads: int,
     compute_dtype: torch.dtype = torch.float32,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Decode attention over each stream's live slots; the kernel's ground truth.
 
     Shapes: q [S, Hq, D]; k_cache, v_cache [num_blocks, block_size, D];
     block_tables int32 [S*Hkv, max_blocks]; stream_lens int32 [S*Hkv].
-    Returns [S, Hq, D] in q's dtype; a stream of length 0 yields zeros.
-    Arithmetic runs in `compute_dtype` (float32 by default; float64 for high-precision checks).
+    Returns [S, Hq, D] in `out_dtype` (default q's dtype); a stream of length 0 yields zeros.
+    Arithmetic runs in `compute_dtype` (float32 by default; float64 for high-precision checks, with
+    out_dtype=torch.float64 so the reference is not rounded back to q's precision).
     Gathers only up to the longest live stream (one host sync for that length).
     """
     num_seqs, num_q_heads, head_dim, group = check_decode_inputs(
@@ -125,9 +127,10 @@ def reference_paged_decode_attention(
     num_streams = num_seqs * num_kv_heads
     block_size = k_cache.shape[1]
     max_len = int(stream_lens.max()) if num_streams else 0
+    out_dtype = q.dtype if out_dtype is None else out_dtype
     out = torch.zeros(num_seqs, num_q_heads, head_dim, dtype=compute_dtype, device=q.device)
     if max_len == 0:
-        return out.to(q.dtype)
+        return out.to(out_dtype)
     if max_len > block_tables.shape[1] * block_size:
         raise ValueError(
             f"a stream has {max_len} live tokens but block_tables covers only "
@@ -146,7 +149,7 @@ def reference_paged_decode_attention(
     probs = torch.softmax(scores, dim=-1)
     probs = torch.where(live.any(dim=-1)[:, None, None], probs, 0.0)  # empty stream: 0/0 -> 0
     out = torch.einsum("sgl,sld->sgd", probs, v).reshape(num_seqs, num_q_heads, head_dim)
-    return out.to(q.dtype)
+    return out.to(out_dtype)
 
 
 def dense_attention_reference(
