@@ -39,6 +39,8 @@ def test_items_have_exact_length_and_solvable_answer(task, length):
         assert item.task == task and item.length == length
         assert len(item.prompt.split()) + len(item.answer.split()) == length
         assert solve(item.prompt) == item.answer
+        for query, answer in item.extra:  # extra training questions about the same facts
+            assert solve(f"{item.prompt} {item.answer} {query}") == answer
 
 
 @pytest.mark.parametrize("task", TASKS)

@@ -16,6 +16,7 @@ from pipeline.data.tasks import MIN_LENGTH, TASKS, train_item
 
 # Loss weight of prompt tokens (filler and facts are mostly unpredictable noise); answers weigh 1.
 PROMPT_WEIGHT = 0.05
+EXTRA_ROOM = 40  # tokens kept free in a row for an item's extra questions
 
 
 def _item_length(room: int, rng: random.Random) -> int:
@@ -45,13 +46,23 @@ def sample_batch_with_weights(
     for b in range(batch_size):
         pos = 0
         while seq_len - pos >= MIN_LENGTH + 2:
-            item = train_item(_item_length(seq_len - pos - 2, rng), rng, task=rng.choice(tasks))
-            prompt = tokenizer.convert_tokens_to_ids(item.prompt.split())
+            room = seq_len - pos - 2
+            # Leave room for a few extra questions after the item.
+            length = _item_length(max(MIN_LENGTH, room - EXTRA_ROOM), rng)
+            item = train_item(length, rng, task=rng.choice(tasks))
+            ids = [bos, *tokenizer.convert_tokens_to_ids(item.prompt.split())]
+            w = [0.0] + [PROMPT_WEIGHT] * (len(ids) - 1)
             answer = tokenizer.convert_tokens_to_ids(item.answer.split())
-            ids = [bos, *prompt, *answer, eos]
+            ids, w = ids + answer + [eos], w + [1.0] * (len(answer) + 1)
+            # Extra questions about the same facts, while they fit: `? q <answer> <eos>` each.
+            for query, extra_answer in item.extra:
+                q = tokenizer.convert_tokens_to_ids(query.split())
+                a = tokenizer.convert_tokens_to_ids(extra_answer.split())
+                if pos + len(ids) + len(q) + len(a) + 1 > seq_len:
+                    break
+                ids, w = ids + q + a + [eos], w + [PROMPT_WEIGHT] * len(q) + [1.0] * (len(a) + 1)
             tokens[b, pos : pos + len(ids)] = torch.tensor(ids)
-            weights[b, pos + 1 : pos + 1 + len(prompt)] = PROMPT_WEIGHT
-            weights[b, pos + 1 + len(prompt) : pos + len(ids)] = 1.0
+            weights[b, pos : pos + len(ids)] = torch.tensor(w)
             pos += len(ids)
     return tokens, weights
 

@@ -15,6 +15,7 @@ Held-out items use item seeds from a range disjoint from training's (`item_seed`
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +58,9 @@ class Item:
     answer: str
     task: str
     length: int  # tokens of prompt + answer (without BOS/EOS)
+    # More (query, answer) pairs about the same facts. Training rows ask them after the answer (each
+    # answer followed by <eos>) for denser supervision; evaluation asks only the first question.
+    extra: tuple[tuple[str, str], ...] = ()
 
 
 def item_seed(split: str, rng: random.Random) -> int:
@@ -75,15 +79,18 @@ def _filler(n: int, rng: random.Random) -> list[str]:
     return out[:n]
 
 
-def _needle(rng: random.Random) -> tuple[list[list[str]], list[str], list[str]]:
+Question = tuple[list[str], list[str]]  # (query words, answer words)
+
+
+def _needle(rng: random.Random) -> tuple[list[list[str]], list[Question]]:
     keys = rng.sample(KEYS, NEEDLE_PAIRS)
     values = [rng.choice(NUMBERS) for _ in keys]
     facts = [[k, ":", v, "."] for k, v in zip(keys, values, strict=True)]
     rng.shuffle(facts)
-    return facts, ["?", keys[0], ":"], [values[0]]
+    return facts, [(["?", k, ":"], [v]) for k, v in zip(keys, values, strict=True)]
 
 
-def _variables(rng: random.Random) -> tuple[list[list[str]], list[str], list[str]]:
+def _variables(rng: random.Random) -> tuple[list[list[str]], list[Question]]:
     names = rng.sample(VARIABLES, VARIABLE_CHAINS * (VARIABLE_HOPS + 1))
     chains: list[list[list[str]]] = []
     for c in range(VARIABLE_CHAINS):
@@ -100,30 +107,34 @@ def _variables(rng: random.Random) -> tuple[list[list[str]], list[str], list[str
     for c in order:
         facts.append(chains[c][cursor[c]])
         cursor[c] += 1
-    asked = names[VARIABLE_HOPS]  # the last name of chain 0
-    return facts, ["?", asked, "="], [chains[0][0][2]]
+    # Chain ends first (the asked question is the end of chain 0), then the intermediate names.
+    hops = [VARIABLE_HOPS] + list(range(VARIABLE_HOPS - 1, -1, -1))
+    questions = [
+        (["?", chains[c][h][0], "="], [chains[c][0][2]]) for h in hops for c in range(VARIABLE_CHAINS)
+    ]
+    return facts, questions
 
 
-def _arithmetic(rng: random.Random) -> tuple[list[list[str]], list[str], list[str]]:
+def _arithmetic(rng: random.Random) -> tuple[list[list[str]], list[Question]]:
     names = rng.sample(VARIABLES, ARITH_DEFS)
     values = [rng.randrange(10) for _ in names]
     facts = [[n, "=", str(v), "."] for n, v in zip(names, values, strict=True)]
     rng.shuffle(facts)
-    terms = list(range(ARITH_DEFS))
-    rng.shuffle(terms)
-    terms = terms[:ARITH_TERMS]
-    query = ["?"]
-    for i, t in enumerate(terms):
-        query += (["+"] if i else []) + [names[t]]
-    query.append("=")
-    # Written-out steps: `a + b = s1 + c = s2`.
-    total = values[terms[0]]
-    answer = [str(total)]
-    for t in terms[1:]:
-        answer += ["+", str(values[t])]
-        total += values[t]
-        answer += ["=", str(total)]
-    return facts, query, answer
+    questions = []
+    for _ in range(3):
+        terms = rng.sample(range(ARITH_DEFS), ARITH_TERMS)
+        query = ["?"]
+        for i, t in enumerate(terms):
+            query += (["+"] if i else []) + [names[t]]
+        query.append("=")
+        # Written-out steps: `a + b = s1 + c = s2`.
+        total = values[terms[0]]
+        answer = [str(total)]
+        for t in terms[1:]:
+            total += values[t]
+            answer += ["+", str(values[t]), "=", str(total)]
+        questions.append((query, answer))
+    return facts, questions
 
 
 _BUILDERS = {"needle": _needle, "variables": _variables, "arithmetic": _arithmetic}
@@ -139,7 +150,8 @@ def make_item(task: str, length_tokens: int, rng: random.Random, tokenizer: Any 
         raise ValueError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
     if length_tokens < MIN_LENGTH:
         raise ValueError(f"length_tokens={length_tokens} is too short: items need at least {MIN_LENGTH}")
-    facts, query, answer = _BUILDERS[task](rng)
+    facts, questions = _BUILDERS[task](rng)
+    (query, answer), extra = questions[0], questions[1:]
     fact_tokens = sum(len(f) for f in facts)
     n_filler = length_tokens - fact_tokens - len(query) - len(answer)
     # Facts go in the front part; the tail before the question is filler only.
@@ -153,12 +165,13 @@ def make_item(task: str, length_tokens: int, rng: random.Random, tokenizer: Any 
         words += filler[prev:cut] + fact
         prev = cut
     words += filler[prev:] + query
-    item = Item(prompt=" ".join(words), answer=" ".join(answer), task=task, length=len(words) + len(answer))
+    item = Item(prompt=" ".join(words), answer=" ".join(answer), task=task, length=len(words) + len(answer),
+                extra=tuple((" ".join(q), " ".join(a)) for q, a in extra))
     assert item.length == length_tokens, (item.length, length_tokens)
     if tokenizer is not None:
         n = len(tokenizer(item.prompt + " " + item.answer, add_special_tokens=False)["input_ids"])
         if n != length_tokens:
-            item = Item(item.prompt, item.answer, task, n)
+            item = dataclasses.replace(item, length=n)
     return item
 
 

@@ -1,0 +1,117 @@
+"""Build the embedded Qwen3 from a card's `pretrain` section and pretrain it on the task corpus.
+
+A nanoGPT-style loop: sample a packed batch, weighted cross-entropy (answers weigh most), AdamW,
+clip, step, log. A length curriculum starts on short rows (cheap attention, many answers per token)
+and ends on full-length rows, keeping the tokens per step constant.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from pipeline.card import PretrainSpec
+from pipeline.data.corpus import sample_batch_with_weights
+
+# (fraction of steps, divisor of seq_len): rows are seq_len // div long with batch_size * div rows.
+CURRICULUM: tuple[tuple[float, int], ...] = ((0.5, 4), (0.75, 2), (1.0, 1))
+WARMUP_STEPS = 20
+
+
+def build_model(spec: PretrainSpec, tokenizer) -> Qwen3ForCausalLM:
+    """A fresh Qwen3ForCausalLM with the card's shape (seeded by spec.seed)."""
+    if spec.num_heads % spec.num_kv_heads:
+        raise ValueError(f"pretrain.num_heads={spec.num_heads} must be a multiple of num_kv_heads")
+    if len(tokenizer) > spec.vocab_size:
+        raise ValueError(f"pretrain.vocab_size={spec.vocab_size} < tokenizer size {len(tokenizer)}")
+    config = Qwen3Config(
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        head_dim=spec.head_dim,
+        max_position_embeddings=max(4096, 4 * spec.seq_len),
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(spec.seed)
+    model = Qwen3ForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model
+
+
+def weighted_lm_loss(
+    model: Qwen3ForCausalLM, tokens: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted next-token loss and answer-token accuracy (teacher-forced).
+
+    tokens [B, T] long, weights [B, T] float (weight of predicting tokens[:, t]).
+    """
+    logits = model(input_ids=tokens).logits[:, :-1].float()
+    target, w = tokens[:, 1:], weights[:, 1:]
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
+    loss = (ce * w.reshape(-1)).sum() / w.sum().clamp_min(1e-6)
+    answer = w == 1.0
+    acc = (logits.argmax(-1) == target)[answer].float().mean()
+    return loss, acc
+
+
+def _lr(step: int, steps: int, peak: float) -> float:
+    if step < WARMUP_STEPS:
+        return peak * (step + 1) / WARMUP_STEPS
+    progress = (step - WARMUP_STEPS) / max(1, steps - WARMUP_STEPS)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def pretrain(model: Qwen3ForCausalLM, tokenizer, spec: PretrainSpec, log_every: int = 25) -> dict[str, Any]:
+    """Train in place for spec.steps; returns {train_seconds, curve: [{step, seq_len, loss, answer_acc}]}."""
+    rng = random.Random(f"pretrain/{spec.seed}")
+    torch.manual_seed(spec.seed)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=spec.lr, betas=(0.9, 0.95),
+    )
+    model.train()
+    curve: list[dict[str, float]] = []
+    run_loss, run_acc, n = 0.0, 0.0, 0
+    start = time.perf_counter()
+    bar = tqdm(range(spec.steps), desc="pretrain", mininterval=5.0)
+    for step in bar:
+        div = next(d for frac, d in CURRICULUM if step < frac * spec.steps)
+        # Rows of at least 128 tokens (items need 66); batch rows scale so tokens per step stay put.
+        seq_len = max(spec.seq_len // div, min(spec.seq_len, 128))
+        div = spec.seq_len // seq_len
+        tokens, weights = sample_batch_with_weights(tokenizer, spec.batch_size * div, seq_len, rng)
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, spec.steps, spec.lr)
+        loss, acc = weighted_lm_loss(model, tokens, weights)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        run_loss, run_acc, n = run_loss + loss.item(), run_acc + acc.item(), n + 1
+        if (step + 1) % log_every == 0 or step + 1 == spec.steps:
+            point = {"step": step + 1, "seq_len": seq_len, "loss": run_loss / n, "answer_acc": run_acc / n,
+                     "seconds": time.perf_counter() - start}
+            curve.append(point)
+            bar.set_postfix(loss=f"{point['loss']:.3f}", acc=f"{point['answer_acc']:.3f}", len=seq_len)
+            tqdm.write(f"step {step + 1} len {seq_len} loss {point['loss']:.4f} answer_acc "
+                       f"{point['answer_acc']:.3f} t {point['seconds']:.0f}s")
+            run_loss, run_acc, n = 0.0, 0.0, 0
+    model.eval()
+    return {"train_seconds": time.perf_counter() - start, "curve": curve}
