@@ -1,16 +1,25 @@
 """Run items through the inference engine and score them: the one place eval talks to the runtime.
 
-Every method (vanilla, DMS, the training-free baselines) runs on the same engine, batched, greedy, and
-reports the engine's own per-request statistics (measured CR, peak live KV bytes, generated length).
+Every method (vanilla, DMS, the training-free baselines) runs on the same engine (`pipeline.runtime`),
+batched and greedy, and reports the engine's own per-request statistics.
+
+Protocol: the context (the prompt up to its question) is prefilled as one chunk and compressed by the
+policy; the question is the next prefill chunk, read through the compressed cache; then the answer is
+decoded. Without this, a fixed-budget baseline would answer a one-token question from a full-attention
+prefill and its compression would describe a cache it never used (kvpress evaluates the same way).
+DMS's chunked prefill is exact, so the split changes nothing for it.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from pipeline.eval.scoring import exact_match, max_answer_tokens
@@ -21,43 +30,162 @@ from pipeline.eval.summary import ItemResult
 class Generation:
     """What eval needs back from one engine request."""
 
-    token_ids: list[int]  # generated tokens, end-of-sequence excluded
-    measured_cr: float
-    peak_kv_bytes: int
+    token_ids: list[int]  # generated tokens (the end-of-sequence token included if produced)
+    measured_cr: float  # 1 / mean(kept / length) over (layer, KV head), at the end of the request
+    peak_kv_bytes: int  # bytes of the KV blocks the request held at its end (streams never shrink in decode)
+
+
+def engine_for(
+    hf_dir: Path,
+    policy: str,
+    target_cr: float | None,
+    max_batch_size: int = 8,
+    max_len: int = 4096,
+    kv_block_size: int = 16,
+    kv_pool_tokens: int | None = None,
+) -> Any:
+    """An engine over `hf_dir` under an eviction policy (none | dms | window | h2o | tova).
+
+    Baselines keep a fixed per-stream budget of ceil((prompt + max new tokens) / target_cr) tokens.
+    The pool holds a full batch of uncompressed requests, so eval never preempts.
+    """
+    from pipeline.runtime.engine import Engine, EngineLimits
+    from pipeline.runtime.policies import make_policy
+
+    if policy in ("window", "h2o", "tova") and target_cr is None:
+        raise ValueError(f"policy {policy} needs a target compression ratio (cr=...)")
+    limits = EngineLimits(
+        max_batch_size=max_batch_size,
+        max_input_len=max_len,
+        max_output_len=max_len,
+        kv_block_size=kv_block_size,
+        kv_pool_tokens=kv_pool_tokens or max_batch_size * (max_len + 2 * kv_block_size),
+    )
+    chosen = make_policy(policy, cr=target_cr) if target_cr is not None else make_policy(policy)
+    return Engine.from_hf(hf_dir, policy=chosen, limits=limits)
 
 
 def make_engine(hf_dir: Path, policy: str, target_cr: float | None, card) -> Any:
-    """The runtime engine for `hf_dir` under an eviction policy.
-
-    policy: none | dms | window | h2o | tova. Baselines keep a fixed per-stream budget derived from
-    `target_cr` (the runtime's rule: budget = length / target_cr, sinks and recent tokens included).
-    """
-    from pipeline.runtime.engine import Engine, EngineLimits
-
-    limits = EngineLimits(
-        max_batch_size=card.build.max_batch_size,
-        max_input_len=max(card.build.max_input_len, max(card.eval.lengths) + 8),
-        max_output_len=card.build.max_output_len,
+    """`engine_for` with the card's batch size and block size, sized for its longest eval prompt."""
+    longest = max(card.eval.lengths) + 64  # prompt + answer + slack for tokenizers that split words
+    return engine_for(
+        hf_dir, policy, target_cr, max_batch_size=card.build.max_batch_size, max_len=longest,
         kv_block_size=card.build.kv_block_size,
-        kv_pool_tokens=card.build.kv_pool_tokens,
     )
-    kwargs = {} if target_cr is None else {"target_cr": target_cr}
-    return Engine.from_hf(hf_dir, policy=policy, limits=limits, **kwargs)
+
+
+@contextmanager
+def _prefill_chunk(engine: Any, tokens: int | None):
+    """Make the engine prefill in chunks of `tokens` (its own chunked-prefill setting) for a while."""
+    old = engine.scheduler.prefill_chunk_tokens
+    engine.scheduler.prefill_chunk_tokens = tokens
+    try:
+        yield
+    finally:
+        engine.scheduler.prefill_chunk_tokens = old
 
 
 def generate_batch(
-    engine: Any, prompts: Sequence[list[int]], max_new_tokens: Sequence[int]
+    engine: Any,
+    prompts: Sequence[list[int]],
+    max_new_tokens: Sequence[int],
+    context_lens: Sequence[int] | None = None,
 ) -> list[Generation]:
-    """Greedy generation for a batch of tokenized prompts; the engine batches them internally."""
-    outs = engine.generate([list(p) for p in prompts], max_new_tokens=list(max_new_tokens), temperature=0.0)
-    return [
-        Generation(
-            token_ids=list(o.token_ids),
-            measured_cr=float(o.stats.compression_ratio),
-            peak_kv_bytes=int(o.stats.peak_kv_bytes),
-        )
-        for o in outs
-    ]
+    """Greedy generation; prompts with a context length are prefilled context first, then the rest.
+
+    prompts: token ids (BOS included). context_lens[i]: tokens of prompts[i] before its question (the
+    first prefill chunk), or None for one-chunk prefill. Requests sharing a split run as one batch.
+    """
+    groups: dict[tuple[int, int] | None, list[int]] = defaultdict(list)
+    for i, p in enumerate(prompts):
+        split = None if context_lens is None else (context_lens[i], len(p))
+        groups[split].append(i)
+    out: list[Generation | None] = [None] * len(prompts)
+    for split, idx in groups.items():
+        # A chunk of `context` tokens: the context is chunk one, the question (shorter) chunk two.
+        chunk = None if split is None else max(split[0], split[1] - split[0])
+        with _prefill_chunk(engine, chunk):
+            handles = [
+                engine.submit(list(prompts[i]), max_tokens=int(max_new_tokens[i]), temperature=0.0)
+                for i in idx
+            ]
+            completions = [h.result() for h in handles]
+        for i, c in zip(idx, completions, strict=True):
+            if c.finish_reason == "error":
+                raise RuntimeError(f"engine request failed: {c.error}")
+            out[i] = Generation(
+                token_ids=list(c.token_ids),
+                measured_cr=float(c.stats["compression_ratio"]),
+                peak_kv_bytes=int(c.stats["kv_bytes"]),
+            )
+    return out  # type: ignore[return-value]
+
+
+def forced_logits(engine: Any, pairs: Sequence[tuple[list[int], list[int]]]) -> list[torch.Tensor]:
+    """Teacher-forced next-token logits with the engine's policy active.
+
+    pairs: (prompt ids, forced ids). The prompt is prefilled (and compressed) as one chunk, then the
+    forced tokens are decoded one by one through the paged cache. Returns per pair a float32 tensor
+    [len(forced), V]: row j predicts forced[j].
+    """
+    from pipeline.runtime.sampling import SamplingParams
+    from pipeline.runtime.sequence import Sequence as EngineSequence
+
+    runner = engine.runner
+    seqs, rows = [], []
+    with engine._step_lock:  # no background step may touch the pool meanwhile
+        try:
+            for n, (prompt, forced) in enumerate(pairs):
+                if not forced:
+                    raise ValueError("forced_logits: every pair needs at least one forced token")
+                seq = EngineSequence(request_id=-1 - n, prompt_ids=list(prompt),
+                                     params=SamplingParams(max_tokens=len(forced)))
+                runner.attach(seq)
+                seqs.append(seq)
+                rows.append([runner.prefill(seq, list(prompt)).float()])
+            for step in range(max(len(f) for _, f in pairs) - 1):
+                live = [k for k, (_, f) in enumerate(pairs) if step + 1 < len(f)]
+                for k in live:
+                    seqs[k].token_ids.append(pairs[k][1][step])
+                logits = runner.decode([seqs[k] for k in live])
+                for k, row in zip(live, logits, strict=True):
+                    rows[k].append(row.float())
+        finally:
+            for seq in seqs:
+                if seq.streams is not None:
+                    runner.release(seq)
+    return [torch.stack(r) for r in rows]
+
+
+def continuation_logprobs(
+    engine: Any, pairs: Sequence[tuple[list[int], list[int]]]
+) -> list[tuple[float, bool]]:
+    """lm-eval's loglikelihood: (sum log p(continuation | context), is every token the greedy one)."""
+    out = []
+    for (_, cont), logits in zip(pairs, forced_logits(engine, pairs), strict=True):
+        logp = torch.log_softmax(logits, dim=-1)
+        target = torch.tensor(cont)
+        out.append((float(logp.gather(1, target[:, None]).sum()), bool((logits.argmax(-1) == target).all())))
+    return out
+
+
+def question_offset(item: Any) -> int:
+    """Character offset where an item's question starts (its last `?` word, or the item's own mark)."""
+    own = getattr(item, "question_offset", None)
+    if own is not None:
+        return int(own)
+    at = item.prompt.rfind("?")
+    if at < 0:
+        raise ValueError(f"item of task {getattr(item, 'task', '?')} has no question mark to split at")
+    return at
+
+
+def encode_item(tokenizer, item: Any) -> tuple[list[int], int]:
+    """(prompt ids with BOS, context length in tokens): context and question tokenized separately."""
+    at = question_offset(item)
+    context = tokenizer(item.prompt[:at].rstrip())["input_ids"]  # BOS added by the tokenizer
+    question = tokenizer(item.prompt[at:], add_special_tokens=False)["input_ids"]
+    return context + question, len(context)
 
 
 def run_items(
@@ -73,10 +201,15 @@ def run_items(
     """Generate an answer for every item (objects with prompt, answer, task, length) and score it."""
     results: list[ItemResult] = []
     bar = tqdm(total=len(items), desc=desc or f"{method} CR {cr_label}", unit="item", leave=False)
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        prompts = [tokenizer(it.prompt)["input_ids"] for it in chunk]  # BOS added by the tokenizer
-        gens = generate_batch(engine, prompts, [max_answer_tokens(it.answer) for it in chunk])
+    # Items of one (task, length) share their split, so each chunk of them is one engine batch.
+    order = sorted(range(len(items)), key=lambda i: (items[i].task, items[i].length))
+    for start in range(0, len(order), batch_size):
+        chunk = [items[i] for i in order[start : start + batch_size]]
+        encoded = [encode_item(tokenizer, it) for it in chunk]
+        gens = generate_batch(
+            engine, [p for p, _ in encoded], [max_answer_tokens(it.answer) for it in chunk],
+            [c for _, c in encoded],
+        )
         for it, gen in zip(chunk, gens, strict=True):
             text = tokenizer.decode(gen.token_ids, skip_special_tokens=True)
             results.append(

@@ -1,0 +1,169 @@
+"""The eval harness on the real engine with tiny random models: protocol exactness, the baselines'
+budgets matched to DMS's measured CR, teacher-forced logits, and the evaluate stage's gate."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from pipeline.card import load_card
+from pipeline.data.tasks import eval_items
+from pipeline.data.tokenizer import train_tokenizer
+from pipeline.eval.compare import compare_methods
+from pipeline.eval.gate import GateFailed
+from pipeline.eval.harness import encode_item, engine_for, forced_logits, generate_batch
+from pipeline.eval.summary import combine_cr
+
+
+def make_tiny(path: Path, dms_window: int | None = None, seed: int = 0) -> Path:
+    """A random 2-layer Qwen3 with the project tokenizer; with dms_window, a DMS checkpoint whose
+    borrowed-channel logits (scale 10, offset 0) evict roughly half the tokens."""
+    tok = train_tokenizer(512, seed=0, n_items=12)
+    torch.manual_seed(seed)
+    cfg = transformers.Qwen3Config(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, tie_word_embeddings=True,
+        initializer_range=0.2, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    transformers.Qwen3ForCausalLM(cfg).eval().save_pretrained(path)
+    tok.save_pretrained(path)
+    if dms_window is not None:
+        c = json.loads((path / "config.json").read_text())
+        c.update(dms_window_size=dms_window, dms_paged_attention_block_size=8, dms_alpha_scale=10.0,
+                 dms_initial_alpha_offset=0.0, dms_separate_alpha=False, dms_alpha_per="head",
+                 dms_disable_eviction=False, dms_cr=4, dms_tau=0.1)
+        (path / "config.json").write_text(json.dumps(c))
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny shapes run fastest single-threaded, and the test machine is shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval_models")
+    return {"base": make_tiny(root / "base"), "dms": make_tiny(root / "dms", dms_window=16)}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(models):
+    return transformers.AutoTokenizer.from_pretrained(str(models["base"]))
+
+
+@pytest.mark.parametrize("policy", ["none", "dms"])
+def test_context_then_question_is_exact_for_exact_policies(models, tokenizer, policy):
+    """No eviction and DMS (exact chunked prefill) answer the same whether or not the question is a
+    separate prefill chunk; only the fixed-budget baselines may differ."""
+    path = models["base" if policy == "none" else "dms"]
+    engine = engine_for(path, policy, None, max_batch_size=4, max_len=320, kv_block_size=8)
+    items = eval_items("arithmetic", 256, 4)
+    encoded = [encode_item(tokenizer, it) for it in items]
+    prompts = [p for p, _ in encoded]
+    assert all(p[0] == tokenizer.bos_token_id and len(p) == it.length - len(it.answer.split()) + 1
+               for p, it in zip(prompts, items, strict=True))
+    split = generate_batch(engine, prompts, [6] * 4, [c for _, c in encoded])
+    whole = generate_batch(engine, prompts, [6] * 4)
+    assert [g.token_ids for g in split] == [g.token_ids for g in whole]
+    assert [g.measured_cr for g in split] == pytest.approx([g.measured_cr for g in whole])
+
+
+def test_baselines_run_at_dms_measured_cr(models, tokenizer):
+    card = load_card("tiny-qwen3")
+    card = dataclasses.replace(
+        card, eval=dataclasses.replace(card.eval, lengths=(128, 256)),
+        build=dataclasses.replace(card.build, max_batch_size=4, kv_block_size=8),
+    )
+    items = [it for n in (128, 256) for t in ("needle", "variables") for it in eval_items(t, n, 2)]
+    results, targets = compare_methods(
+        card, tokenizer, models["base"], {"4": models["dms"]}, items, 4, log=lambda _: None
+    )
+    by = {}
+    for r in results:
+        by.setdefault((r.method, r.cr_label, r.length), []).append(r)
+    vanilla_bytes = max(r.peak_kv_bytes for r in results if r.method == "vanilla")
+    for length in (128, 256):
+        dms_cr = combine_cr(r.measured_cr for r in by[("dms", "4", length)])
+        assert 1.3 < dms_cr < 3.5  # random decisions evict about half of what leaves the window
+        assert targets["4"][str(length)] == pytest.approx(dms_cr, abs=1e-3)
+        for method in ("window", "h2o", "tova"):
+            rows = by[(method, "4", length)]
+            got = combine_cr(r.measured_cr for r in rows)
+            # The budget is set for prompt + max new tokens; fewer generated tokens lower the CR a bit.
+            assert 0.85 * dms_cr <= got <= 1.02 * dms_cr, (method, length, got, dms_cr)
+            assert max(r.peak_kv_bytes for r in rows) < vanilla_bytes
+    assert {r.method for r in results} == {"vanilla", "dms", "window", "h2o", "tova"}
+    assert all(r.measured_cr == 1.0 for r in results if r.method == "vanilla")
+
+
+def test_forced_logits_match_hf_for_no_eviction(models):
+    engine = engine_for(models["base"], "none", None, max_batch_size=2, max_len=64, kv_block_size=8)
+    hf = transformers.Qwen3ForCausalLM.from_pretrained(str(models["base"])).eval()
+    pairs = [([1, 40, 41, 42, 43], [44, 45, 46]), ([1, 50, 51], [52])]
+    got = forced_logits(engine, pairs)
+    for (prompt, forced), logits in zip(pairs, got, strict=True):
+        with torch.no_grad():
+            want = hf(torch.tensor([prompt + forced])).logits[0, len(prompt) - 1 : -1]
+        assert logits.shape == want.shape
+        torch.testing.assert_close(logits, want, atol=2e-4, rtol=1e-4)
+    assert engine.pool.num_used_blocks == 0  # every stream released
+
+
+def _stage_ctx(tmp_path, models, max_drop: float, no_gate: bool):
+    from pipeline.runner import Options, StageContext
+
+    prepare, retrofit = tmp_path / "prepare", tmp_path / "retrofit"
+    prepare.mkdir(parents=True)
+    (prepare / "model").symlink_to(models["base"])
+    (retrofit / "checkpoints").mkdir(parents=True)
+    (retrofit / "checkpoints" / "cr8").symlink_to(models["dms"])
+    card = load_card("tiny-qwen3")
+    card = dataclasses.replace(
+        card,
+        eval=dataclasses.replace(card.eval, items_per_task=2, lengths=(96,), max_accuracy_drop=max_drop),
+        build=dataclasses.replace(card.build, max_batch_size=6, kv_block_size=8),
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    return StageContext(
+        card=card, out_dir=out, inputs={"prepare": prepare, "retrofit": retrofit},
+        reports={"retrofit": {"checkpoints": {"8": "checkpoints/cr8"}}},
+        options=Options(no_gate=no_gate), build_root=tmp_path / "build",
+    )
+
+
+def test_evaluate_stage_outputs_and_gate(tmp_path, models):
+    from pipeline.stages import evaluate
+
+    # Random models answer nothing: vanilla and DMS both score 0, a drop of 0 passes a limit of 3.
+    ctx = _stage_ctx(tmp_path / "pass", models, 3.0, no_gate=False)
+    report = evaluate.run(ctx)
+    assert report["gate"]["passed"] and report["gate"]["drop"] == 0.0 and not report["gate"]["bypassed"]
+    assert set(report["accuracy"]) == {"vanilla", "dms", "window", "h2o", "tova"}
+    assert set(report["accuracy"]["vanilla"]) == {"1"} and set(report["accuracy"]["tova"]) == {"8"}
+    assert set(report["accuracy"]["dms"]["8"]) == {"needle", "variables", "arithmetic", "average"}
+    assert report["measured_cr"]["dms"]["8"]["average"] > 1.0
+    for name in ("results.json", "results.md", "accuracy_vs_cr.png"):
+        assert (ctx.out_dir / name).stat().st_size > 0
+    assert report["plot"].endswith("tiny-qwen3/evaluate/accuracy_vs_cr.png")
+    full = json.loads((ctx.out_dir / "results.json").read_text())
+    assert len(full["items"]) == 5 * 3 * 2  # methods x tasks x items
+    # A limit below zero fails even a perfect model: the stage stops, naming the task and numbers...
+    ctx = _stage_ctx(tmp_path / "fail", models, -1.0, no_gate=False)
+    with pytest.raises(GateFailed, match=r"drop 0\.0 points, limit -1\.0.*task '\w+'"):
+        evaluate.run(ctx)
+    # ...unless --no-gate, which the report records.
+    ctx = _stage_ctx(tmp_path / "nogate", models, -1.0, no_gate=True)
+    gate = evaluate.run(ctx)["gate"]
+    assert not gate["passed"] and gate["bypassed"] and "--no-gate" in gate["message"]
