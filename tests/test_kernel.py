@@ -71,6 +71,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
         (2, 3, [17, 0, 8, 24], 3),  # odd group; forced split-K with an empty and a full stream
         (1, 8, [31, 7], 2),
         (3, 2, [1, 2, 70, 64, 0, 65], 4),  # splits longer than one tile; 64 = tile boundary
+        (1, 2, [1300, 5], 21),  # more splits than the merge pass takes per step (16)
     ],
 )
 def test_kernel_matches_reference_fp32(num_kv_heads, group, lens, num_splits):

@@ -32,8 +32,9 @@ LOG2E = 1.4426950408889634
 # Finite stand-in for "no tokens in this split": exp2(EMPTY_LSE - m) underflows to 0 for any real m,
 # and an all-empty row merges to 0/0 guarded to 0 without ever forming inf - inf.
 EMPTY_LSE = tl.constexpr(-1.0e30)
-# The merge pass reads num_splits x head_dim fp32 per query head: one warp per head is enough.
-REDUCE_NUM_WARPS = 1
+# The merge pass reads num_splits x head_dim fp32 per query head, SPLIT_BLOCK splits per step.
+REDUCE_NUM_WARPS = 4
+REDUCE_SPLIT_BLOCK = 16
 
 # The kernels use only Triton builtins plus these combine functions (not tl.max / tl.sum / tl.zeros,
 # which are themselves @jit functions): that is what lets a kernel compiled for the GPU also run
@@ -171,23 +172,31 @@ def dms_decode_reduce_kernel(
     num_splits,
     BLOCK_D: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    SPLIT_BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # seq * Hq + q_head
     offs_d = tl.arange(0, BLOCK_D)
+    offs_s = tl.arange(0, SPLIT_BLOCK)
     mask_d = offs_d < HEAD_DIM
     m = tl.full([1], EMPTY_LSE, dtype=tl.float32)
     denom = tl.full([1], 0.0, dtype=tl.float32)
     acc = tl.full([BLOCK_D], 0.0, dtype=tl.float32)
-    for s in range(0, num_splits):
-        lse = tl.load(mid_lse_ptr + row * num_splits + s + tl.full([1], 0, dtype=tl.int32))
-        o = tl.load(mid_o_ptr + (row * num_splits + s) * HEAD_DIM + offs_d, mask=mask_d, other=0.0)
-        m_new = tl.maximum(m, lse)
+    # SPLIT_BLOCK partials per step: a few wide loads in flight instead of one dependent load per split.
+    for s0 in range(0, num_splits, SPLIT_BLOCK):
+        splits = s0 + offs_s
+        mask_s = splits < num_splits
+        lse = tl.load(mid_lse_ptr + row * num_splits + splits, mask=mask_s, other=EMPTY_LSE)  # [SPLIT_BLOCK]
+        o = tl.load(
+            mid_o_ptr + (row * num_splits + splits)[:, None] * HEAD_DIM + offs_d[None, :],
+            mask=mask_s[:, None] & mask_d[None, :],
+            other=0.0,
+        )  # [SPLIT_BLOCK, BLOCK_D]
+        m_new = tl.maximum(m, tl.reduce(lse, 0, _max_combine))
         alpha = tl.exp2(m - m_new)
-        w = tl.exp2(lse - m_new)
         # An empty split has o == 0 and lse == EMPTY_LSE: it adds nothing once any split is non-empty.
-        w = tl.where(lse > EMPTY_LSE, w, 0.0)
-        acc = acc * alpha + w * o
-        denom = denom * alpha + w
+        w = tl.where(lse > EMPTY_LSE, tl.exp2(lse - m_new), 0.0)
+        acc = acc * alpha + tl.reduce(w[:, None] * o, 0, _sum_combine)
+        denom = denom * alpha + tl.reduce(w, 0, _sum_combine)
         m = m_new
     out = acc / tl.where(denom > 0.0, denom, 1.0)
     seq = row // num_q_heads
@@ -350,7 +359,8 @@ def paged_decode_attention(
         reduce_kernel = _kernel_for(dms_decode_reduce_kernel, q.device)
         reduce_kernel[(num_seqs * num_q_heads,)](
             mid_o, mid_lse, out, out.stride(0), out.stride(1), num_q_heads, plan.num_splits,
-            BLOCK_D=plan.block_d, HEAD_DIM=head_dim, num_warps=REDUCE_NUM_WARPS,
+            BLOCK_D=plan.block_d, HEAD_DIM=head_dim, SPLIT_BLOCK=REDUCE_SPLIT_BLOCK,
+            num_warps=REDUCE_NUM_WARPS,
         )  # fmt: skip
     return out
 
@@ -398,7 +408,7 @@ def compile_decode_kernels(
         "SINGLE_SPLIT": single, "DOT_PRECISION": _dot_precision(dtype),
         "DOT_IN_FP32": False,
     }  # fmt: skip
-    reduce_consts = {"BLOCK_D": plan.block_d, "HEAD_DIM": head_dim}
+    reduce_consts = {"BLOCK_D": plan.block_d, "HEAD_DIM": head_dim, "SPLIT_BLOCK": REDUCE_SPLIT_BLOCK}
 
     def build(kernel, consts: dict, options: dict):
         names = kernel.arg_names
@@ -415,7 +425,9 @@ def compile_decode_kernels(
                 signature[name] = "i32"
                 if name in _ALIGNED_INT_ARGS:
                     attrs[(i,)] = [["tt.divisibility", 16]]
-        src = ASTSource(kernel, signature, constexprs=consts, attrs=attrs)
+        # Constexprs keyed by (argument index,): the form every Triton 3.x ASTSource accepts.
+        constexprs = {(names.index(name),): value for name, value in consts.items()}
+        src = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
         return triton.compile(src, target=target, options=options)
 
     split = build(
