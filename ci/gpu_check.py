@@ -165,18 +165,23 @@ def compile_report(capability: int, dtype: torch.dtype = torch.bfloat16) -> dict
 # ------------------------------------------------------------------ GPU measurements
 
 
-def make_inputs(batch: int, context: int, seed: int, dtype: torch.dtype, device: str) -> dict:
-    """Random Qwen3-8B-shaped decode inputs: per-stream lengths in [1, context] (one stream exactly
-    `context`, one empty, one of length 1), only live blocks allocated, shuffled block ids, and -1 in
-    the block-table entries past each stream's live blocks (a kernel reading them would fault)."""
+def make_inputs(
+    batch: int, context: int, seed: int, dtype: torch.dtype, device: str, live_fraction: float = 1.0
+) -> dict:
+    """Random Qwen3-8B-shaped decode inputs: per-stream lengths in [1, max_live] with
+    max_live = context * live_fraction (one stream exactly max_live, one empty, one of length 1), block
+    tables as wide as `context`, only live blocks allocated, shuffled block ids, and -1 in the entries
+    past each stream's live blocks (a kernel reading them would fault). live_fraction 0.25 gives a
+    mean live length of context/8: DMS at 8x compression."""
     cfg = QWEN3_8B
     num_kv_heads, group, head_dim, block_size = (
         cfg[k] for k in ("num_kv_heads", "group", "head_dim", "block_size")
     )
     gen = torch.Generator(device="cpu").manual_seed(seed)
     num_streams = batch * num_kv_heads
-    lens = torch.randint(1, context + 1, (num_streams,), generator=gen, dtype=torch.int32)
-    lens[0] = context
+    max_live = max(1, int(context * live_fraction))
+    lens = torch.randint(1, max_live + 1, (num_streams,), generator=gen, dtype=torch.int32)
+    lens[0] = max_live
     if num_streams > 2:
         lens[1], lens[2] = 0, 1
     max_blocks = -(-context // block_size)
@@ -370,32 +375,33 @@ def run_gpu(args: argparse.Namespace) -> dict:
     flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")  # > L2 (50 MiB on H100)
     cfg = QWEN3_8B
     result["sizes"] = []
+    # (mode, live_fraction, plan the splits from the live bound instead of the block-table width)
+    num_sms = props.multi_processor_count
+    modes = [("full", 1.0, False), ("dms8x", 0.25, False), ("dms8x+hint", 0.25, True)]
     for i, (batch, context) in enumerate(args.size_list):
-        inp = make_inputs(batch, context, args.seed + i, torch.bfloat16, "cuda")
-        capacity = inp["block_tables"].shape[1] * cfg["block_size"]
-        plan = plan_decode_launch(
-            batch * cfg["num_kv_heads"],
-            cfg["group"],
-            cfg["head_dim"],
-            capacity,
-            2,
-            props.multi_processor_count,
-        )
-        row, ref = check_and_time(inp, plan, args.warmup, args.iters, flush)
-        row.update(batch=batch, context=context, frac_of_copy=row["kv_GBps"] / result["copy"]["GBps"])
-        result["sizes"].append(row)
-        print(f"  {batch}x{context}: rel_err {row['rel_err']:.2e}  {row['median_us']:.1f} us  "
-              f"{row['kv_GBps']:.0f} GB/s", flush=True)  # fmt: skip
-        if args.sweep and i == len(args.size_list) - 1:
-            result["sweep"] = {"batch": batch, "context": context, "variants": []}
-            for variant in sweep_variants(plan):
-                try:
-                    vrow, _ = check_and_time(inp, variant, args.warmup, args.iters, flush, ref=ref)
-                except Exception as exc:  # a variant that does not compile is a result, not a crash
-                    vrow = {"error": repr(exc)[:300], "ok": True}
-                result["sweep"]["variants"].append({"plan": dataclasses.asdict(variant), **vrow})
-        del inp, ref
-        torch.cuda.empty_cache()
+        for mode, live_fraction, use_hint in modes:
+            inp = make_inputs(batch, context, args.seed + i, torch.bfloat16, "cuda", live_fraction)
+            bound = max(inp["lens_list"]) if use_hint else inp["block_tables"].shape[1] * cfg["block_size"]
+            plan = plan_decode_launch(
+                batch * cfg["num_kv_heads"], cfg["group"], cfg["head_dim"], bound, 2, num_sms
+            )  # fmt: skip
+            row, ref = check_and_time(inp, plan, args.warmup, args.iters, flush)
+            row.update(
+                batch=batch, context=context, mode=mode, frac_of_copy=row["kv_GBps"] / result["copy"]["GBps"]
+            )
+            result["sizes"].append(row)
+            print(f"  {batch}x{context} {mode}: rel_err {row['rel_err']:.2e}  {row['median_us']:.1f} us  "
+                  f"{row['kv_GBps']:.0f} GB/s", flush=True)  # fmt: skip
+            if args.sweep and mode == "full" and i == len(args.size_list) - 1:
+                result["sweep"] = {"batch": batch, "context": context, "variants": []}
+                for variant in sweep_variants(plan):
+                    try:
+                        vrow, _ = check_and_time(inp, variant, args.warmup, args.iters, flush, ref=ref)
+                    except Exception as exc:  # a variant that does not compile is a result, not a crash
+                        vrow = {"error": repr(exc)[:300], "ok": True}
+                    result["sweep"]["variants"].append({"plan": dataclasses.asdict(variant), **vrow})
+            del inp, ref
+            torch.cuda.empty_cache()
     result["ok"] = all(r["ok"] for r in result["sizes"]) and all(
         v["ok"] for v in result.get("sweep", {}).get("variants", [])
     )
@@ -418,15 +424,15 @@ def format_table(result: dict) -> str:
                 f"smem {c['shared_memory_bytes']} B, spill instrs {c.get('spill_instructions', '?')}, "
                 f"128-bit loads {c.get('global_loads_128bit', '?')}, mma {c.get('mma_instructions', '?')}"
             )
-    row_format = "{:>5} {:>7} {:>6} {:>10} {:>9} {:>9} {:>8} {:>6}  {}"
+    row_format = "{:>5} {:>7} {:>10} {:>6} {:>10} {:>9} {:>9} {:>8} {:>6}  {}"
     header = row_format.format(
-        "batch", "context", "splits", "live tok", "rel err", "us", "KV GB/s", "%copy", "ok"
+        "batch", "context", "mode", "splits", "live tok", "rel err", "us", "KV GB/s", "%copy", "ok"
     )
     lines += [header, "-" * len(header)]
     for r in result["sizes"]:
         lines.append(
             row_format.format(
-                r["batch"], r["context"], r["num_splits"], r["live_tokens"], f"{r['rel_err']:.2e}",
+                r["batch"], r["context"], r["mode"], r["num_splits"], r["live_tokens"], f"{r['rel_err']:.2e}",
                 f"{r['median_us']:.1f}", f"{r['kv_GBps']:.0f}", f"{100 * r['frac_of_copy']:.0f}%",
                 "yes" if r["ok"] else "NO",
             )

@@ -129,6 +129,21 @@ def test_non_power_of_two_head_dim_and_block_size():
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_plans_shorter_than_the_streams_stay_correct():
+    """A plan sized from a length bound that is too small (or a hand-made tuning plan) still covers
+    every live token: the last split runs to each stream's end."""
+    lens = [70, 5, 0, 33]
+    q, kc, vc, bt, sl = make_pool(lens, 2, 2, head_dim=32, block_size=8, seed=13)
+    ref = reference_paged_decode_attention(q, kc, vc, bt, sl, 0.2, 2)
+    short = decode.DecodeLaunchPlan(
+        block_h=16, block_n=16, block_d=32, num_head_blocks=1, num_splits=2, tokens_per_split=16
+    )
+    out = paged_decode_attention(q, kc, vc, bt, sl, 0.2, 2, plan=short)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    out = paged_decode_attention(q, kc, vc, bt, sl, 0.2, 2, max_stream_len=10, num_splits=3)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_fallback_combine_functions(monkeypatch):
     """The module's own combine functions (used if Triton renames its private ones) give the same result."""
     monkeypatch.setattr(decode, "_max_combine", decode._max_combine_fallback)
@@ -349,3 +364,26 @@ def test_gpu_check_inputs_and_check_on_cpu(gpu_check):
     row, ref = gpu_check.check_once(inp, plan)
     assert row["ok"] and not row["nan"] and row["rel_err"] < 1e-2, row
     assert ref.dtype == torch.float64 and ref.shape == inp["q"].shape
+
+
+def test_gpu_check_table_and_json(gpu_check, tmp_path):
+    """The report formatting and JSON writing that run after a GPU pass, fed with a result of the
+    same structure (correctness fields from a real interpreted check; timing fields stated by hand)."""
+    inp = gpu_check.make_inputs(1, 256, seed=1, dtype=torch.float32, device="cpu", live_fraction=0.25)
+    assert max(inp["lens_list"]) == 64 and inp["block_tables"].shape[1] == 1
+    plan = plan_decode_launch(8, 4, 128, 256, 4, num_sms=1)
+    row, _ = gpu_check.check_once(inp, plan)
+    nbytes = gpu_check.decode_bytes(inp["lens_list"], 4, 128, 4, 256, plan.num_splits)
+    row.update(
+        batch=1, context=256, mode="dms8x", num_splits=plan.num_splits, live_tokens=sum(inp["lens_list"]),
+        median_us=10.0, kv_GBps=nbytes["kv"] / 10e-6 / 1e9, frac_of_copy=0.5, bytes=nbytes,
+    )  # fmt: skip
+    result = {
+        "device": "test", "capability": 90, "sm_count": 132, "torch": "t", "triton": "t",
+        "copy": {"GBps": 3000.0, "bytes": 2 * 2**30}, "sizes": [row], "ok": row["ok"],
+        "compile": {"split": {"shared_memory_bytes": 1, "registers": 2}},
+    }  # fmt: skip
+    table = gpu_check.format_table(result)
+    assert "dms8x" in table and "ALL CHECKS PASSED" in table and "regs 2" in table
+    gpu_check.write_json(tmp_path / "r.json", result)
+    assert (tmp_path / "r.json").read_text().count('"dms8x"') == 1

@@ -109,7 +109,9 @@ def dms_decode_split_kernel(
 
     length = tl.load(stream_lens_ptr + stream)
     split_start = split * tokens_per_split
-    split_end = tl.minimum(split_start + tokens_per_split, length)
+    # The last split runs to the stream's end, so any plan is correct even when it was sized from a
+    # length hint shorter than a stream (that split just does more of the work).
+    split_end = tl.where(split == num_splits - 1, length, tl.minimum(split_start + tokens_per_split, length))
 
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.full([BLOCK_H], 0.0, dtype=tl.float32)
@@ -231,11 +233,12 @@ def plan_decode_launch(
     num_sms: int,
     num_splits: int | None = None,
 ) -> DecodeLaunchPlan:
-    """Choose block sizes and splits. `capacity_tokens` = max_blocks * block_size (upper bound of any length).
+    """Choose block sizes and splits over `capacity_tokens` (max_blocks * block_size, or a smaller
+    bound on the live lengths when the caller knows one; the kernel's last split covers any excess).
 
     Splits are sized so the grid holds about 4 programs per SM (a full wave with slack for uneven
-    lengths) while each split still reads at least MIN_SPLIT_TOKENS tokens: fewer, longer programs
-    when there are many streams; more, shorter ones for a single long sequence.
+    lengths) while each split still reads at least 4 tiles: fewer, longer programs when there are many
+    streams; more, shorter ones for a single long sequence.
     """
     block_h = min(max(16, triton.next_power_of_2(group_size)), 64)
     block_d = max(16, triton.next_power_of_2(head_dim))
@@ -304,6 +307,7 @@ def paged_decode_attention(
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
     plan: DecodeLaunchPlan | None = None,
+    max_stream_len: int | None = None,
 ) -> torch.Tensor:
     """Decode attention of one new token per sequence over each (sequence, KV head) stream's live slots.
 
@@ -312,7 +316,10 @@ def paged_decode_attention(
     written first). Returns [S, Hq, D] in q's dtype; a stream of length 0 yields zeros.
     `num_splits` overrides the planned split count (tests); `plan` replaces the whole launch plan
     (tuning: see ci/gpu_check.py --sweep); `out` may be a preallocated [S, Hq, D] tensor of q's dtype
-    (CUDA-graph friendly).
+    (CUDA-graph friendly). `max_stream_len`, a host-side bound on the live lengths (the runtime's
+    bookkeeping knows it), sizes the splits to the live KV instead of the block-table capacity: with
+    DMS the live lengths are a fraction of the capacity. A bound that is too small stays correct
+    (the last split reads the rest), only slower.
     """
     num_seqs, num_q_heads, head_dim, group = check_decode_inputs(
         q, k_cache, v_cache, block_tables, stream_lens, num_kv_heads
@@ -327,12 +334,14 @@ def paged_decode_attention(
     if num_streams == 0:
         return out
     capacity = block_tables.shape[1] * k_cache.shape[1]
+    if max_stream_len is not None:
+        capacity = min(capacity, max(1, int(max_stream_len)))
     if plan is None:
         plan = plan_decode_launch(
             num_streams, group, head_dim, capacity, q.element_size(), _num_sms(q.device), num_splits
         )
-    elif plan.block_h * plan.num_head_blocks < group or plan.num_splits * plan.tokens_per_split < capacity:
-        raise ValueError(f"launch plan {plan} does not cover group {group} x capacity {capacity} tokens")
+    elif plan.block_h * plan.num_head_blocks < group:
+        raise ValueError(f"launch plan {plan} covers {plan.block_h * plan.num_head_blocks} of {group} heads")
     single = plan.num_splits == 1
     if single:
         mid_o = mid_lse = out  # unused by the kernel when SINGLE_SPLIT
