@@ -41,7 +41,6 @@ def dms_prefill_kernel(
     v_ptr,  # [N, Hkv, D]
     evicted_ptr,  # int32 [N, Hkv]
     cu_seqlens_ptr,  # int32 [B+1]
-    out_ptr,  # [N, Hq, D]
     stride_qn,
     stride_qh,
     stride_kn,
@@ -49,6 +48,7 @@ def dms_prefill_kernel(
     stride_en,
     num_q_heads,
     group_size,
+    out_ptr,  # [N, Hq, D]: after the scalars, where a TensorRT AOT plugin passes its outputs
     SCALE_LOG2: tl.constexpr,
     WINDOW: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -160,8 +160,8 @@ def dms_prefill_attention(
         kernel = kernel if isinstance(kernel, InterpretedFunction) else InterpretedFunction(kernel.fn)
     grid = (triton.cdiv(max(n, 1), bm), batch * hq)
     kernel[grid](
-        q, k, v, evicted, cu_seqlens, out,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), evicted.stride(0), hq, hq // hkv,
+        q, k, v, evicted, cu_seqlens,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), evicted.stride(0), hq, hq // hkv, out,
         SCALE_LOG2=float(scale) * LOG2E, WINDOW=int(window), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, HEAD_DIM=d,
         UPCAST=q.device.type == "cpu" or q.dtype == torch.float32,
     )  # fmt: skip

@@ -23,8 +23,8 @@ Plugin I/O (S sequences in the generation phase; N packed tokens in the context 
         [B+1]; scale: float, window: int) -> out [N, Hq, D]
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: tensorrt.plugin validates the decorated functions' annotations
+# with inspect.signature, which would see strings.
 from dataclasses import dataclass
 
 import torch
@@ -57,8 +57,7 @@ def dms_decode_trt_kernel(
     v_ptr,  # [NB, BS, D]
     block_tables_ptr,  # int32 [S*Hkv, MB]
     stream_lens_ptr,  # int32 [S*Hkv]
-    out_ptr,  # [S, Hq, D]    then the outputs', then the extra scalar arguments below.
-    stride_qs,
+    stride_qs,  # then the extra scalar arguments (aot_impl's SymIntExprs),
     stride_qh,
     stride_kb,
     stride_kt,
@@ -67,6 +66,7 @@ def dms_decode_trt_kernel(
     group_size,
     block_size,
     tokens_per_split,
+    out_ptr,  # [S, Hq, D]    then the outputs.
     SCALE_LOG2: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -129,9 +129,9 @@ def trt_paged_decode(
             raise RuntimeError("CPU tensors: run with TRITON_INTERPRET=1 set before importing triton")
     capacity = block_tables.shape[1] * k_pool.shape[1]
     kernel[(num_seqs * num_kv_heads, head_blocks, 1)](
-        q, k_pool, v_pool, block_tables, stream_lens, out,
+        q, k_pool, v_pool, block_tables, stream_lens,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), block_tables.stride(0),
-        num_kv_heads, group, k_pool.shape[1], max(capacity, 1),
+        num_kv_heads, group, k_pool.shape[1], max(capacity, 1), out,
         SCALE_LOG2=float(scale) * LOG2E, BLOCK_H=block_h, BLOCK_N=t.block_n, BLOCK_D=block_d,
         HEAD_DIM=head_dim, DOT_PRECISION=_dot_precision(q.dtype),
         DOT_IN_FP32=interpreted and q.dtype == torch.bfloat16, num_warps=t.num_warps,
@@ -222,6 +222,8 @@ def register_plugins() -> None:
     import tensorrt.plugin as trtp
 
     torch_dtypes = {trt.float16: torch.float16, trt.bfloat16: torch.bfloat16, trt.float32: torch.float32}
+    # aot_impl must carry this exact return annotation (tensorrt.plugin validates it at registration).
+    AotResult = tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]
 
     @trtp.register(DECODE_ID)
     def _decode_desc(q: trtp.TensorDesc, k_pool: trtp.TensorDesc, v_pool: trtp.TensorDesc,
@@ -231,15 +233,16 @@ def register_plugins() -> None:
 
     @trtp.autotune(DECODE_ID)
     def _decode_autotune(q, k_pool, v_pool, block_tables, stream_lens, scale: float, num_kv_heads: int,
-                         outputs) -> list:  # fmt: skip
-        types = "FP16|BF16, FP16|BF16, FP16|BF16, INT32, INT32, FP16|BF16"
+                         outputs) -> list[trtp.AutoTuneCombination]:  # fmt: skip
+        types = "FP16|BF16,FP16|BF16,FP16|BF16,INT32|INT32,INT32|INT32,FP16|BF16"
         return [trtp.AutoTuneCombination(types, "LINEAR", list(DECODE_TACTICS))]
 
     @trtp.aot_impl(DECODE_ID)
     def _decode_aot(q, k_pool, v_pool, block_tables, stream_lens, scale: float, num_kv_heads: int,
-                    outputs, tactic: int):  # fmt: skip
-        head_dim = int(q.shape_expr[2])
-        group = int(q.shape_expr[1]) // int(num_kv_heads)
+                    outputs, tactic: int) -> AotResult:  # fmt: skip
+        # Head count and head_dim are build-time constants; S, pool blocks and table width are dynamic.
+        head_dim = q.shape_expr[2].constant_value()
+        group = q.shape_expr[1].constant_value() // num_kv_heads
         compiled = compile_decode_aot(torch_dtypes[q.dtype], head_dim, group, float(scale), tactic or 2)
         _, _, head_blocks = decode_blocks(group, head_dim)
         launch = trtp.KernelLaunchParams()
@@ -247,9 +250,10 @@ def register_plugins() -> None:
         launch.grid_y = head_blocks
         launch.block_x = compiled.metadata.num_warps * 32
         launch.shared_mem = compiled.metadata.shared
-        bs, mb = k_pool.shape_expr[1], block_tables.shape_expr[1]
-        scalars = [q.shape_expr[1] * head_dim, head_dim, bs * head_dim, head_dim, mb,
-                   int(num_kv_heads), group, bs, mb * bs]  # strides, heads, block size, tokens/split
+        bs, mb = k_pool.shape_expr[1].constant_value(), block_tables.shape_expr[1]
+        num_q_heads = q.shape_expr[1].constant_value()
+        scalars = [num_q_heads * head_dim, head_dim, bs * head_dim, head_dim, mb,
+                   num_kv_heads, group, bs, mb * bs]  # strides, heads, block size, tokens per split
         extra = trtp.SymIntExprs(len(scalars))
         for i, value in enumerate(scalars):
             extra[i] = trtp.SymInt32(value)
@@ -262,14 +266,18 @@ def register_plugins() -> None:
         return q.like()
 
     @trtp.autotune(PREFILL_ID)
-    def _prefill_autotune(q, k, v, evicted, cu_seqlens, scale: float, window: int, outputs) -> list:
-        types = "FP16|BF16, FP16|BF16, FP16|BF16, INT32, INT32, FP16|BF16"
+    def _prefill_autotune(
+        q, k, v, evicted, cu_seqlens, scale: float, window: int, outputs
+    ) -> list[trtp.AutoTuneCombination]:
+        types = "FP16|BF16,FP16|BF16,FP16|BF16,INT32|INT32,INT32|INT32,FP16|BF16"
         return [trtp.AutoTuneCombination(types, "LINEAR", list(PREFILL_TACTICS))]
 
     @trtp.aot_impl(PREFILL_ID)
-    def _prefill_aot(q, k, v, evicted, cu_seqlens, scale: float, window: int, outputs, tactic: int):
-        head_dim = int(q.shape_expr[2])
-        num_q_heads, num_kv_heads = int(q.shape_expr[1]), int(k.shape_expr[1])
+    def _prefill_aot(
+        q, k, v, evicted, cu_seqlens, scale: float, window: int, outputs, tactic: int
+    ) -> AotResult:
+        head_dim = q.shape_expr[2].constant_value()
+        num_q_heads, num_kv_heads = q.shape_expr[1].constant_value(), k.shape_expr[1].constant_value()
         dtype = torch_dtypes[q.dtype]
         compiled = compile_prefill_aot(dtype, head_dim, float(scale), int(window), tactic or 1)
         block_m = prefill_block_sizes(head_dim)[0]
