@@ -1,5 +1,5 @@
-"""DMS attention as TensorRT plugins (`tensorrt.plugin`, ahead-of-time): `dms::paged_decode` and
-`dms::prefill`.
+"""DMS attention as TensorRT plugins (`tensorrt.plugin`, ahead-of-time): `dms::paged_decode`,
+`dms::pool_write` and `dms::prefill`.
 
 Runs inside the TensorRT-LLM 1.2.1 environment (TensorRT 10.14, Triton 3.5): imports torch, triton and
 this package's kernels only, never `pipeline`. The split of work:
@@ -19,6 +19,8 @@ this package's kernels only, never `pipeline`. The split of work:
 Plugin I/O (S sequences in the generation phase; N packed tokens in the context phase):
     dms::paged_decode(q [S, Hq, D], k_pool [NB, BS, D], v_pool [NB, BS, D], block_tables int32
         [S*Hkv, MB], stream_lens int32 [S*Hkv]; scale: float, num_kv_heads: int) -> out [S, Hq, D]
+    dms::pool_write(k_pool, v_pool [NB, BS, D], k_new, v_new [S, Hkv, D], rows int32 [S*Hkv])
+        -> (k_pool, v_pool) aliased: each stream's new token written into the row the host chose
     dms::prefill(q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, D], evicted int32 [N, Hkv], cu_seqlens int32
         [B+1]; scale: float, window: int) -> out [N, Hq, D]
 """
@@ -37,6 +39,7 @@ from .reference import check_decode_inputs
 
 DECODE_ID = "dms::paged_decode"
 PREFILL_ID = "dms::prefill"
+POOL_WRITE_ID = "dms::pool_write"
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,50 @@ def dms_decode_trt_kernel(
         stride_qs, stride_qh, num_kv_heads, group_size, block_size, tokens_per_split, 1,
         BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, SINGLE_SPLIT=True,
         DOT_PRECISION=DOT_PRECISION, DOT_IN_FP32=DOT_IN_FP32,
+    )  # fmt: skip
+
+
+@triton.jit
+def dms_pool_write_kernel(
+    k_pool_ptr,  # [NB, BS, D]  (input; the outputs below alias it: written in place)
+    v_pool_ptr,
+    k_new_ptr,  # [S, Hkv, D]  the new token's K of every stream, stream-major
+    v_new_ptr,
+    rows_ptr,  # int32 [S*Hkv]  pool row (block * BS + slot) of each stream's new token, chosen by the host
+    k_out_ptr,  # aliases k_pool
+    v_out_ptr,  # aliases v_pool
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Write each stream's new K/V row into its slot (an evicted token's slot reused in place, or the next
+    free one): one program per stream."""
+    stream = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_D)
+    mask = offs < HEAD_DIM
+    row = tl.load(rows_ptr + stream).to(tl.int64)
+    src = stream.to(tl.int64) * HEAD_DIM + offs
+    tl.store(k_out_ptr + row * HEAD_DIM + offs, tl.load(k_new_ptr + src, mask=mask), mask=mask)
+    tl.store(v_out_ptr + row * HEAD_DIM + offs, tl.load(v_new_ptr + src, mask=mask), mask=mask)
+
+
+def trt_pool_write(
+    k_pool: torch.Tensor, v_pool: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, rows: torch.Tensor
+) -> None:
+    """Launch `dms_pool_write_kernel` from torch (in place). Shapes as in the kernel."""
+    head_dim = k_pool.shape[-1]
+    if k_new.shape != v_new.shape or k_new.shape[-1] != head_dim or rows.dtype != torch.int32:
+        raise ValueError("k_new, v_new must be [S, Hkv, D] like the pool's rows; rows int32 [S*Hkv]")
+    if rows.numel() != k_new.shape[0] * k_new.shape[1]:
+        raise ValueError(f"rows has {rows.numel()} entries for {k_new.shape[0] * k_new.shape[1]} streams")
+    kernel = dms_pool_write_kernel
+    if k_pool.device.type == "cpu":
+        from triton.runtime.interpreter import InterpretedFunction
+
+        kernel = kernel if isinstance(kernel, InterpretedFunction) else InterpretedFunction(kernel.fn)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    kernel[(rows.numel(),)](
+        k_pool, v_pool, k_new.contiguous(), v_new.contiguous(), rows, k_pool, v_pool,
+        HEAD_DIM=head_dim, BLOCK_D=block_d,
     )  # fmt: skip
 
 
@@ -198,6 +245,20 @@ def compile_prefill_aot(
     return triton.compile(src, target=GPUTarget("cuda", capability, 32), options={"num_warps": t.num_warps})
 
 
+def compile_pool_write_aot(dtype: torch.dtype, head_dim: int, capability: int = 90):
+    """Compile `dms_pool_write_kernel` for one GPU architecture (see `compile_decode_aot`)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    elem = _TRITON_TYPES[dtype]
+    consts = {"HEAD_DIM": head_dim, "BLOCK_D": max(16, triton.next_power_of_2(head_dim))}
+    names = ("k_pool_ptr", "v_pool_ptr", "k_new_ptr", "v_new_ptr", "k_out_ptr", "v_out_ptr")
+    pointers = dict.fromkeys(names, elem)
+    signature, attrs = _signature(dms_pool_write_kernel, pointers | {"rows_ptr": "i32"}, consts)
+    src = ASTSource(dms_pool_write_kernel, signature, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", capability, 32), options={"num_warps": 1})
+
+
 def tensorrt_available() -> tuple[bool, str]:
     """(True, "") where `tensorrt.plugin` imports, else (False, why)."""
     try:
@@ -293,5 +354,26 @@ def register_plugins() -> None:
         for i, value in enumerate(scalars):
             extra[i] = trtp.SymInt32(value)
         return compiled.metadata.name, compiled.asm["ptx"], launch, extra
+
+    @trtp.register(POOL_WRITE_ID)
+    def _pool_write_desc(k_pool: trtp.TensorDesc, v_pool: trtp.TensorDesc, k_new: trtp.TensorDesc,
+                         v_new: trtp.TensorDesc, rows: trtp.TensorDesc
+                         ) -> tuple[trtp.TensorDesc, trtp.TensorDesc]:  # fmt: skip
+        return k_pool.aliased(), v_pool.aliased()  # in place: the pool is the engine's I/O buffer
+
+    @trtp.autotune(POOL_WRITE_ID)
+    def _pool_write_autotune(k_pool, v_pool, k_new, v_new, rows, outputs) -> list[trtp.AutoTuneCombination]:
+        return [trtp.AutoTuneCombination("FP16|BF16,FP16|BF16,FP16|BF16,FP16|BF16,INT32|INT32,FP16|BF16,"
+                                         "FP16|BF16", "LINEAR", [1])]
+
+    @trtp.aot_impl(POOL_WRITE_ID)
+    def _pool_write_aot(k_pool, v_pool, k_new, v_new, rows, outputs, tactic: int) -> AotResult:
+        head_dim = k_pool.shape_expr[2].constant_value()
+        compiled = compile_pool_write_aot(torch_dtypes[k_pool.dtype], head_dim)
+        launch = trtp.KernelLaunchParams()
+        launch.grid_x = rows.shape_expr[0]
+        launch.block_x = compiled.metadata.num_warps * 32
+        launch.shared_mem = compiled.metadata.shared
+        return compiled.metadata.name, compiled.asm["ptx"], launch, trtp.SymIntExprs(0)
 
     _REGISTERED = True
