@@ -1,0 +1,87 @@
+"""Model patching: base logits reproduced when nothing is evicted, shift by one, gradients, errors."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, Qwen3Config, Qwen3ForCausalLM
+
+from pipeline.dms.losses import compression_loss
+from pipeline.dms.patch import DmsSettings, UnsupportedModelError, check_architecture, dms_mode, patch_model
+
+SHAPE = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    intermediate_size=64,
+    vocab_size=50,
+)
+
+
+def tiny(family="qwen3", seed=0):
+    torch.manual_seed(seed)
+    if family == "qwen3":
+        return Qwen3ForCausalLM(Qwen3Config(**SHAPE, architectures=["Qwen3ForCausalLM"])).eval()
+    return LlamaForCausalLM(LlamaConfig(**SHAPE, architectures=["LlamaForCausalLM"])).eval()
+
+
+def ids(t=24, seed=0):
+    return torch.randint(0, 50, (2, t), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_no_eviction_reproduces_base_logits(family):
+    base = tiny(family)
+    x = ids()
+    want = base(x, use_cache=False).logits
+    adapter = patch_model(tiny(family), DmsSettings(window=4, separate_alpha=True))
+    with dms_mode(adapter, "hard") as rec:  # zero-initialised adapter: logit -5, nothing evicted
+        got = adapter(x, use_cache=False).logits
+    assert rec.stacked().sum() == 0
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    borrowed = patch_model(tiny(family), DmsSettings(window=4, separate_alpha=False))
+    with dms_mode(borrowed, "teacher"):
+        torch.testing.assert_close(borrowed(x, use_cache=False).logits, want, atol=1e-5, rtol=1e-5)
+    with dms_mode(borrowed, "hard"):  # channel zeroed: the borrowed model is no longer the base model
+        assert not torch.allclose(borrowed(x, use_cache=False).logits, want, atol=1e-4)
+
+
+def test_shift_by_one_decision_at_t_evicts_key_t_minus_1():
+    model = patch_model(tiny(), DmsSettings(window=2, separate_alpha=True, alpha_per="head"))
+    attn = model.model.layers[0].self_attn
+    torch.nn.init.normal_(attn.dms_proj_alpha.weight, std=0.2)
+    seen = {}
+    attn.register_forward_pre_hook(lambda m, a, kw: seen.update(h=kw["hidden_states"]), with_kwargs=True)
+    with dms_mode(model, "hard") as rec:
+        model(ids(), use_cache=False)
+    raw = (attn.dms_proj_alpha(attn.dms_proj_alpha_norm(seen["h"])) * 100 - 5).transpose(1, 2)  # [B, H, T]
+    decided = rec.hard[0]
+    assert torch.equal(decided[..., :-1], (raw[..., 1:] > 0).float())
+    assert decided[..., -1].sum() == 0  # the last key has no decision yet: kept
+    assert 0 < decided.sum() < decided.numel()
+
+
+def test_per_layer_decisions_shared_by_heads():
+    model = patch_model(tiny(), DmsSettings(window=2, separate_alpha=False, alpha_per="layer"))
+    with dms_mode(model, "hard") as rec:
+        model(ids(), use_cache=False)
+    for hard in rec.hard:
+        assert torch.equal(hard[:, 0], hard[:, 1])
+
+
+@pytest.mark.parametrize("separate", [True, False])
+def test_straight_through_gradients_reach_decision_parameters(separate):
+    model = patch_model(tiny(), DmsSettings(window=2, separate_alpha=separate))
+    gen = torch.Generator().manual_seed(0)
+    with dms_mode(model, "train", generator=gen) as rec:
+        model(ids(), use_cache=False)
+    compression_loss(rec.stacked(), target_frac=0.9).backward()  # only the decisions feed this loss
+    attn = model.model.layers[0].self_attn
+    grad = attn.dms_proj_alpha.weight.grad if separate else attn.q_proj.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
+def test_unsupported_architecture_is_a_clear_error():
+    cfg = MistralConfig(**SHAPE, architectures=["MistralForCausalLM"])
+    with pytest.raises(UnsupportedModelError, match="MistralForCausalLM.*supported are"):
+        check_architecture(cfg)
