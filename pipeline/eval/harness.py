@@ -41,19 +41,26 @@ def engine_for(
     target_cr: float | None,
     max_batch_size: int = 8,
     max_len: int = 4096,
-    kv_block_size: int = 16,
+    kv_block_size: int | None = None,
     kv_pool_tokens: int | None = None,
 ) -> Any:
     """An engine over `hf_dir` under an eviction policy (none | dms | window | h2o | tova).
 
     Baselines keep a fixed per-stream budget of ceil((prompt + max new tokens) / target_cr) tokens.
-    The pool holds a full batch of uncompressed requests, so eval never preempts.
+    The pool holds a full batch of uncompressed requests, so eval never preempts. kv_block_size None:
+    the checkpoint's dms_paged_attention_block_size (16 for plain models), kept below the DMS window.
     """
+    import json
+
     from pipeline.runtime.engine import Engine, EngineLimits
     from pipeline.runtime.policies import make_policy
 
     if policy in ("window", "h2o", "tova") and target_cr is None:
         raise ValueError(f"policy {policy} needs a target compression ratio (cr=...)")
+    if kv_block_size is None:
+        config = json.loads((Path(hf_dir) / "config.json").read_text())
+        window = int(config.get("dms_window_size", 1 << 30))
+        kv_block_size = min(int(config.get("dms_paged_attention_block_size", 16)), max(1, window // 2))
     limits = EngineLimits(
         max_batch_size=max_batch_size,
         max_input_len=max_len,
