@@ -1,0 +1,123 @@
+"""Triton python model: the DMS engine (pipeline.runtime) with in-flight batching across requests.
+
+Decoupled: execute() hands each request to the engine's background step loop and returns at once; a
+thread per request forwards its tokens (streaming) or its whole output to the request's response
+sender. All request logic lives in pipeline.serve.engine_adapter.
+"""
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from pipeline.serve.engine_adapter import live_kv_figures, load_engine, parse_request, stop_match
+from pipeline.serve.text import RequestError
+
+INPUTS = (
+    "input_ids",
+    "input_lengths",
+    "request_output_len",
+    "end_id",
+    "pad_id",
+    "stop_words_list",
+    "runtime_top_k",
+    "runtime_top_p",
+    "temperature",
+    "random_seed",
+    "streaming",
+)
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+def _response(token_ids, live_tokens, ratio):
+    return pb_utils.InferenceResponse(
+        output_tensors=[
+            pb_utils.Tensor("output_ids", np.asarray(token_ids, np.int32).reshape(1, 1, -1)),
+            pb_utils.Tensor("sequence_length", np.array([[len(token_ids)]], np.int32)),
+            pb_utils.Tensor("kv_live_tokens", np.array([[live_tokens]], np.int32)),
+            pb_utils.Tensor("kv_compression_ratio", np.array([[ratio]], np.float32)),
+        ]
+    )
+
+
+def _error(message):
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config["parameters"].items()}
+        self.name = args["model_name"]
+        self.engine = load_engine(params, Path(args["model_repository"]).resolve().parent)
+        self.engine.start()
+        # Gauges on Triton's /metrics (the families must outlive their metrics, hence both kept)
+        self.families, self.metrics = [], {}
+        for key, desc in (
+            ("blocks_used", "KV pool blocks in use"),
+            ("blocks_total", "KV pool blocks"),
+            ("running", "requests in the running batch"),
+            ("waiting", "requests queued for admission"),
+        ):
+            family = pb_utils.MetricFamily(
+                name=f"dms_kv_pool_{key}", description=desc, kind=pb_utils.MetricFamily.GAUGE
+            )
+            self.families.append(family)
+            self.metrics[key] = family.Metric(labels={"model": self.name})
+        self._publish()
+
+    def _publish(self):
+        stats = self.engine.pool_stats()
+        for key, metric in self.metrics.items():
+            metric.set(float(stats[key]))
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                tensors = {}
+                for name in INPUTS:
+                    tensor = pb_utils.get_input_tensor_by_name(request, name)
+                    tensors[name] = None if tensor is None else tensor.as_numpy()
+                req = parse_request(tensors)
+                handle = self.engine.submit(req.input_ids, req.sampling())
+            except (RequestError, ValueError) as exc:
+                sender.send(_error(str(exc)), flags=FINAL)
+                continue
+            threading.Thread(target=self._serve, args=(req, handle, sender), daemon=True).start()
+        self._publish()
+        return None
+
+    def _serve(self, req, handle, sender):
+        try:
+            generated = []
+            for event in handle:
+                generated.append(event.token_id)
+                end = stop_match(generated, [s for s in req.stop_sequences if len(s) > 1])
+                if end is not None:
+                    handle.cancel()
+                    generated = generated[:end]
+                    break
+                if req.streaming:
+                    lens = handle.seq.lens  # read before num_cached: the engine thread only grows both
+                    lens = None if lens is None else lens.copy()
+                    live, ratio = live_kv_figures(lens, handle.seq.num_cached)
+                    sender.send(_response([event.token_id], live, ratio))
+            completion = handle.result()
+            if completion.finish_reason == "error":
+                sender.send(_error(completion.error or "the engine failed this request"), flags=FINAL)
+                return
+            stats = completion.stats
+            live = int(stats.get("live_kv_tokens", 0))
+            ratio = float(stats.get("compression_ratio", 1.0))
+            # streaming: the last response only reports the final KV state (the tokens went already)
+            sender.send(_response([] if req.streaming else generated, live, ratio), flags=FINAL)
+        except Exception as exc:  # a failure must end this request, never the model
+            sender.send(_error(f"{type(exc).__name__}: {exc}"), flags=FINAL)
+        finally:
+            self._publish()
+
+    def finalize(self):
+        self.engine.stop()

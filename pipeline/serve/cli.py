@@ -1,0 +1,105 @@
+"""`python -m pipeline serve` (run Triton on a built repository) and `python -m pipeline ask` (a client)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+
+EXAMPLE = """\
+endpoints:
+  HTTP    http://{http}  (generate: /v2/models/ensemble/generate, streaming: .../generate_stream)
+  gRPC    {grpc}  (stream: tensorrt_llm_bls or ensemble, e.g. python -m pipeline ask --protocol grpc --stream)
+  metrics http://{metrics}/metrics  (dms_kv_pool_blocks_used, ...)
+try:
+  curl -s -X POST http://{http}/v2/models/ensemble/generate \\
+       -d '{{"text_input": "What is 2+3?", "max_tokens": 32}}'
+  python -m pipeline ask "What is 2+3?" --url {http}
+vanilla (eviction off) for comparison: /v2/models/ensemble_vanilla/generate
+Ctrl-C stops the server.
+"""
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    from pipeline.card import load_card
+    from pipeline.serve.server import ServerError, TritonServer
+
+    card = load_card(args.model)
+    root = Path(args.build_dir) / card.name
+    repo = root / "model_repo"
+    if not (repo / "ensemble" / "config.pbtxt").is_file():
+        print(
+            f"error: no model repository at {repo}: build it first with `make engine MODEL={card.name}`",
+            file=sys.stderr,
+        )
+        return 2
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: binding {args.host}: the server has no authentication", file=sys.stderr)
+    server = TritonServer(
+        repo,
+        host=args.host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        log_path=root / "server.log",
+    )
+    print(f"starting Triton on {repo.resolve()} (log: {root / 'server.log'}) ...", flush=True)
+    try:
+        server.start()
+    except ServerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(
+        EXAMPLE.format(
+            http=server.http_url, grpc=server.grpc_url, metrics=f"{server.host}:{server.metrics_port}"
+        ),
+        flush=True,
+    )
+    # SIGTERM (e.g. from a supervisor) stops as cleanly as Ctrl-C
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        while server.process is not None and server.process.poll() is None:
+            time.sleep(0.5)
+        print(f"error: the server exited; its log ends with:\n{server.log_tail()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nstopping the server ...", flush=True)
+        return 0
+    finally:
+        server.stop()
+
+
+def ask_command(args: argparse.Namespace) -> int:
+    from pipeline.serve import client
+
+    url = args.url or ("127.0.0.1:8001" if args.protocol == "grpc" else "127.0.0.1:8000")
+    params = {"temperature": args.temperature}
+    try:
+        if args.stream:
+            # the BLS model detokenizes incrementally (no split characters in the streamed pieces)
+            stream = client.stream_grpc if args.protocol == "grpc" else client.stream_http
+            reply = client.Reply(text="")
+            for piece in stream(url, args.prompt, args.max_tokens, model="tensorrt_llm_bls", **params):
+                print(piece.text, end="", flush=True)
+                reply.text += piece.text
+                if piece.kv_live_tokens is not None:
+                    reply.kv_live_tokens, reply.kv_compression_ratio = (
+                        piece.kv_live_tokens,
+                        piece.kv_compression_ratio,
+                    )
+            print()
+        else:
+            generate = client.generate_grpc if args.protocol == "grpc" else client.generate_http
+            reply = generate(url, args.prompt, args.max_tokens, **params)
+            print(reply.text)
+    except client.ClientError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if reply.kv_live_tokens is not None:
+        print(
+            f"[kv] live tokens {reply.kv_live_tokens}, compression {reply.kv_compression_ratio:.2f}x",
+            file=sys.stderr,
+        )
+    return 0

@@ -1,0 +1,205 @@
+"""Clients for the served model: HTTP (Triton's generate extension) and gRPC (tritonclient, streaming).
+
+The engine model is decoupled (in-flight batching), as in the TensorRT-LLM backend, so Triton serves
+the text models through `/v2/models/<m>/generate` and `/generate_stream` (HTTP) and the gRPC stream
+(`ModelStreamInfer`); the plain infer endpoints refuse decoupled pipelines.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+class ClientError(RuntimeError):
+    """The server refused the request or could not be reached; the message is the server's."""
+
+
+@dataclass
+class Reply:
+    """One generation: the text, and the DMS KV figures of the request (None where not reported)."""
+
+    text: str
+    kv_live_tokens: int | None = None
+    kv_compression_ratio: float | None = None
+    pieces: list[str] = field(default_factory=list)  # streamed pieces, in order (streaming only)
+
+
+def request_body(
+    prompt: str,
+    max_tokens: int,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    random_seed: int | None = None,
+    stop_words: list[str] | None = None,
+    stream: bool | None = None,
+) -> dict[str, Any]:
+    """The JSON of a generate request (the TensorRT-LLM backend's input names); None fields are left out."""
+    body: dict[str, Any] = {"text_input": prompt, "max_tokens": max_tokens}
+    extra = {
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "random_seed": random_seed,
+        "stop_words": stop_words,
+        "stream": stream,
+    }
+    body.update({k: v for k, v in extra.items() if v is not None})
+    return body
+
+
+def _reply_from_json(data: dict[str, Any]) -> Reply:
+    text = data.get("text_output", "")
+    if isinstance(text, list):
+        text = "".join(text)
+    return Reply(
+        text=text,
+        kv_live_tokens=data.get("kv_live_tokens"),
+        kv_compression_ratio=data.get("kv_compression_ratio"),
+    )
+
+
+def _post(url: str, body: dict[str, Any], timeout_s: float):
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
+    try:
+        return urllib.request.urlopen(req, timeout=timeout_s)
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")
+        try:  # generate_stream reports errors as one server-sent event
+            detail = json.loads(detail.strip().removeprefix("data:"))["error"]
+        except (ValueError, KeyError, TypeError):
+            pass
+        raise ClientError(f"HTTP {exc.code}: {detail}") from None
+    except urllib.error.URLError as exc:
+        raise ClientError(f"cannot reach {url}: {exc.reason} (is `make serve` running?)") from None
+
+
+def generate_http(
+    url: str, prompt: str, max_tokens: int, model: str = "ensemble", timeout_s: float = 600.0, **params
+) -> Reply:
+    """POST /v2/models/<model>/generate; `url` is host:port of the HTTP endpoint."""
+    body = request_body(prompt, max_tokens, **params)
+    with _post(f"http://{url}/v2/models/{model}/generate", body, timeout_s) as resp:
+        return _reply_from_json(json.loads(resp.read()))
+
+
+def stream_http(
+    url: str, prompt: str, max_tokens: int, model: str = "ensemble", timeout_s: float = 600.0, **params
+) -> Iterator[Reply]:
+    """POST /v2/models/<model>/generate_stream (server-sent events): one Reply per streamed piece."""
+    body = request_body(prompt, max_tokens, stream=True, **params)
+    with _post(f"http://{url}/v2/models/{model}/generate_stream", body, timeout_s) as resp:
+        for raw in resp:
+            line = raw.decode().strip()
+            if not line.startswith("data:"):
+                continue
+            data = json.loads(line[len("data:") :])
+            if "error" in data:
+                raise ClientError(data["error"])
+            yield _reply_from_json(data)
+
+
+def _grpc_inputs(grpcclient, body: dict[str, Any]) -> list:
+    """Request JSON -> tritonclient InferInputs with batch dimension 1 (the models' max_batch_size > 0)."""
+    kinds = {
+        "text_input": ("BYTES", object),
+        "max_tokens": ("INT32", np.int32),
+        "temperature": ("FP32", np.float32),
+        "top_k": ("INT32", np.int32),
+        "top_p": ("FP32", np.float32),
+        "random_seed": ("UINT64", np.uint64),
+        "stream": ("BOOL", bool),
+        "stop_words": ("BYTES", object),
+    }
+    inputs = []
+    for name, value in body.items():
+        dtype, np_type = kinds[name]
+        values = value if isinstance(value, list) else [value]
+        if np_type is object:
+            values = [v.encode("utf-8") if isinstance(v, str) else v for v in values]
+        array = np.array([values], dtype=np_type)
+        tensor = grpcclient.InferInput(name, list(array.shape), dtype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def stream_grpc(
+    url: str,
+    prompt: str,
+    max_tokens: int,
+    model: str = "ensemble",
+    stream: bool = True,
+    timeout_s: float = 600.0,
+    **params,
+) -> Iterator[Reply]:
+    """gRPC bidirectional stream: one Reply per response until the final one (`stream=False`: one)."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    body = request_body(prompt, max_tokens, stream=stream, **params)
+    results: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        client.start_stream(callback=lambda result, error: results.put((result, error)))
+        client.async_stream_infer(model, _grpc_inputs(grpcclient, body), enable_empty_final_response=True)
+        while True:
+            try:
+                result, error = results.get(timeout=timeout_s)
+            except queue.Empty:
+                raise ClientError(f"no response from {url} within {timeout_s:.0f} s") from None
+            if error is not None:
+                message = error.message() if isinstance(error, InferenceServerException) else str(error)
+                raise ClientError(message)
+            final = result.get_response().parameters["triton_final_response"].bool_param
+            text = result.as_numpy("text_output")
+            if text is not None:
+                reply = Reply(text="".join(t.decode("utf-8", errors="replace") for t in text.reshape(-1)))
+                live = result.as_numpy("kv_live_tokens")
+                ratio = result.as_numpy("kv_compression_ratio")
+                reply.kv_live_tokens = None if live is None else int(live.reshape(-1)[0])
+                reply.kv_compression_ratio = None if ratio is None else float(ratio.reshape(-1)[0])
+                yield reply
+            if final:
+                return
+    except InferenceServerException as exc:
+        raise ClientError(exc.message()) from None
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def generate_grpc(url: str, prompt: str, max_tokens: int, model: str = "ensemble", **params) -> Reply:
+    """One non-streamed generation over gRPC (the stream RPC carrying a single response)."""
+    return join(stream_grpc(url, prompt, max_tokens, model=model, stream=False, **params))
+
+
+def join(replies: Iterator[Reply]) -> Reply:
+    """Concatenate streamed pieces; the KV figures are the last ones reported (the request's final state)."""
+    out = Reply(text="")
+    for reply in replies:
+        out.pieces.append(reply.text)
+        out.text += reply.text
+        if reply.kv_live_tokens is not None:
+            out.kv_live_tokens = reply.kv_live_tokens
+            out.kv_compression_ratio = reply.kv_compression_ratio
+    return out
+
+
+def server_ready(http_url: str) -> bool:
+    import tritonclient.http as httpclient
+
+    try:
+        return bool(httpclient.InferenceServerClient(http_url).is_server_ready())
+    except Exception:  # any failure to connect means "not ready"
+        return False

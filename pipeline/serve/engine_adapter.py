@@ -1,0 +1,155 @@
+"""Between Triton requests and pipeline.runtime's Engine: parameters, stop sequences, KV figures.
+
+No Triton import here (the python-backend model in model_repo/tensorrt_llm/1/model.py only moves
+tensors), so the request handling is unit-testable against a real Engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.serve.text import RequestError, split_stop_words
+
+SCHEDULER_POLICIES = ("max_utilization",)
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """One request, as the engine takes it."""
+
+    input_ids: list[int]
+    max_tokens: int
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_sequences: tuple[tuple[int, ...], ...] = ()
+    end_id: int | None = None
+    streaming: bool = False
+
+    def sampling(self):
+        """SamplingParams: single-token stops (and end_id) stop inside the engine; longer ones here."""
+        from pipeline.runtime.sampling import SamplingParams
+
+        single = tuple(s[0] for s in self.stop_sequences if len(s) == 1)
+        if self.end_id is not None and self.end_id >= 0:
+            single = (*single, self.end_id)
+        return SamplingParams(
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            seed=self.seed,
+            stop_token_ids=single,
+        )
+
+
+def _scalar(tensors: Mapping[str, np.ndarray | None], name: str, default: Any = None) -> Any:
+    value = tensors.get(name)
+    if value is None:
+        return default
+    flat = np.asarray(value).reshape(-1)
+    if flat.size == 0:
+        return default
+    return flat[0].item()
+
+
+def parse_request(tensors: Mapping[str, np.ndarray | None]) -> EngineRequest:
+    """The engine model's input tensors (TensorRT-LLM names, batch of one) -> EngineRequest.
+
+    input_ids [1, n] (padded), input_lengths [1, 1], request_output_len [1, 1]; optional
+    stop_words_list [1, 2, m], end_id, runtime_top_k, runtime_top_p, temperature, random_seed, streaming.
+    """
+    ids = tensors.get("input_ids")
+    if ids is None:
+        raise RequestError("input_ids is missing")
+    ids = np.asarray(ids)
+    if ids.ndim == 2 and ids.shape[0] != 1:
+        raise RequestError(
+            f"the engine takes one request per call (batch size 1, as TensorRT-LLM's in-flight batcher), "
+            f"got a batch of {ids.shape[0]}: send the prompts as separate requests"
+        )
+    length = int(_scalar(tensors, "input_lengths", ids.shape[-1]))
+    input_ids = [int(t) for t in ids.reshape(-1)[:length]]
+    max_tokens = _scalar(tensors, "request_output_len")
+    if max_tokens is None:
+        raise RequestError("request_output_len is missing")
+    stop = tensors.get("stop_words_list")
+    stops = split_stop_words(np.asarray(stop).reshape(2, -1)) if stop is not None else []
+    seed = _scalar(tensors, "random_seed")
+    return EngineRequest(
+        input_ids=input_ids,
+        max_tokens=int(max_tokens),
+        temperature=float(_scalar(tensors, "temperature", 0.0)),
+        top_k=int(_scalar(tensors, "runtime_top_k", 0)),
+        top_p=float(_scalar(tensors, "runtime_top_p", 1.0)),
+        seed=None if seed is None else int(seed),
+        stop_sequences=tuple(tuple(s) for s in stops),
+        end_id=_scalar(tensors, "end_id"),
+        streaming=bool(_scalar(tensors, "streaming", False)),
+    )
+
+
+def stop_match(generated: Sequence[int], stops: Sequence[Sequence[int]]) -> int | None:
+    """Length of `generated` up to and including the first complete stop sequence, or None."""
+    for end in range(1, len(generated) + 1):
+        for stop in stops:
+            n = len(stop)
+            if n <= end and tuple(generated[end - n : end]) == tuple(stop):
+                return end
+    return None
+
+
+def live_kv_figures(lens: np.ndarray | None, num_cached: int) -> tuple[int, float]:
+    """(live KV tokens over all layers and KV heads, compression ratio) of a running sequence.
+
+    lens int [layers, kv_heads]: live slots per stream; num_cached: the logical length of every stream.
+    The ratio is 1 / mean(kept / length), the runtime's definition (dms-spec section 5).
+    """
+    if lens is None or num_cached <= 0:
+        return 0, 1.0
+    lens = np.asarray(lens, dtype=np.float64)
+    mean_kept = float(np.mean(lens / num_cached))
+    return int(lens.sum()), (1.0 / mean_kept) if mean_kept > 0 else 1.0
+
+
+def load_engine(params: Mapping[str, str], repo_dir: Path):
+    """Engine for the model's parameters: gpt_model_path (relative to the repository), eviction_policy,
+    max_tokens_in_paged_kv_cache, batch_scheduler_policy, device."""
+    import torch
+
+    from pipeline.runtime.engine import Engine
+    from pipeline.runtime.engine_dir import read_engine_dir
+
+    policy = params.get("batch_scheduler_policy", "max_utilization")
+    if policy not in SCHEDULER_POLICIES:
+        raise ValueError(
+            f"batch_scheduler_policy {policy!r} is not supported by the torch engine (its scheduler admits "
+            f"optimistically and preempts: {', '.join(SCHEDULER_POLICIES)})"
+        )
+    engine_dir = Path(params["gpt_model_path"])
+    if not engine_dir.is_absolute():
+        engine_dir = (repo_dir / engine_dir).resolve()
+    config, state, limits, dtype = read_engine_dir(engine_dir)
+    pool_tokens = params.get("max_tokens_in_paged_kv_cache", "")
+    if pool_tokens:
+        limits = replace(limits, kv_pool_tokens=int(pool_tokens))
+    device = params.get("device", "auto")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    engine = Engine.from_state(
+        config,
+        state,
+        limits,
+        policy=params.get("eviction_policy", "dms"),
+        tokenizer_dir=engine_dir,
+        dtype=dtype,
+        device=device,
+    )
+    engine.tokenizer = None  # requests arrive as ids and leave as ids: skip the per-token detokenize
+    return engine

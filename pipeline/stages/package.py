@@ -1,0 +1,90 @@
+"""package: a Triton model repository (`<out>/model_repo`) serving the built engine.
+
+Configs are filled from the model_repo/ templates with the engine's limits (see pipeline.serve.repo);
+the repository is validated before it is written. A torch engine is served twice from the same
+directory: `ensemble` (DMS eviction) and `ensemble_vanilla` (eviction off), so perf measures both.
+The engine stays in the build stage's directory; configs point at it by a path relative to the
+repository, so the build tree can move as a whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pipeline.card import Card, card_section
+from pipeline.runner import Options, StageContext
+
+NAME = "package"
+DEPENDS: tuple[str, ...] = ("build",)
+VERSION = 1
+REPO_DIR = "model_repo"
+
+
+def templates_hash() -> str:
+    """The templates are part of the output: a changed template must re-run this stage."""
+    from pipeline.serve.repo import TEMPLATES_DIR
+
+    digest = hashlib.sha256()
+    for path in sorted(p for p in TEMPLATES_DIR.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        digest.update(str(path.relative_to(TEMPLATES_DIR)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def settings(card: Card, options: Options) -> dict[str, Any]:
+    out = card_section(card, "build")
+    out["templates"] = templates_hash()
+    return out
+
+
+def _tokenizer_dir(engine_dir: Path, build_dir: Path, report: dict[str, Any]) -> Path:
+    if (engine_dir / "tokenizer_config.json").is_file() or (engine_dir / "tokenizer.json").is_file():
+        return engine_dir
+    if report.get("tokenizer_dir"):
+        return build_dir / report["tokenizer_dir"]
+    raise FileNotFoundError(
+        f"no tokenizer files in the engine directory {engine_dir} and no tokenizer_dir in the build report; "
+        "rebuild the engine (`make engine ARGS='--force build'`)"
+    )
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    from pipeline.serve.repo import RepoSpec, write_repository
+
+    build = ctx.reports["build"]
+    build_dir = ctx.inputs["build"]
+    backend = build["backend"]
+    engine_dir = build_dir / build["engine_dir"]
+    tokenizer_dir = _tokenizer_dir(engine_dir, build_dir, build)
+    limits = dict(card_section(ctx.card, "build")["build"])
+    if backend == "torch":  # the engine's own limits are the truth for what it accepts
+        limits.update(json.loads((engine_dir / "engine.json").read_text())["limits"])
+    repo = ctx.out_dir / REPO_DIR
+    # Relative to the repository: the final directory sits beside this temporary one, at the same depth.
+    rel = lambda p: os.path.relpath(Path(p).resolve(), repo.resolve())
+    spec = RepoSpec(
+        engine_dir=rel(engine_dir),
+        tokenizer_dir=rel(tokenizer_dir),
+        backend=backend,
+        max_batch_size=int(limits["max_batch_size"]),
+        max_input_len=int(limits["max_input_len"]),
+        max_output_len=int(limits["max_output_len"]),
+        kv_pool_tokens=int(limits["kv_pool_tokens"]),
+        with_vanilla=backend == "torch",
+    )
+    configs = write_repository(spec, repo)
+    print(f"[package] {len(configs)} models in {REPO_DIR}/: {', '.join(sorted(configs))}")
+    return {
+        "model_repo": REPO_DIR,
+        "backend": backend,
+        "models": sorted(configs),
+        "engine_dir": spec.engine_dir,
+        "max_input_len": spec.max_input_len,
+        "max_output_len": spec.max_output_len,
+        "max_tokens_in_paged_kv_cache": spec.kv_pool_tokens,
+        "batch_scheduler_policy": spec.batch_scheduler_policy,
+    }
