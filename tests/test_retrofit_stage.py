@@ -1,0 +1,113 @@
+"""The retrofit stage end to end on a micro model, and its refusals before any training starts."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from transformers import MistralConfig, MistralForCausalLM
+
+from pipeline.card import CardError, PretrainSpec, load_card, validate_card
+from pipeline.dms.patch import UnsupportedModelError
+from pipeline.runner import StageContext
+from pipeline.stages import retrofit
+
+
+def _card(**retro):
+    card = load_card("tiny-qwen3")
+    r = dataclasses.replace(
+        card.retrofit,
+        steps=4,
+        seq_len=128,
+        batch_size=2,
+        schedule_cr=4.0,
+        checkpoint_crs=(2.0, 4.0),
+        lr=1e-2,
+        **retro,
+    )
+    return dataclasses.replace(
+        card,
+        retrofit=r,
+        dms=dataclasses.replace(card.dms, window=16, target_cr=4.0),
+        build=dataclasses.replace(card.build, kv_block_size=8),
+        eval=dataclasses.replace(card.eval, lengths=(128,)),
+        pretrain=PretrainSpec(
+            hidden_size=32,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=8,
+            intermediate_size=64,
+            vocab_size=512,
+        ),
+    )
+
+
+@pytest.fixture(scope="module")
+def micro_model(tmp_path_factory):
+    from pipeline.data.pretrain import build_model
+    from pipeline.data.tokenizer import save_tokenizer, train_tokenizer
+
+    root = tmp_path_factory.mktemp("prepare")
+    tok = train_tokenizer(512, n_items=20)
+    save_tokenizer(tok, root / "model")
+    build_model(_card().pretrain, tok).save_pretrained(root / "model")
+    return root
+
+
+def test_micro_retrofit_writes_checkpoints_and_report(micro_model, tmp_path):
+    torch.set_num_threads(1)
+    ctx = StageContext(card=_card(), out_dir=tmp_path, inputs={"prepare": micro_model}, reports={})
+    report = retrofit.run(ctx)
+    assert report["checkpoints"] == {"2": "checkpoints/cr2", "4": "checkpoints/cr4"}
+    for rel in report["checkpoints"].values():
+        config = json.loads((tmp_path / rel / "config.json").read_text())
+        assert config["dms_window_size"] == 16 and config["dms_paged_attention_block_size"] == 8
+        assert (tmp_path / rel / "model.safetensors").is_file() and (
+            tmp_path / rel / "tokenizer.json"
+        ).is_file()
+    assert report["steps"] == 4 and report["target_cr"] == 4.0 and report["measured_cr"] >= 1.0
+    assert set(report["measured_cr_by_checkpoint"]) == {"2", "4"}
+    assert not (tmp_path / "train_state").exists()
+
+
+def test_unsupported_architecture_refused_before_training(tmp_path):
+    prepare = tmp_path / "prepare"
+    cfg = MistralConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=64,
+        architectures=["MistralForCausalLM"],
+    )
+    MistralForCausalLM(cfg).save_pretrained(prepare / "model")
+    ctx = StageContext(card=_card(), out_dir=tmp_path / "out", inputs={"prepare": prepare}, reports={})
+    with pytest.raises(UnsupportedModelError, match="MistralForCausalLM"):
+        retrofit.run(ctx)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(dms=dict(window=2048)), "dms.window"),
+        (dict(dms=dict(target_cr=0.5)), "target_cr"),
+        (dict(build=dict(kv_block_size=16)), "kv_block_size"),
+        (dict(retrofit=dict(checkpoint_crs=(2.0,))), "must include dms.target_cr"),
+        (dict(retrofit=dict(schedule_cr=3.0)), "schedule_cr"),
+    ],
+)
+def test_bad_cards_are_clear_errors(change, message):
+    card = _card()
+    for section, values in change.items():
+        card = dataclasses.replace(card, **{section: dataclasses.replace(getattr(card, section), **values)})
+    with pytest.raises(CardError, match=message):
+        retrofit.check_card(card)
+
+
+def test_shipped_cards_pass_retrofit_checks():
+    for name in ("tiny-qwen3", "smollm2-135m"):
+        card = load_card(name)
+        validate_card(card)
+        retrofit.check_card(card)
