@@ -42,7 +42,8 @@ def engine_logits(ckpt_dir: Path, ids: list[int], prefill_tokens: int, kv_block_
     )
     engine = Engine.from_state(hf_cfg, state, limits, dtype="float32", device="cpu")
     runner = engine.runner
-    seq = Sequence(request_id=0, prompt_ids=list(ids), params=SamplingParams())
+    # Decode steps feed the rest of `ids` (teacher forcing): the streams never hold more than len(ids).
+    seq = Sequence(request_id=0, prompt_ids=list(ids), params=SamplingParams(max_tokens=1))
     runner.attach(seq)
     try:
         rows = [runner.prefill(seq, list(ids[:prefill_tokens]))]
