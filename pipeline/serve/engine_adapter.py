@@ -6,6 +6,7 @@ tensors), so the request handling is unit-testable against a real Engine.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -142,14 +143,14 @@ def load_engine(params: Mapping[str, str], repo_dir: Path):
     device = params.get("device", "auto")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    # No tokenizer in the engine: requests arrive as ids and leave as ids (the ensemble tokenizes), and
+    # loading one here would import much of transformers in this process for nothing.
     engine = Engine.from_state(
-        config,
-        state,
-        limits,
-        policy=params.get("eviction_policy", "dms"),
-        tokenizer_dir=engine_dir,
-        dtype=dtype,
-        device=device,
+        config, state, limits, policy=params.get("eviction_policy", "dms"), dtype=dtype, device=device
     )
-    engine.tokenizer = None  # requests arrive as ids and leave as ids: skip the per-token detokenize
+    gen_config = engine_dir / "generation_config.json"
+    if gen_config.is_file():  # the chat models' end-of-turn ids live here, not in config.json
+        eos = json.loads(gen_config.read_text()).get("eos_token_id")
+        if eos is not None:
+            engine.eos_token_ids = tuple(eos) if isinstance(eos, list) else (int(eos),)
     return engine

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.serve.server import library_path
+from pipeline.serve.server import TritonServer, library_path
 
 
 class PerfError(RuntimeError):
@@ -210,6 +210,16 @@ def check_gates(
     }
 
 
+def enforce_gates(gates: dict[str, Any], no_gate: bool, log=print) -> None:
+    """Raise GateFailed naming the missed gates and numbers; with `no_gate` only print it."""
+    if gates["passed"]:
+        return
+    message = gate_message(gates)
+    if not no_gate:
+        raise GateFailed(message)
+    log(f"[perf] {message} (recorded: --no-gate)")
+
+
 def gate_message(gates: dict[str, Any]) -> str:
     failed = [c for c in gates["checks"] if not c["passed"]]
     parts = []
@@ -282,14 +292,15 @@ def measure(
     output_tokens: int,
     measurement_ms: int,
     log=print,
+    server: TritonServer | None = None,
 ) -> list[PerfRow]:
-    """Serve `model_repo` on free ports and measure every method present in it at every concurrency.
+    """Measure every method present in `model_repo` at every concurrency, on `server` if given, else on
+    a server started here on free ports.
 
     Writes into out_dir: input_data.json, <method>_c<N>.csv (+ .log), server.log.
     """
     from tqdm import tqdm
 
-    from pipeline.serve.server import TritonServer
     from pipeline.serve.text import load_tokenizer
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -298,17 +309,19 @@ def measure(
     data_path.write_text(json.dumps(input_data(tokenizer, input_tokens, output_tokens), indent=1))
     methods = [m for m, model in METHOD_MODELS.items() if (model_repo / model / "config.pbtxt").is_file()]
     rows: list[PerfRow] = []
-    with TritonServer(model_repo, log_path=out_dir / "server.log") as server:
+    own = server is None
+    if own:
+        server = TritonServer(model_repo, log_path=out_dir / "server.log").start()
+    try:
         log(f"[perf] server up: http {server.http_url}, grpc {server.grpc_url}")
         runs = [(m, c) for c in sorted(concurrency) for m in methods]  # interleaved: same load for both
         for method, conc in tqdm(runs, desc="perf_analyzer", unit="run"):
+            csv_path = out_dir / f"{method}_c{conc}.csv"
+            model = METHOD_MODELS[method]
             rows += run_perf_analyzer(
-                METHOD_MODELS[method],
-                server.grpc_url,
-                data_path,
-                conc,
-                measurement_ms,
-                out_dir / f"{method}_c{conc}.csv",
-                method,
+                model, server.grpc_url, data_path, conc, measurement_ms, csv_path, method
             )
+    finally:
+        if own:
+            server.stop()
     return rows

@@ -56,9 +56,5 @@ def run(ctx: StageContext) -> dict[str, Any]:
         },
     }
     perf.write_summary(ctx.out_dir / "summary.json", summary)
-    if not gates["passed"]:
-        message = perf.gate_message(gates)
-        if not ctx.options.no_gate:
-            raise perf.GateFailed(message)
-        print(f"[perf] {message} (recorded: --no-gate)")
+    perf.enforce_gates(gates, ctx.options.no_gate)
     return summary

@@ -66,12 +66,18 @@ class TritonPythonModel:
             )
             self.families.append(family)
             self.metrics[key] = family.Metric(labels={"model": self.name})
-        self._publish()
+        self._stopped = threading.Event()
+        self._publisher = threading.Thread(target=self._publish_loop, daemon=True)
+        self._publisher.start()
 
-    def _publish(self):
-        stats = self.engine.pool_stats()
-        for key, metric in self.metrics.items():
-            metric.set(float(stats[key]))
+    def _publish_loop(self):
+        """Refresh the gauges twice a second (one writer: no stale value can land last)."""
+        while True:
+            stats = self.engine.pool_stats()
+            for key, metric in self.metrics.items():
+                metric.set(float(stats[key]))
+            if self._stopped.wait(0.5):
+                return
 
     def execute(self, requests):
         for request in requests:
@@ -87,7 +93,6 @@ class TritonPythonModel:
                 sender.send(_error(str(exc)), flags=FINAL)
                 continue
             threading.Thread(target=self._serve, args=(req, handle, sender), daemon=True).start()
-        self._publish()
         return None
 
     def _serve(self, req, handle, sender):
@@ -116,8 +121,8 @@ class TritonPythonModel:
             sender.send(_response([] if req.streaming else generated, live, ratio), flags=FINAL)
         except Exception as exc:  # a failure must end this request, never the model
             sender.send(_error(f"{type(exc).__name__}: {exc}"), flags=FINAL)
-        finally:
-            self._publish()
 
     def finalize(self):
+        self._stopped.set()
+        self._publisher.join()
         self.engine.stop()

@@ -1,0 +1,165 @@
+"""A real Triton server (no mock) on a generated repository over a tiny random DMS engine.
+
+One server for the module: HTTP, gRPC, streaming (ensemble and BLS), bad requests, in-flight batching,
+the KV pool draining, a short load, perf_analyzer and the gates, the `ask` command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from serve_engine_fixture import make_engine_dir  # noqa: E402
+
+from pipeline.serve import client, perf  # noqa: E402
+from pipeline.serve.load import kv_pool_metrics, run_load, wait_pool_empty  # noqa: E402
+from pipeline.serve.repo import RepoSpec, write_repository  # noqa: E402
+from pipeline.serve.server import TritonServer  # noqa: E402
+
+pytestmark = pytest.mark.server
+
+PROMPT = "the quick brown fox jumps over the lazy dog " * 6  # ~60 tokens: several DMS windows
+MAX_INPUT, MAX_OUTPUT = 256, 64
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    make_engine_dir(root / "engine", max_input_len=MAX_INPUT, max_output_len=MAX_OUTPUT)
+    repo = root / "model_repo"
+    write_repository(
+        RepoSpec(engine_dir="../engine", tokenizer_dir="../engine", max_input_len=MAX_INPUT,
+                 max_output_len=MAX_OUTPUT, kv_pool_tokens=8192),
+        repo,
+    )  # fmt: skip
+    server = TritonServer(repo, log_path=root / "server.log").start()
+    yield server
+    server.stop()
+
+
+def test_http_generate_reports_dms_kv_figures(served):
+    dms = client.generate_http(served.http_url, PROMPT, 12)
+    vanilla = client.generate_http(served.http_url, PROMPT, 12, model="ensemble_vanilla")
+    assert dms.text and vanilla.text
+    # 2 layers x 2 KV heads: without eviction every stream holds every token it has seen
+    assert vanilla.kv_compression_ratio == pytest.approx(1.0)
+    assert vanilla.kv_live_tokens % 4 == 0 and vanilla.kv_live_tokens > 4 * 50
+    assert dms.kv_compression_ratio > 1.2  # about half the tokens past the window get evicted
+    assert dms.kv_live_tokens < vanilla.kv_live_tokens
+
+
+def test_grpc_matches_http_and_seeded_sampling_repeats(served):
+    http = client.generate_http(served.http_url, PROMPT, 10)
+    grpc = client.generate_grpc(served.grpc_url, PROMPT, 10)
+    assert grpc.text == http.text
+    a = client.generate_grpc(served.grpc_url, PROMPT, 10, temperature=1.0, top_k=20, top_p=0.9, random_seed=7)
+    b = client.generate_http(served.http_url, PROMPT, 10, temperature=1.0, top_k=20, top_p=0.9, random_seed=7)
+    assert a.text == b.text
+
+
+def test_streaming_grpc_and_http(served):
+    full = client.generate_grpc(served.grpc_url, PROMPT, 16, model="tensorrt_llm_bls")
+    assert full.text == client.generate_grpc(served.grpc_url, PROMPT, 16).text  # BLS == ensemble
+    streamed = client.join(client.stream_grpc(served.grpc_url, PROMPT, 16, model="tensorrt_llm_bls"))
+    assert len([p for p in streamed.pieces if p]) > 1
+    assert streamed.text == full.text  # incremental detokenization loses nothing
+    assert streamed.kv_compression_ratio > 1.0
+    # the ensemble streams too: one response per generated token, then a final one with the KV figures
+    pieces = list(client.stream_grpc(served.grpc_url, PROMPT, 8))
+    assert len(pieces) == 9 and pieces[-1].text == ""
+    sse = client.join(client.stream_http(served.http_url, PROMPT, 16, model="tensorrt_llm_bls"))
+    assert sse.text == full.text and len(sse.pieces) > 1
+
+
+BAD = [
+    ("missing input", {"max_tokens": 4}, "missing required input(s) ['text_input']"),
+    ("wrong type", {"text_input": "hi", "max_tokens": "four"}, "Unable to parse"),
+    ("empty text", {"text_input": "  ", "max_tokens": 4}, "text_input is empty"),
+    ("max_tokens 0", {"text_input": "hi", "max_tokens": 0}, "max_tokens is 0"),
+    ("max_tokens too big", {"text_input": "hi", "max_tokens": MAX_OUTPUT + 1}, f"between 1 and {MAX_OUTPUT}"),
+    ("prompt too long", {"text_input": "fox " * 600, "max_tokens": 4}, f"at most {MAX_INPUT} (max_input"),
+]
+
+
+@pytest.mark.parametrize("body, message", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_http_requests_get_clear_errors(served, body, message):
+    with pytest.raises(client.ClientError) as err:
+        client._post(f"http://{served.http_url}/v2/models/ensemble/generate", body, 60).read()
+    assert message in str(err.value)
+
+
+def test_bad_grpc_requests_and_server_keeps_serving(served):
+    with pytest.raises(client.ClientError, match="not valid UTF-8"):
+        client.generate_grpc(served.grpc_url, b"caf\xe9 \xff", 4)
+    with pytest.raises(client.ClientError, match="max_tokens is 0"):
+        client.generate_grpc(served.grpc_url, "hi", 0, model="tensorrt_llm_bls")
+    with pytest.raises(client.ClientError, match="text_input is empty"):
+        list(client.stream_grpc(served.grpc_url, "", 4, model="tensorrt_llm_bls"))
+    assert client.generate_grpc(served.grpc_url, PROMPT, 4).text
+    assert client.server_ready(served.http_url)
+
+
+def test_in_flight_batching_matches_sequential_and_pool_drains(served):
+    prompts = [f"{PROMPT} {i} {'hello ' * i}" for i in range(6)]
+    expected = [client.generate_grpc(served.grpc_url, p, 12).text for p in prompts]
+    got: list[str | None] = [None] * len(prompts)
+
+    def one(i: int) -> None:
+        got[i] = client.generate_http(served.http_url, prompts[i], 12).text
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == expected  # greedy results do not depend on who else is in the batch
+    pool = wait_pool_empty(f"{served.host}:{served.metrics_port}", timeout_s=30)
+    assert pool["tensorrt_llm"]["blocks_used"] == 0 and pool["tensorrt_llm"]["blocks_total"] > 0
+
+
+def test_short_load_has_no_failures(served):
+    """Concurrency 16 for a few seconds (the 60 s run: `python -m pipeline.serve.load`)."""
+    result = run_load(served.grpc_url, [PROMPT, "hello world", "numbers 1 2 3"], 16, 6.0, 8)
+    assert result.failed == 0, result.errors
+    assert result.requests >= 16
+    wait_pool_empty(f"{served.host}:{served.metrics_port}", timeout_s=30)
+    metrics = kv_pool_metrics(f"{served.host}:{served.metrics_port}")
+    assert set(metrics) == {"tensorrt_llm", "tensorrt_llm_vanilla"}
+
+
+def test_perf_analyzer_rows_and_gates(served, tmp_path):
+    rows = perf.measure(Path(served.model_repo), tmp_path, (1, 2), 32, 8, 500, server=served)
+    assert {(r.method, r.concurrency) for r in rows} == {(m, c) for m in ("dms", "vanilla") for c in (1, 2)}
+    assert all(r.inferences_per_s > 0 and 0 < r.p50_ms <= r.p99_ms for r in rows)
+    assert (tmp_path / "dms_c2.csv").is_file() and (tmp_path / "input_data.json").is_file()
+    ok = perf.check_gates(rows, 0.01, 1e9, 0.01)
+    assert ok["passed"] and ok["dms_over_vanilla_throughput"] > 0
+    perf.enforce_gates(ok, no_gate=False)
+    impossible = perf.check_gates(rows, 1e9, 1e9, 0.0)
+    assert not impossible["passed"]
+    with pytest.raises(perf.GateFailed) as err:
+        perf.enforce_gates(impossible, no_gate=False)
+    measured = next(c["measured"] for c in impossible["checks"] if c["name"] == "min_inferences_per_s")
+    assert "min_inferences_per_s" in str(err.value) and str(measured) in str(err.value)
+    assert "1000000000.0" in str(err.value)
+    perf.enforce_gates(impossible, no_gate=True, log=lambda _: None)  # recorded, not raised
+
+
+def test_ask_command(served, capsys):
+    from pipeline.serve.cli import ask_command
+
+    base = dict(max_tokens=6, temperature=0.0)
+    assert ask_command(argparse.Namespace(prompt=PROMPT, url=served.http_url, protocol="http", stream=False,
+                                          **base)) == 0  # fmt: skip
+    out = capsys.readouterr()
+    assert out.out.strip() and "[kv] live tokens" in out.err
+    assert ask_command(argparse.Namespace(prompt=PROMPT, url=served.grpc_url, protocol="grpc", stream=True,
+                                          **base)) == 0  # fmt: skip
+    assert ask_command(argparse.Namespace(prompt="", url=served.grpc_url, protocol="grpc", stream=False,
+                                          **base)) == 1  # fmt: skip
+    assert "text_input is empty" in capsys.readouterr().err
