@@ -3,9 +3,8 @@
 import math
 
 import torch
-import torch.nn.functional as F
 
-from pipeline.dms.attention import flex_attention_dms, reference_attention
+from pipeline.dms.attention import flex_attention_dms, hard_attention, reference_attention
 
 
 def _naive(q, k, v, key_logit, window, scale):
@@ -63,6 +62,19 @@ def test_window_boundary_leaves_w_plus_one_keys_visible():
 
 def test_no_logit_is_plain_causal_attention():
     torch.manual_seed(2)
-    q, k, v = torch.randn(1, 4, 16, 8), torch.randn(1, 2, 16, 8), torch.randn(1, 2, 16, 8)
-    want = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    torch.testing.assert_close(reference_attention(q, k, v, None, 4, 8**-0.5), want, atol=1e-5, rtol=1e-5)
+    q, k, v = torch.randn(1, 2, 9, 8), torch.randn(1, 1, 9, 8), torch.randn(1, 1, 9, 8)
+    keep_all = torch.full((1, 1, 9), -1e4)
+    want = _naive(q, k, v, keep_all, 3, 8**-0.5)
+    torch.testing.assert_close(
+        reference_attention(q, k, v, None, 3, 8**-0.5).double(), want, atol=1e-5, rtol=1e-5
+    )
+
+
+def test_hard_attention_equals_soft_mask_with_saturated_decisions():
+    torch.manual_seed(3)
+    q, k, v = torch.randn(2, 4, 40, 8), torch.randn(2, 2, 40, 8), torch.randn(2, 2, 40, 8)
+    evicted = torch.rand(2, 2, 40) < 0.6
+    evicted[..., -1] = False
+    saturated = torch.where(evicted, 1e4, -1e4)
+    want = reference_attention(q, k, v, saturated, 5, 8**-0.5)
+    torch.testing.assert_close(hard_attention(q, k, v, evicted, 5, 8**-0.5), want, atol=1e-5, rtol=1e-5)

@@ -30,15 +30,13 @@ def reference_attention(
 ) -> torch.Tensor:
     """Causal GQA attention with the DMS soft-eviction bias (None: plain causal attention)."""
     b, hq, t, d = q.shape
+    if key_logit is None:  # nothing to learn through the mask: the fused kernel is exact and fast
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
     hkv = k.shape[1]
     g = hq // hkv
     pos = torch.arange(t, device=q.device)
-    if key_logit is None:
-        bias = torch.zeros(t, t, dtype=torch.float32, device=q.device)
-        bias = bias.masked_fill(~rule.causal(pos, pos), float("-inf"))[None, None, None]
-    else:
-        # [B, Hkv, 1, T, T]: one bias per KV head, shared by the G query heads of its group.
-        bias = rule.soft_eviction_bias(key_logit.float(), pos, pos, window)[:, :, None]
+    # [B, Hkv, 1, T, T]: one bias per KV head, shared by the G query heads of its group.
+    bias = rule.soft_eviction_bias(key_logit.float(), pos, pos, window)[:, :, None]
     qg = q.reshape(b, hkv, g, t, d)
     scores = torch.matmul(qg.float(), k[:, :, None].float().transpose(-1, -2)) * scaling + bias
     probs = torch.softmax(scores, dim=-1)
@@ -84,3 +82,14 @@ def flex_attention_dms(
     block_mask = create_block_mask(causal_mask, None, None, t, t, device=q.device)
     fn = _compiled_flex() if compile else flex_attention
     return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scaling, enable_gqa=True)
+
+
+def hard_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_evicted: torch.Tensor, window: int, scaling: float
+) -> torch.Tensor:
+    """Inference semantics (exact prefill): evicted keys beyond the window are gone. key_evicted:
+    [B, Hkv, T] bool, already shifted by one. No gradient through the mask, so SDPA's kernel is used."""
+    pos = torch.arange(q.shape[2], device=q.device)
+    visible = rule.hard_eviction_mask(key_evicted, pos, pos, window)  # [B, Hkv, T, T]
+    visible = visible.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scaling, enable_gqa=True)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from pipeline.dms import rule
-from pipeline.dms.attention import flex_attention_dms, reference_attention
+from pipeline.dms.attention import flex_attention_dms, hard_attention, reference_attention
 
 # The HF architectures whose attention layout we know (config.architectures[0]).
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "LlamaForCausalLM")
@@ -197,11 +197,7 @@ def _dms_attention_forward(
     if k.shape[2] != t:  # cached decode with eviction off: plain attention over the cache
         out = reference_attention_offset(q, k, v, self.scaling)
     elif rt.mode == "hard" and key_logit is not None:
-        # Inference semantics: evicted keys beyond the window are gone (-inf), not down-weighted.
-        key_logit = torch.where(
-            key_logit > 0, torch.full_like(key_logit, 1e4), torch.full_like(key_logit, -1e4)
-        )
-        out = reference_attention(q, k, v, key_logit, s.window, self.scaling)
+        out = hard_attention(q, k, v, key_logit > 0, s.window, self.scaling)
     elif rt.use_flex:
         out = flex_attention_dms(q, k, v, key_logit, s.window, self.scaling)
     else:
