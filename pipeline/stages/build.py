@@ -11,12 +11,15 @@ Backends (card `build.backend`, overridden by `--backend`):
 - auto: trtllm where a GPU and that environment are present, otherwise torch, saying which is missing.
 
 Report: `backend` ("torch" | "trtllm"), `engine_dir` ("engine", relative to this stage's directory),
-`backend_reason`, and for trtllm `build_log` ("build.log") and the driver's manifest
-(`engine/dms_build.json`). The package stage reads `backend` and `engine_dir`.
+`tokenizer_dir`, `backend_reason`; for trtllm also `build_log` ("build.log"), the driver's manifest
+(`engine/dms_build.json`), `trtllm_engines` ({"engine": ...} for a stock engine, {"context", "generation"}
+for the DMS pair) and `servable_by_tensorrtllm_backend`. The package stage reads `backend`, `engine_dir`
+and `tokenizer_dir`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -168,7 +171,7 @@ def build_torch(ckpt: Path, tokenizer: Path, engine: Path, card: Card) -> dict[s
         dtype=card.build.dtype,
         extra={"built_from": "TensorRT-LLM checkpoint", "tp_size_merged": checkpoint.tp_size},
     )
-    return {"tp_size_merged": checkpoint.tp_size}
+    return {"tp_size_merged": checkpoint.tp_size, "tokenizer_dir": ENGINE_DIR}
 
 
 def build_trtllm(
@@ -195,4 +198,13 @@ def build_trtllm(
     manifest = engine / "dms_build.json"
     if not manifest.is_file():
         raise RuntimeError(f"the build driver wrote no {manifest}; see {log_path}")
-    return {"build_log": BUILD_LOG, "build_manifest": f"{ENGINE_DIR}/dms_build.json"}
+    engines = sorted(json.loads(manifest.read_text())["engines"])
+    return {
+        "build_log": BUILD_LOG,
+        "build_manifest": f"{ENGINE_DIR}/dms_build.json",
+        "tokenizer_dir": f"{ENGINE_DIR}/tokenizer",
+        # {"engine": ...}: one stock engine (eviction off), which Triton's tensorrtllm backend serves;
+        # {"context", "generation"}: the DMS pair, which takes the per-head pool as I/O (plugins/README.md).
+        "trtllm_engines": {name: f"{ENGINE_DIR}/{name}" for name in engines},
+        "servable_by_tensorrtllm_backend": engines == ["engine"],
+    }
