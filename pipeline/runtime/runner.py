@@ -36,6 +36,20 @@ def default_attention(device: torch.device) -> AttentionFn:
     return reference_paged_decode_attention
 
 
+def sdpa_prefill_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """`dense_attention`'s output without its probabilities. q [B, T, Hq, D]; k, v [B, Hkv, L, D];
+    visible bool [B, Hkv, T, L] (every query sees at least itself). Returns [B, T, Hq, D]."""
+    b, t, hq, _ = q.shape
+    hkv, length = k.shape[1], k.shape[2]
+    mask = visible[:, :, None].expand(b, hkv, hq // hkv, t, length).reshape(b, hq, t, length)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k, v, attn_mask=mask, scale=scale, enable_gqa=True
+    )
+    return out.transpose(1, 2)
+
+
 def gathered_attention(
     q: torch.Tensor, cache: KVCache, tables: torch.Tensor, lens: torch.Tensor, scale: float, hkv: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,10 +164,14 @@ class ModelRunner:
             causal = P[:, None, :] <= qp[None, :, None]  # [Hkv, T, L] (padding has a huge position)
             far = (qp[None, :, None] - P[:, None, :]) > self.policy.mask_window()
             visible = causal & ~(far & F_[:, None, :])
-            out, probs = dense_attention(q, K, V, visible[None], self.scale)
+            if self.policy.needs_probs:
+                out, probs = dense_attention(q, K, V, visible[None], self.scale)
+            else:  # nothing reads the probabilities: SDPA, ~3x faster on CPU, never materialises them
+                out, probs = sdpa_prefill_attention(q, K, V, visible[None], self.scale), None
             x = layer.finish(x, out)
             for h, stream in enumerate(seq.streams[li]):
                 n_all = ks[h].shape[0]
+                no_probs = torch.zeros(n_all)  # read only by policies that need probabilities
                 cand = Candidates(
                     pos=kpos[h],
                     flag=kflag[h],
@@ -165,8 +183,8 @@ class ModelRunner:
                             torch.zeros(t),
                         ]
                     ),
-                    probs_sum=probs[0, h, :, :n_all].sum(0).cpu(),
-                    probs_last=probs[0, h, -1, :n_all].cpu(),
+                    probs_sum=probs[0, h, :, :n_all].sum(0).cpu() if probs is not None else no_probs,
+                    probs_last=probs[0, h, -1, :n_all].cpu() if probs is not None else no_probs,
                     budget=stream.budget,
                 )
                 keep, score = self.policy.prefill_keep(cand)
