@@ -60,6 +60,14 @@ def run(ctx: StageContext) -> dict[str, Any]:
     backend = build["backend"]
     engine_dir = build_dir / build["engine_dir"]
     tokenizer_dir = _tokenizer_dir(engine_dir, build_dir, build)
+    if backend == "trtllm":
+        if not build.get("servable_by_tensorrtllm_backend"):
+            raise RuntimeError(
+                "the DMS TensorRT engine pair takes the per-head KV pool as I/O, which Triton's tensorrtllm "
+                "backend cannot drive (plugins/README.md); package the torch engine instead "
+                "(`make engine ARGS='--backend torch'`)"
+            )
+        engine_dir = build_dir / build["trtllm_engines"]["engine"]
     limits = dict(card_section(ctx.card, "build")["build"])
     if backend == "torch":  # the engine's own limits are the truth for what it accepts
         limits.update(json.loads((engine_dir / "engine.json").read_text())["limits"])
