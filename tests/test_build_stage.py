@@ -82,3 +82,35 @@ def test_trtllm_commands_are_argument_lists(tmp_path):
     docker = build.TrtllmEnv(image="img:tag").command(["--x", "1"], tmp_path)
     assert docker[:3] == ["docker", "run", "--rm"] and "img:tag" in docker and docker[-2:] == ["--x", "1"]
     assert f"{tmp_path}:{tmp_path}" in docker
+
+
+def test_convert_and_build_through_the_runner(tmp_path, no_trtllm):
+    """retrofit (a tiny DMS checkpoint) -> convert -> build with the real runner; report keys."""
+    import types
+
+    from pipeline.runner import run_pipeline
+    from pipeline.stages import convert
+
+    def fake(name, depends, run):
+        return types.SimpleNamespace(NAME=name, DEPENDS=depends, VERSION=1,
+                                     settings=lambda card, options: {}, run=run)
+
+    def retrofit_run(ctx):
+        make_hf(ctx.out_dir / "checkpoints" / "cr8", "qwen3", "adapter")
+        return {"checkpoints": {"8": "checkpoints/cr8"}}
+
+    stages = {
+        "prepare": fake("prepare", (), lambda ctx: {}),
+        "retrofit": fake("retrofit", ("prepare",), retrofit_run),
+        "evaluate": fake("evaluate", ("retrofit",), lambda ctx: {}),
+        "convert": convert,
+        "build": build,
+    }
+    card = _card()
+    card = dataclasses.replace(card, build=dataclasses.replace(card.build, tp_size=2))
+    report = run_pipeline(card, tmp_path, load=stages.get, log=lambda *_: None)
+    assert report["convert"]["checkpoint_dir"] == "trtllm_ckpt" and report["convert"]["tp_size"] == 2
+    assert report["convert"]["roundtrip_max_abs_diff"] < 1e-4
+    assert report["build"]["backend"] == "torch" and report["build"]["engine_dir"] == "engine"
+    engine_json = tmp_path / card.name / "build" / "engine" / "engine.json"
+    assert json.loads(engine_json.read_text())["hf_config"]["dms_separate_alpha"] is True
