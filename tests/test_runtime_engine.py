@@ -133,3 +133,15 @@ def test_engine_dir_roundtrip_and_missing_files(dms_dir, tmp_path):
         Engine.from_hf(tmp_path)
     with pytest.raises(ValueError, match="smaller than"):
         Engine.from_hf(dms_dir, limits={**LIMITS, "kv_block_size": 8})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_engine_with_triton_kernel_matches_cpu(dms_dir):
+    """On CUDA the decode attention is the Triton kernel; greedy tokens match the CPU reference path."""
+    prompts = _prompts(4, 12)
+    cpu = Engine.from_hf(dms_dir, limits=LIMITS, device="cpu").generate(prompts, max_tokens=24)
+    gpu_engine = Engine.from_hf(dms_dir, limits=LIMITS, device="cuda")
+    gpu = gpu_engine.generate(prompts, max_tokens=24)
+    assert [c.token_ids for c in gpu] == [c.token_ids for c in cpu]
+    assert gpu_engine.pool_stats()["blocks_used"] == 0

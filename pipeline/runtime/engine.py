@@ -177,6 +177,7 @@ class Engine:
         self._loop: threading.Thread | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self.last_step_kind = "idle"  # what the last step() did: idle | prefill | decode (benchmarks)
 
     def _resolve_policy(self, policy: EvictionPolicy | str | None) -> EvictionPolicy:
         a = self.args
@@ -325,6 +326,7 @@ class Engine:
             seqs, failed, is_prefill = self.scheduler.schedule()
             for seq in failed:
                 self._complete(seq, "error")
+            self.last_step_kind = "idle" if not seqs else "prefill" if is_prefill else "decode"
             if not seqs:
                 return 0
             try:

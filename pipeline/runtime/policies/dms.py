@@ -73,7 +73,7 @@ class DMSPolicy(EvictionPolicy):
         return keep, c.score
 
     def start(self, stream: Stream) -> None:
-        last = max(stream.pos)
+        last = max(stream.pos, default=0)
         in_ring = [s for s, p in enumerate(stream.pos) if p >= last - self._window()]
         in_ring.sort(key=lambda s: stream.pos[s])
         stream.state = deque(in_ring)

@@ -1,0 +1,234 @@
+"""`make bench`: KV memory and decode speed of DMS against vanilla (our engine) and HF `generate`.
+
+One run, one model (the embedded tiny-qwen3 card's shape), same prompts for all three:
+- the trained tiny DMS checkpoint (build/tiny-qwen3/retrofit/checkpoints/cr<target>) when it exists,
+  with its learned decisions; otherwise the tiny model (the committed teacher, or random weights of the
+  card's shape) with DMS decisions forced to the card's target CR. bench.json says which.
+- `batch` prompts of 32 tokens, each generating `context - 32` tokens (EOS ignored): KV bytes are read
+  at the end of generation, when each stream holds what a `context`-token sequence keeps.
+- decode tokens/s = batch x decode steps / wall time of the decode steps (prefill excluded; one
+  untimed warm-up generation per engine first).
+Writes <out>/bench.json and bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from pipeline.card import load_card
+from pipeline.runtime.engine import Engine
+from pipeline.runtime.engine_dir import EngineLimits, load_hf_checkpoint
+from pipeline.runtime.policies import DMSPolicy, EvictionPolicy, NoEviction
+from pipeline.runtime.sampling import SamplingParams
+
+PROMPT_TOKENS = 32
+RESULTS_MD = Path("bench/RESULTS.md")
+
+
+def _tiny_model(card_name: str, build_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], str, bool]:
+    """(config, state, description, has learned DMS decisions)."""
+    card = load_card(card_name)
+    label = f"{card.dms.target_cr:g}"
+    trained = build_dir / card.name / "retrofit" / "checkpoints" / f"cr{label}"
+    if (trained / "config.json").is_file():
+        config, state = load_hf_checkpoint(trained)
+        return config, state, f"trained DMS checkpoint {trained}", True
+    teacher = Path(__file__).resolve().parents[1] / "assets" / card.name
+    if (teacher / "config.json").is_file():
+        config, state = load_hf_checkpoint(teacher)
+        return config, state, f"teacher {teacher} with DMS decisions forced to CR {label}", False
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    p = card.pretrain
+    cfg = Qwen3Config(
+        vocab_size=p.vocab_size,
+        hidden_size=p.hidden_size,
+        intermediate_size=p.intermediate_size,
+        num_hidden_layers=p.num_layers,
+        num_attention_heads=p.num_heads,
+        num_key_value_heads=p.num_kv_heads,
+        head_dim=p.head_dim,
+        tie_word_embeddings=True,
+        max_position_embeddings=65536,
+    )
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(cfg)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    desc = (
+        f"random-weight {card.name}-shaped model with DMS decisions forced to CR {label} "
+        "(the trained DMS checkpoint is not built)"
+    )
+    return cfg.to_dict(), state, desc, False
+
+
+def _run_engine(engine: Engine, prompts: list[list[int]], new_tokens: int, label: str) -> dict[str, Any]:
+    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    engine.generate([prompts[0][:8]], SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
+    handles = [engine.submit(p, params) for p in prompts]
+    decode_s, decode_steps = 0.0, 0
+    with tqdm(total=new_tokens, desc=f"{label} decode", unit="step") as bar:
+        while engine.has_work():
+            t0 = time.perf_counter()
+            engine.step()
+            dt = time.perf_counter() - t0
+            if engine.last_step_kind == "decode":
+                decode_s += dt
+                decode_steps += 1
+                bar.update(1)
+    outs = [h.result() for h in handles]
+    errors = [o.error for o in outs if o.error]
+    if errors:
+        raise RuntimeError(f"{label}: generation failed: {errors[0]}")
+    # tokens produced by decode steps (the first token of each request comes from its prefill)
+    decoded = sum(len(o.token_ids) - 1 for o in outs)
+    return {
+        "decode_tokens_per_s": decoded / decode_s,
+        "decode_steps": decode_steps,
+        "kv_bytes_per_seq": max(o.stats["kv_bytes"] for o in outs),
+        "live_kv_tokens_per_seq": max(o.stats["live_kv_tokens"] for o in outs),
+        "compression_ratio": sum(o.stats["compression_ratio"] for o in outs) / len(outs),
+        "pool_blocks_used_after": engine.pool_stats()["blocks_used"],
+    }
+
+
+def _run_hf(
+    config: dict[str, Any], state: dict[str, torch.Tensor], prompts: list[list[int]], new_tokens: int
+):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    plain = {k: v for k, v in config.items() if not k.startswith("dms_")}
+    cfg = AutoConfig.for_model(plain.pop("model_type"), **plain)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    model.load_state_dict(state, strict=False)
+    ids = torch.tensor(prompts)
+    mask = torch.ones_like(ids)
+
+    def gen(n: int) -> float:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(
+                ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
+            )
+        return time.perf_counter() - t0
+
+    gen(8)  # warm-up
+    prefill_s = gen(1)
+    print(f"hf generate: {len(prompts)} x {new_tokens} tokens (no progress bar inside HF generate)")
+    total_s = gen(new_tokens)
+    return {"decode_tokens_per_s": len(prompts) * (new_tokens - 1) / max(total_s - prefill_s, 1e-9)}
+
+
+def run_bench(context: int, batch: int, card_name: str = "tiny-qwen3", build_dir: Path = Path("build")):
+    if context <= PROMPT_TOKENS + 1:
+        raise ValueError(f"--context must exceed {PROMPT_TOKENS + 1} tokens")
+    card = load_card(card_name)
+    config, state, model_desc, learned = _tiny_model(card_name, build_dir)
+    new_tokens = context - PROMPT_TOKENS
+    limits = EngineLimits(
+        max_batch_size=batch,
+        max_input_len=PROMPT_TOKENS,
+        max_output_len=new_tokens,
+        kv_block_size=card.build.kv_block_size,
+        kv_pool_tokens=card.build.kv_pool_tokens,
+    )
+    dms_policy: EvictionPolicy = (
+        DMSPolicy() if learned else DMSPolicy(window=card.dms.window, force_cr=card.dms.target_cr)
+    )
+    g = torch.Generator().manual_seed(0)
+    vocab = int(config["vocab_size"])
+    prompts = [torch.randint(0, vocab, (PROMPT_TOKENS,), generator=g).tolist() for _ in range(batch)]
+    results = {}
+    for name, policy in (("dms", dms_policy), ("vanilla", NoEviction())):
+        engine = Engine.from_state(config, state, limits, policy=policy, device="cpu")
+        results[name] = _run_engine(engine, prompts, new_tokens, name)
+        results[name]["pool_blocks_total"] = engine.pool.num_blocks
+        results[name]["block_bytes"] = engine.cache.bytes_per_block
+        del engine
+    results["hf"] = _run_hf(config, state, prompts, new_tokens)
+    blocks_total = results["vanilla"]["pool_blocks_total"]
+    block_bytes = results["vanilla"]["block_bytes"]
+    fits = {k: blocks_total // (results[k]["kv_bytes_per_seq"] // block_bytes) for k in ("dms", "vanilla")}
+    speed = {k: results[k]["decode_tokens_per_s"] for k in ("dms", "vanilla", "hf")}
+    return {
+        "model": model_desc,
+        "dms_decisions": "learned" if learned else f"forced to CR {card.dms.target_cr:g}",
+        "dms_window": config.get("dms_window_size", card.dms.window) if learned else card.dms.window,
+        "context_tokens": context,
+        "prompt_tokens": PROMPT_TOKENS,
+        "generated_tokens": new_tokens,
+        "batch": batch,
+        "device": _device(),
+        "kv_bytes_ratio": results["vanilla"]["kv_bytes_per_seq"] / results["dms"]["kv_bytes_per_seq"],
+        "capacity_ratio": fits["dms"] / fits["vanilla"],
+        "sequences_fitting_pool": fits,
+        "pool_bytes": blocks_total * block_bytes,
+        "measured_compression_ratio": results["dms"]["compression_ratio"],
+        "decode_tokens_per_s": speed,
+        "dms_over_vanilla_speed": speed["dms"] / speed["vanilla"],
+        "dms_over_hf_speed": speed["dms"] / speed["hf"],
+        "vanilla_over_hf_speed": speed["vanilla"] / speed["hf"],
+        "details": results,
+    }
+
+
+def _device() -> str:
+    threads = torch.get_num_threads()
+    return (
+        f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {threads})"
+    )
+
+
+def write_results(report: dict[str, Any], out_dir: Path, md_path: Path = RESULTS_MD) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench.json").write_text(json.dumps(report, indent=2))
+    s = report["decode_tokens_per_s"]
+    lines = [
+        "# DMS runtime benchmark (`make bench`)",
+        "",
+        f"Model: {report['model']}.",
+        f"DMS decisions: {report['dms_decisions']} (window {report['dms_window']}).",
+        f"Workload: batch {report['batch']}, {report['prompt_tokens']}-token prompts, "
+        f"{report['generated_tokens']} generated tokens each ({report['context_tokens']}-token context), "
+        f"greedy, EOS ignored. Device: {report['device']}.",
+        "",
+        "| metric | value |",
+        "| --- | --- |",
+        f"| kv_bytes_ratio (vanilla / DMS KV bytes per sequence) | {report['kv_bytes_ratio']:.2f} |",
+        f"| capacity_ratio (sequences fitting the pool, DMS / vanilla) | {report['capacity_ratio']:.2f} "
+        f"({report['sequences_fitting_pool']['dms']} vs {report['sequences_fitting_pool']['vanilla']}) |",
+        f"| measured compression ratio (DMS) | {report['measured_compression_ratio']:.2f} |",
+        f"| decode tokens/s: DMS | {s['dms']:.1f} |",
+        f"| decode tokens/s: vanilla (our engine) | {s['vanilla']:.1f} |",
+        f"| decode tokens/s: HF generate | {s['hf']:.1f} |",
+        f"| DMS / vanilla speed | {report['dms_over_vanilla_speed']:.2f} |",
+        f"| DMS / HF speed | {report['dms_over_hf_speed']:.2f} |",
+        f"| vanilla / HF speed | {report['vanilla_over_hf_speed']:.2f} |",
+        "",
+        "Decode speed excludes prefill and a warm-up run. KV bytes are the blocks a sequence holds at the",
+        "end of generation (all layers and KV heads); the DMS overhead over 1/CR is the window of recent",
+        "tokens every stream keeps plus the partly filled last block.",
+        "",
+    ]
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text("\n".join(lines))
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    # On a shared, oversubscribed CPU, OpenMP spin-waits make multi-threaded small matmuls collapse;
+    # DMS_BENCH_THREADS=1 gives stable numbers there (the thread count is recorded in `device`).
+    if os.environ.get("DMS_BENCH_THREADS"):
+        torch.set_num_threads(int(os.environ["DMS_BENCH_THREADS"]))
+    report = run_bench(args.context, args.batch)
+    write_results(report, Path(args.out))
+    print(json.dumps({k: v for k, v in report.items() if k != "details"}, indent=2))
+    print(f"wrote {Path(args.out) / 'bench.json'} and {RESULTS_MD}")
+    return 0
