@@ -27,6 +27,7 @@ def reference_attention(
     key_logit: torch.Tensor | None,
     window: int,
     scaling: float,
+    query_block: int = 256,
 ) -> torch.Tensor:
     """Causal GQA attention with the DMS soft-eviction bias (None: plain causal attention)."""
     b, hq, t, d = q.shape
@@ -35,13 +36,19 @@ def reference_attention(
     hkv = k.shape[1]
     g = hq // hkv
     pos = torch.arange(t, device=q.device)
-    # [B, Hkv, 1, T, T]: one bias per KV head, shared by the G query heads of its group.
-    bias = rule.soft_eviction_bias(key_logit.float(), pos, pos, window)[:, :, None]
-    qg = q.reshape(b, hkv, g, t, d)
-    scores = torch.matmul(qg.float(), k[:, :, None].float().transpose(-1, -2)) * scaling + bias
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.matmul(probs, v[:, :, None].float()).to(q.dtype)
-    return out.reshape(b, hq, t, d)
+    qg = q.reshape(b, hkv, g, t, d).float()
+    kf, vf = k[:, :, None].float(), v[:, :, None].float()
+    outs = []
+    # Query blocks see only keys up to their own end (causal), which halves the [T, T] work and memory.
+    for start in range(0, t, query_block):
+        end = min(start + query_block, t)
+        # [B, Hkv, 1, Tq, Tk]: one bias per KV head, shared by the G query heads of its group.
+        bias = rule.soft_eviction_bias(key_logit[..., :end].float(), pos[start:end], pos[:end], window)[
+            :, :, None
+        ]
+        scores = torch.matmul(qg[:, :, :, start:end], kf[..., :end, :].transpose(-1, -2)) * scaling + bias
+        outs.append(torch.matmul(torch.softmax(scores, dim=-1), vf[..., :end, :]))
+    return torch.cat(outs, dim=3).to(q.dtype).reshape(b, hq, t, d)
 
 
 @functools.cache
