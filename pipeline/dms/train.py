@@ -97,6 +97,8 @@ def train_dms(
     save_checkpoint(cr, model) is called once per cfg.checkpoint_crs. Returns the run's figures.
     """
     window = model.dms_settings.window
+    device = next(model.parameters()).device
+    heldout = heldout.to(device)
     names = dms_parameter_names(model)
     params = dict(model.named_parameters())
     for n, p in params.items():
@@ -117,11 +119,12 @@ def train_dms(
     model.train()
     bar = tqdm(range(start_step, cfg.steps), desc="retrofit", initial=start_step, total=cfg.steps)
     for step in bar:
-        x = next_batch(step)
+        x = next_batch(step).to(device)
         target = scheduled_cr(step + 1, cfg.steps, cfg.schedule_cr)
         t_logits = teacher_logits(model, x, frozen)
-        gen = noise_generator(cfg.seed, cfg.rank, step, 0)
-        with dms_mode(model, "train", generator=gen) as rec:
+        gen = noise_generator(cfg.seed, cfg.rank, step, 0, device=x.device)
+        # flex_attention (compiled) on GPUs; on CPU inductor cannot compile its backward: the reference.
+        with dms_mode(model, "train", generator=gen, use_flex=x.is_cuda) as rec:
             s_logits = model(x, use_cache=False).logits
         hard = rec.stacked()  # [L, B, H, T]
         kl = chunked_kl(s_logits, t_logits)
