@@ -167,3 +167,20 @@ def test_evaluate_stage_outputs_and_gate(tmp_path, models):
     ctx = _stage_ctx(tmp_path / "nogate", models, -1.0, no_gate=True)
     gate = evaluate.run(ctx)["gate"]
     assert not gate["passed"] and gate["bypassed"] and "--no-gate" in gate["message"]
+
+
+def test_agreement_vanilla_is_exact_and_baselines_match_dms_cr(models, tokenizer):
+    from pipeline.eval.compare import compare_agreement
+
+    out = compare_agreement(
+        tokenizer, models["base"], {"4": models["dms"]}, n_prompts=2, new_tokens=40, batch_size=2,
+        baselines=("window", "tova"), log=lambda _: None,
+    )
+    v = out["vanilla"]["1"]
+    assert v["kl"] < 1e-4 and v["token_match"] == 1.0 and v["measured_cr"] == 1.0 and v["new_tokens"] == 40
+    dms = out["dms"]["4"]
+    assert dms["measured_cr"] > 1.2 and dms["kl"] > 0
+    for method in ("window", "tova"):
+        got = out[method]["4"]
+        assert 0.8 * dms["measured_cr"] <= got["measured_cr"] <= 1.05 * dms["measured_cr"], (method, got)
+        assert 0.0 <= got["token_match"] <= 1.0 and got["kl"] >= 0.0

@@ -108,3 +108,20 @@ def test_agreement_metrics():
     assert token_match_rate(tokens, flipped) == pytest.approx(5 / 6)
     a = agreement(ref, tokens, other)
     assert a["kl"] == pytest.approx(float(kl.mean())) and not math.isnan(a["kl"])
+
+
+def test_passkey_items_and_scoring():
+    import random
+
+    from pipeline.data.tokenizer import train_tokenizer
+    from pipeline.eval.passkey import QUESTION, make_passkey_item, passkey_correct
+
+    tok = train_tokenizer(512, seed=0, n_items=6)
+    a = make_passkey_item(tok, 300, random.Random(1))
+    b = make_passkey_item(tok, 300, random.Random(1))
+    assert a == b and a.prompt.endswith(QUESTION) and a.answer in a.prompt and len(a.answer) == 5
+    n = len(tok(a.prompt)["input_ids"])
+    assert 250 <= n <= 330, n
+    assert a.prompt[a.question_offset :] == QUESTION
+    assert passkey_correct(f" {a.answer}.", a.answer) and passkey_correct(f'"{a.answer}"', a.answer)
+    assert not passkey_correct(" 1" + a.answer, a.answer) and not passkey_correct("none", a.answer)

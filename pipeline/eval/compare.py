@@ -73,3 +73,43 @@ def compare_methods(
 
 def _acc(results: Sequence[ItemResult]) -> float:
     return 100.0 * sum(r.correct for r in results) / max(1, len(results))
+
+
+def compare_agreement(
+    tokenizer,
+    base_dir: Path,
+    checkpoints: dict[str, Path],
+    n_prompts: int = 8,
+    new_tokens: int = 256,
+    batch_size: int = 8,
+    baselines: Sequence[str] = BASELINES,
+    log: Callable[[str], None] = print,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Agreement with vanilla on held-out prompts for every (method, CR), baselines at DMS's measured CR.
+
+    Returns {method: {cr_label: {kl, token_match, measured_cr, n_prompts, new_tokens}}}; vanilla against
+    itself ("1") is the sanity row (KL 0, match 1).
+    """
+    from pipeline.eval.agreement import agreement_prompts, encode_prompts, measure, reference
+    from pipeline.eval.harness import engine_for
+
+    prompts = encode_prompts(tokenizer, agreement_prompts(n_prompts))
+    max_len = max(len(p) for p in prompts) + new_tokens + 16
+
+    def engine(path: Path, policy: str, cr: float | None):
+        return engine_for(path, policy, cr, max_batch_size=batch_size, max_len=max_len)
+
+    vanilla = engine(base_dir, "none", None)
+    refs = reference(vanilla, prompts, new_tokens)
+    out: dict[str, dict[str, dict[str, float]]] = {"vanilla": {"1": measure(vanilla, prompts, refs)}}
+    for label, ckpt in sorted(checkpoints.items(), key=lambda kv: float(kv[0])):
+        dms = measure(engine(ckpt, "dms", None), prompts, refs)
+        out.setdefault("dms", {})[label] = dms
+        log(f"agreement dms CR {label}: KL {dms['kl']:.4f}, match {dms['token_match']:.3f}, "
+            f"CR {dms['measured_cr']:.2f}")
+        for method in baselines:
+            got = measure(engine(base_dir, method, dms["measured_cr"]), prompts, refs)
+            out.setdefault(method, {})[label] = got
+            log(f"agreement {method} CR {label}: KL {got['kl']:.4f}, match {got['token_match']:.3f}, "
+                f"CR {got['measured_cr']:.2f}")
+    return out

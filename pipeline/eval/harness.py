@@ -128,12 +128,15 @@ def generate_batch(
     return out  # type: ignore[return-value]
 
 
-def forced_logits(engine: Any, pairs: Sequence[tuple[list[int], list[int]]]) -> list[torch.Tensor]:
+def forced_logits(
+    engine: Any, pairs: Sequence[tuple[list[int], list[int]]], stats: list[dict] | None = None
+) -> list[torch.Tensor]:
     """Teacher-forced next-token logits with the engine's policy active.
 
     pairs: (prompt ids, forced ids). The prompt is prefilled (and compressed) as one chunk, then the
     forced tokens are decoded one by one through the paged cache. Returns per pair a float32 tensor
-    [len(forced), V]: row j predicts forced[j].
+    [len(forced), V]: row j predicts forced[j]. `stats`, when given, receives each request's engine
+    statistics (measured CR, KV bytes) at its end.
     """
     from pipeline.runtime.sampling import SamplingParams
     from pipeline.runtime.sequence import Sequence as EngineSequence
@@ -157,6 +160,8 @@ def forced_logits(engine: Any, pairs: Sequence[tuple[list[int], list[int]]]) -> 
                 logits = runner.decode([seqs[k] for k in live])
                 for k, row in zip(live, logits, strict=True):
                     rows[k].append(row.float())
+            if stats is not None:
+                stats.extend(engine.request_stats(seq) for seq in seqs)
         finally:
             for seq in seqs:
                 if seq.streams is not None:
@@ -214,7 +219,8 @@ def run_items(
         chunk = [items[i] for i in order[start : start + batch_size]]
         encoded = [encode_item(tokenizer, it) for it in chunk]
         gens = generate_batch(
-            engine, [p for p, _ in encoded], [max_answer_tokens(it.answer) for it in chunk],
+            engine, [p for p, _ in encoded],
+            [getattr(it, "max_new_tokens", None) or max_answer_tokens(it.answer) for it in chunk],
             [c for _, c in encoded],
         )
         for it, gen in zip(chunk, gens, strict=True):

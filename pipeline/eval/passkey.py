@@ -23,6 +23,14 @@ QUESTION = "\nWhat is the pass key? The pass key is"
 class PasskeyItem:
     prompt: str
     answer: str  # the five digits
+    length: int  # the target prompt length in tokens (the length bucket)
+    task: str = "passkey"
+    max_new_tokens: int = 12  # digits may be one token each, after a space or a quote
+
+    @property
+    def question_offset(self) -> int:
+        """Where the question starts: the context before it is compressed first (eval protocol)."""
+        return self.prompt.rindex(QUESTION)
 
 
 def make_passkey_item(tokenizer, length_tokens: int, rng: random.Random) -> PasskeyItem:
@@ -34,7 +42,7 @@ def make_passkey_item(tokenizer, length_tokens: int, rng: random.Random) -> Pass
     n_filler = max(2, int((length_tokens - fixed) / per_filler))
     depth = rng.randint(1, n_filler - 1)
     prompt = INTRO + FILLER * depth + needle + FILLER * (n_filler - depth) + QUESTION
-    return PasskeyItem(prompt=prompt, answer=key)
+    return PasskeyItem(prompt=prompt, answer=key, length=length_tokens)
 
 
 def passkey_correct(generated: str, answer: str) -> bool:

@@ -105,3 +105,19 @@ def markdown_table(summary: dict[str, Any], method_order: Iterable[str]) -> str:
                     f"| {summary['generated_tokens'][method][label][task]:.1f} |"
                 )
     return "\n".join(lines) + "\n"
+
+
+def agreement_table(agreement: dict[str, dict[str, dict[str, float]]], method_order: Iterable[str]) -> str:
+    """Agreement with vanilla: one row per (method, CR): mean KL, token-match rate, measured CR."""
+    lines = [
+        "| method | CR (target) | KL(vanilla \\|\\| method) | token match | measured CR |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    methods = [m for m in method_order if m in agreement] + [m for m in agreement if m not in method_order]
+    for method in methods:
+        for label in sorted(agreement[method], key=float):
+            a = agreement[method][label]
+            lines.append(
+                f"| {method} | {label} | {a['kl']:.4f} | {a['token_match']:.3f} | {a['measured_cr']:.2f} |"
+            )
+    return "\n".join(lines) + "\n"

@@ -21,6 +21,8 @@ DEPENDS: tuple[str, ...] = ("prepare", "retrofit")
 VERSION = 1
 
 RESULTS, TABLE, PLOT = "results.json", "results.md", "accuracy_vs_cr.png"
+# Real models: agreement with vanilla over this many held-out prompts and greedy tokens each.
+AGREEMENT_PROMPTS, AGREEMENT_NEW_TOKENS = 8, 256
 
 
 def settings(card: Card, options: Options) -> dict[str, Any]:
@@ -65,7 +67,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     from pipeline.eval.passkey import passkey_correct
     from pipeline.eval.plot import plot_accuracy_vs_cr
     from pipeline.eval.scoring import exact_match
-    from pipeline.eval.summary import markdown_table, summarize
+    from pipeline.eval.summary import agreement_table, markdown_table, summarize
 
     card = ctx.card
     base_dir = ctx.inputs["prepare"] / "model"
@@ -85,6 +87,14 @@ def run(ctx: StageContext) -> dict[str, Any]:
         score=score,
     )
     summary = summarize(results)
+    agreement = None
+    if card.source.kind != "embedded":  # real models: agreement with vanilla, as DMS ports report it
+        from pipeline.eval.compare import compare_agreement
+
+        agreement = compare_agreement(
+            tokenizer, base_dir, checkpoints, AGREEMENT_PROMPTS, AGREEMENT_NEW_TOKENS,
+            card.build.max_batch_size,
+        )
     target = cr_label(card.dms.target_cr)
     gate = check_gate(summary["accuracy"], target, card.eval.max_accuracy_drop)
 
@@ -96,6 +106,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "peak_kv_bytes": summary["peak_kv_bytes"],
         "generated_tokens": summary["generated_tokens"],
         "baseline_target_cr": baseline_targets,
+        **({"agreement": agreement} if agreement is not None else {}),
         "items_per_task": card.eval.items_per_task,
         "lengths": list(card.eval.lengths),
         "seconds": round(time.monotonic() - start, 1),
@@ -108,6 +119,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
         f"{card.name}: accuracy against KV compression (same engine, greedy)",
     )
     table = markdown_table(summary, METHOD_ORDER)
+    if agreement is not None:
+        table += "\n" + agreement_table(agreement, METHOD_ORDER)
     (ctx.out_dir / TABLE).write_text(
         f"# {card.name}: accuracy against compression\n\n"
         f"{card.eval.items_per_task} held-out items per task and length {list(card.eval.lengths)}; "
