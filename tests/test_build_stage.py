@@ -74,6 +74,8 @@ def test_missing_environment_is_named(monkeypatch, tmp_path):
     monkeypatch.setenv("DMS_TRTLLM_PYTHON", str(tmp_path / "no-such-python"))
     backend, reason, env = build.resolve_backend("auto")
     assert backend == "torch" and env is None and "no-such-python cannot run" in reason
+    with pytest.raises(build.BackendUnavailable, match="build.dtype is float32"):
+        build.resolve_backend("trtllm", "float32")
 
 
 def test_trtllm_commands_are_argument_lists(tmp_path):

@@ -102,13 +102,15 @@ def find_trtllm_env() -> tuple[TrtllmEnv | None, str]:
     return TrtllmEnv(image=image), f"docker image {image}"
 
 
-def resolve_backend(requested: str) -> tuple[str, str, TrtllmEnv | None]:
+def resolve_backend(requested: str, dtype: str = "bfloat16") -> tuple[str, str, TrtllmEnv | None]:
     """(backend, reason, environment) for "auto" | "torch" | "trtllm"; raises if trtllm cannot run."""
     if requested == "torch":
         return "torch", "torch backend requested", None
     if requested not in ("auto", "trtllm"):
         raise BackendUnavailable(f"unknown backend {requested!r}: use auto, torch or trtllm")
     missing = []
+    if dtype not in ("bfloat16", "float16"):
+        missing.append(f"build.dtype is {dtype}; TensorRT-LLM engines here are bfloat16 or float16")
     if not gpu_present():
         missing.append("no NVIDIA GPU (nvidia-smi -L finds none)")
     env, where = find_trtllm_env()
@@ -134,14 +136,14 @@ def settings(card: Card, options: Options) -> dict[str, Any]:
     # The resolved backend is part of the key: the same card builds a different engine on a GPU box.
     requested = requested_backend(card, options)
     try:
-        out["backend_resolved"] = resolve_backend(requested)[0]
+        out["backend_resolved"] = resolve_backend(requested, card.build.dtype)[0]
     except BackendUnavailable:
         out["backend_resolved"] = "unavailable"  # run() raises the full message
     return out
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    backend, reason, env = resolve_backend(requested_backend(ctx.card, ctx.options))
+    backend, reason, env = resolve_backend(requested_backend(ctx.card, ctx.options), ctx.card.build.dtype)
     print(f"[build] backend {backend}: {reason}")
     ckpt = ctx.inputs["convert"] / ctx.reports["convert"]["checkpoint_dir"]
     tokenizer = ctx.inputs["convert"] / ctx.reports["convert"].get("tokenizer_dir", "tokenizer")
