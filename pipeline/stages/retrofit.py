@@ -22,8 +22,8 @@ DEPENDS: tuple[str, ...] = ("prepare",)
 VERSION = 1
 
 # teacher-answers: how many generated prompts and how long the teacher's answers are.
-TEACHER_PROMPTS = 48
-TEACHER_ANSWER_TOKENS = 200
+TEACHER_PROMPTS = 32
+TEACHER_ANSWER_TOKENS = 160
 HELDOUT_ROWS = 4
 
 
@@ -67,7 +67,7 @@ def _data(card: Card, model, tokenizer, out_dir: Path):
         )
     if r.data == "teacher-answers":
         prompts = dd.generated_prompts(TEACHER_PROMPTS, seed=r.seed)
-        records = dd.teacher_answers(model, tokenizer, prompts, TEACHER_ANSWER_TOKENS, batch_size=24)
+        records = dd.teacher_answers(model, tokenizer, prompts, TEACHER_ANSWER_TOKENS, batch_size=32)
         (out_dir / "distill").mkdir(parents=True, exist_ok=True)
         with open(out_dir / "distill" / "teacher_answers.jsonl", "w") as fh:
             for rec in records:
