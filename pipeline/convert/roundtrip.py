@@ -16,14 +16,23 @@ import torch
 from pipeline.convert.checkpoint import read_checkpoint, to_hf
 
 
+def _device() -> str:
+    # fp32 on the GPU where there is one: an 8B model's 1K-token check takes hours on CPU.
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def reference_logits(hf_dir: Path, ids: list[int]) -> torch.Tensor:
-    """[T, V] float32 logits of the HF model (DMS-patched when it carries dms_* keys)."""
+    """[T, V] float32 logits (on CPU) of the HF model (DMS-patched when it carries dms_* keys)."""
     from pipeline.dms.checkpoint import load_dms_model
     from pipeline.dms.patch import dms_mode
 
-    model = load_dms_model(hf_dir, dtype=torch.float32)
+    model = load_dms_model(hf_dir, dtype=torch.float32).to(_device())
     with torch.inference_mode(), dms_mode(model, "hard"):
-        return model(torch.tensor([ids])).logits[0].float()
+        logits = model(torch.tensor([ids], device=_device())).logits[0].float().cpu()
+    del model  # free the device for the engine
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return logits
 
 
 def engine_logits(ckpt_dir: Path, ids: list[int], prefill_tokens: int, kv_block_size: int) -> torch.Tensor:
@@ -40,7 +49,7 @@ def engine_logits(ckpt_dir: Path, ids: list[int], prefill_tokens: int, kv_block_
         max_batch_size=1, max_input_len=len(ids), max_output_len=len(ids),
         kv_block_size=kv_block_size, kv_pool_tokens=pool,
     )
-    engine = Engine.from_state(hf_cfg, state, limits, dtype="float32", device="cpu")
+    engine = Engine.from_state(hf_cfg, state, limits, dtype="float32", device=_device())
     runner = engine.runner
     # Decode steps feed the rest of `ids` (teacher forcing): the streams never hold more than len(ids).
     seq = Sequence(request_id=0, prompt_ids=list(ids), params=SamplingParams(max_tokens=1))
@@ -51,7 +60,7 @@ def engine_logits(ckpt_dir: Path, ids: list[int], prefill_tokens: int, kv_block_
             rows.append(runner.decode([seq])[0])
     finally:
         runner.release(seq)
-    return torch.stack(rows).float()
+    return torch.stack(rows).float().cpu()
 
 
 def roundtrip_max_abs_diff(
