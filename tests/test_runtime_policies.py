@@ -90,3 +90,17 @@ def test_gathered_attention_matches_kernel_reference():
     ref = reference_paged_decode_attention(q, cache.k, cache.v, tables, lens, 0.3, 2)
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(probs.sum(-1), torch.full((6,), 2.0))  # 2 query heads per group
+
+
+def test_block_gather_attention_matches_kernel_reference():
+    from pipeline.runtime.runner import block_gather_decode_attention
+    from plugins.dms_attention.reference import reference_paged_decode_attention
+
+    g = torch.Generator().manual_seed(1)
+    k_cache, v_cache = torch.randn(2, 32, 4, 8, generator=g)
+    tables = torch.randperm(32, generator=g)[:24].view(6, 4).to(torch.int32)
+    lens = torch.tensor([0, 16, 5, 3, 13, 1], dtype=torch.int32)
+    q = torch.randn(3, 8, 8, generator=g)
+    out = block_gather_decode_attention(q, k_cache, v_cache, tables, lens, 0.4, 2)
+    ref = reference_paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.4, 2)
+    torch.testing.assert_close(out, ref)

@@ -24,8 +24,9 @@ max_tokens <= 0 or over max_output_len. A request that can never fit the KV pool
 finish_reason "error" and a message; requests that do not fit now are queued, never dropped.
 
 Completion.stats: prompt_tokens, generated_tokens, live_kv_tokens (over all layers and KV heads at the
-end), kv_bytes (bytes of the blocks it held), compression_ratio (1 / mean(kept / length) over layers and
-heads), preemptions. `engine.pool_stats()`: blocks used / free, bytes, live streams.
+end), live_tokens_per_stream ([layers][kv_heads]), kv_bytes (bytes of the blocks it held),
+compression_ratio (1 / mean(kept / length) over layers and heads), preemptions.
+`engine.pool_stats()`: blocks used / free, bytes, live streams, running / waiting requests.
 """
 
 from __future__ import annotations
@@ -382,6 +383,7 @@ class Engine:
             blocks = sum(len(self.pool.table(s.id)) for layer in seq.streams for s in layer)
             stats.update(
                 live_kv_tokens=int(lens.sum()),
+                live_tokens_per_stream=seq.lens.tolist(),  # [layers][kv_heads]
                 kv_bytes=blocks * self.cache.bytes_per_block,
                 compression_ratio=rule.compression_ratio(lens, torch.full_like(lens, seq.num_cached)),
             )

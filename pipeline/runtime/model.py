@@ -134,11 +134,18 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     return inv.float()
 
 
-def apply_rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE (HF convention). x: [B, T, H, D]; pos: [B, T] logical positions."""
-    freqs = pos.to(torch.float32)[..., None] * inv_freq.to(x.device)  # [B, T, D/2]
+def rope_tables(
+    pos: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, T, 1, D] for logical positions pos [B, T] (computed once per forward)."""
+    freqs = pos.to(torch.float32)[..., None] * inv_freq.to(pos.device)  # [B, T, D/2]
     emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
-    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate-half RoPE (HF convention). x: [B, T, H, D]; rope: (cos, sin) from `rope_tables`."""
+    cos, sin = rope
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
@@ -176,10 +183,32 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
+    def fuse_projections(self) -> None:
+        """gpt-fast's wqkv / w13: one matmul for q, k, v and one for gate, up. The HF-named weights
+        become views into the fused tensors, so names and memory stay as loaded."""
+        att, m = self.self_attn, self.mlp
+        with torch.no_grad():
+            qkv = torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight])
+            nq, nk = att.q_proj.weight.shape[0], att.k_proj.weight.shape[0]
+            att.q_proj.weight = nn.Parameter(qkv[:nq], requires_grad=False)
+            att.k_proj.weight = nn.Parameter(qkv[nq : nq + nk], requires_grad=False)
+            att.v_proj.weight = nn.Parameter(qkv[nq + nk :], requires_grad=False)
+            self._wqkv = qkv
+            self._bqkv = (
+                torch.cat([att.q_proj.bias, att.k_proj.bias, att.v_proj.bias])
+                if self.args.attention_bias
+                else None
+            )
+            w13 = torch.cat([m.gate_proj.weight, m.up_proj.weight])
+            ni = m.gate_proj.weight.shape[0]
+            m.gate_proj.weight = nn.Parameter(w13[:ni], requires_grad=False)
+            m.up_proj.weight = nn.Parameter(w13[ni:], requires_grad=False)
+            self._w13 = w13
+
     def project(
-        self, x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """x: [B, T, hidden] residual input; pos: [B, T] logical positions.
+        """x: [B, T, hidden] residual input; rope: (cos, sin) at the tokens' logical positions.
 
         Returns q [B, T, Hq, D], k, v [B, T, Hkv, D] (RoPE applied to q and k) and the DMS decision
         logits [B, Hkv, T] (None for a plain checkpoint).
@@ -187,9 +216,14 @@ class Block(nn.Module):
         a, att = self.args, self.self_attn
         b, t, _ = x.shape
         h = self.input_layernorm(x)
-        q = att.q_proj(h).view(b, t, a.num_heads, a.head_dim)
-        k = att.k_proj(h).view(b, t, a.num_kv_heads, a.head_dim)
-        v = att.v_proj(h).view(b, t, a.num_kv_heads, a.head_dim)
+        nq, nk = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+        if getattr(self, "_wqkv", None) is not None:
+            q, k, v = F.linear(h, self._wqkv, self._bqkv).split([nq, nk, nk], dim=-1)
+        else:
+            q, k, v = att.q_proj(h), att.k_proj(h), att.v_proj(h)
+        q = q.reshape(b, t, a.num_heads, a.head_dim)
+        k = k.reshape(b, t, a.num_kv_heads, a.head_dim)
+        v = v.reshape(b, t, a.num_kv_heads, a.head_dim)
         if a.family == "qwen3":
             q, k = att.q_norm(q), att.k_norm(k)
         logits = None
@@ -205,8 +239,8 @@ class Block(nn.Module):
                     qh, a.num_kv_heads, a.dms_alpha_per, a.dms_alpha_scale, a.dms_alpha_offset
                 )
                 q = rule.zero_borrowed_channel(qh, a.num_kv_heads, a.dms_alpha_per).transpose(1, 2)
-        q = apply_rope(q, pos, inv_freq)
-        k = apply_rope(k, pos, inv_freq)
+        q = apply_rope(q, rope)
+        k = apply_rope(k, rope)
         if a.dms and not a.dms_separate_alpha:  # RoPE mixes channels: zero the borrowed one again
             q = rule.zero_borrowed_channel(q.transpose(1, 2), a.num_kv_heads, a.dms_alpha_per).transpose(1, 2)
         return q, k, v, logits
@@ -216,7 +250,11 @@ class Block(nn.Module):
         x = x + self.self_attn.o_proj(attn.reshape(*attn.shape[:2], -1))
         h = self.post_attention_layernorm(x)
         m = self.mlp
-        return x + m.down_proj(F.silu(m.gate_proj(h)) * m.up_proj(h))
+        if getattr(self, "_w13", None) is not None:
+            gate, up = F.linear(h, self._w13).chunk(2, dim=-1)
+        else:
+            gate, up = m.gate_proj(h), m.up_proj(h)
+        return x + m.down_proj(F.silu(gate) * up)
 
 
 class Transformer(nn.Module):
@@ -235,6 +273,10 @@ class Transformer(nn.Module):
     @property
     def layers(self) -> nn.ModuleList:
         return self.model.layers
+
+    def rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE tables for logical positions pos [B, T]."""
+        return rope_tables(pos, self.inv_freq, self.model.embed_tokens.weight.dtype)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(tokens)
@@ -260,6 +302,8 @@ class Transformer(nn.Module):
         self.load_state_dict(state, strict=not self.args.tie_word_embeddings)
         if self.args.tie_word_embeddings:  # re-tie: moving modules (to_empty) may have split them
             self.lm_head.weight = self.model.embed_tokens.weight
+        for layer in self.model.layers:
+            layer.fuse_projections()
 
 
 def dense_attention(

@@ -45,4 +45,4 @@ class Sequence:
     @property
     def total_budget_tokens(self) -> int:
         """Prompt plus the most tokens this request may generate."""
-        return len(self.prompt_ids) + self.params.max_tokens
+        return len(self.prompt_ids) + (self.params.max_tokens or 0)
