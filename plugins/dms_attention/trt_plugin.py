@@ -302,8 +302,8 @@ def register_plugins() -> None:
     def _decode_aot(q, k_pool, v_pool, block_tables, stream_lens, scale: float, num_kv_heads: int,
                     outputs, tactic: int) -> AotResult:  # fmt: skip
         # Head count and head_dim are build-time constants; S, pool blocks and table width are dynamic.
-        head_dim = q.shape_expr[2].constant_value()
-        group = q.shape_expr[1].constant_value() // num_kv_heads
+        head_dim = q.shape_expr[2].constant_value
+        group = q.shape_expr[1].constant_value // num_kv_heads
         compiled = compile_decode_aot(torch_dtypes[q.dtype], head_dim, group, float(scale), tactic or 2)
         _, _, head_blocks = decode_blocks(group, head_dim)
         launch = trtp.KernelLaunchParams()
@@ -311,8 +311,8 @@ def register_plugins() -> None:
         launch.grid_y = head_blocks
         launch.block_x = compiled.metadata.num_warps * 32
         launch.shared_mem = compiled.metadata.shared
-        bs, mb = k_pool.shape_expr[1].constant_value(), block_tables.shape_expr[1]
-        num_q_heads = q.shape_expr[1].constant_value()
+        bs, mb = k_pool.shape_expr[1].constant_value, block_tables.shape_expr[1]
+        num_q_heads = q.shape_expr[1].constant_value
         scalars = [num_q_heads * head_dim, head_dim, bs * head_dim, head_dim, mb,
                    num_kv_heads, group, bs, mb * bs]  # strides, heads, block size, tokens per split
         extra = trtp.SymIntExprs(len(scalars))
@@ -337,8 +337,8 @@ def register_plugins() -> None:
     def _prefill_aot(
         q, k, v, evicted, cu_seqlens, scale: float, window: int, outputs, tactic: int
     ) -> AotResult:
-        head_dim = q.shape_expr[2].constant_value()
-        num_q_heads, num_kv_heads = q.shape_expr[1].constant_value(), k.shape_expr[1].constant_value()
+        head_dim = q.shape_expr[2].constant_value
+        num_q_heads, num_kv_heads = q.shape_expr[1].constant_value, k.shape_expr[1].constant_value
         dtype = torch_dtypes[q.dtype]
         compiled = compile_prefill_aot(dtype, head_dim, float(scale), int(window), tactic or 1)
         block_m = prefill_block_sizes(head_dim)[0]
@@ -368,7 +368,7 @@ def register_plugins() -> None:
 
     @trtp.aot_impl(POOL_WRITE_ID)
     def _pool_write_aot(k_pool, v_pool, k_new, v_new, rows, outputs, tactic: int) -> AotResult:
-        head_dim = k_pool.shape_expr[2].constant_value()
+        head_dim = k_pool.shape_expr[2].constant_value
         compiled = compile_pool_write_aot(torch_dtypes[k_pool.dtype], head_dim)
         launch = trtp.KernelLaunchParams()
         launch.grid_x = rows.shape_expr[0]
