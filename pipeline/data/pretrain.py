@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,8 +21,11 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 from pipeline.card import PretrainSpec
 from pipeline.data.corpus import sample_batch_with_weights
 
-# (fraction of steps, divisor of seq_len): rows are seq_len // div long with batch_size * div rows.
-CURRICULUM: tuple[tuple[float, int], ...] = ((0.5, 4), (0.75, 2), (1.0, 1))
+# Rows are seq_len // div long with batch_size * div rows (constant tokens per step). The first
+# SHORT_FRACTION of steps use only quarter-length rows (cheap, many answers per token); after that
+# the divisor cycles through MIXED_DIVS, so every later checkpoint has seen full-length rows.
+SHORT_FRACTION = 0.3
+MIXED_DIVS: tuple[int, ...] = (4, 2, 1, 1)
 WARMUP_STEPS = 20
 
 
@@ -76,8 +80,15 @@ def _lr(step: int, steps: int, peak: float) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def pretrain(model: Qwen3ForCausalLM, tokenizer, spec: PretrainSpec, log_every: int = 25) -> dict[str, Any]:
-    """Train in place for spec.steps; returns {train_seconds, curve: [{step, seq_len, loss, answer_acc}]}."""
+def pretrain(
+    model: Qwen3ForCausalLM, tokenizer, spec: PretrainSpec, log_every: int = 25,
+    save_every: int = 0, save: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Train in place for spec.steps; returns {train_seconds, curve: [{step, seq_len, loss, answer_acc}]}.
+
+    With `save`, it is called with the stats so far every `save_every` steps (a usable checkpoint if a
+    run has to be cut short).
+    """
     rng = random.Random(f"pretrain/{spec.seed}")
     torch.manual_seed(spec.seed)
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -92,7 +103,7 @@ def pretrain(model: Qwen3ForCausalLM, tokenizer, spec: PretrainSpec, log_every: 
     start = time.perf_counter()
     bar = tqdm(range(spec.steps), desc="pretrain", mininterval=5.0)
     for step in bar:
-        div = next(d for frac, d in CURRICULUM if step < frac * spec.steps)
+        div = 4 if step < SHORT_FRACTION * spec.steps else MIXED_DIVS[step % len(MIXED_DIVS)]
         # Rows of at least 128 tokens (items need 66); batch rows scale so tokens per step stay put.
         seq_len = max(spec.seq_len // div, min(spec.seq_len, 128))
         div = spec.seq_len // seq_len
@@ -113,5 +124,9 @@ def pretrain(model: Qwen3ForCausalLM, tokenizer, spec: PretrainSpec, log_every: 
             tqdm.write(f"step {step + 1} len {seq_len} loss {point['loss']:.4f} answer_acc "
                        f"{point['answer_acc']:.3f} t {point['seconds']:.0f}s")
             run_loss, run_acc, n = 0.0, 0.0, 0
+        if save is not None and save_every and (step + 1) % save_every == 0 and step + 1 < spec.steps:
+            model.eval()
+            save({"train_seconds": time.perf_counter() - start, "curve": curve, "steps_done": step + 1})
+            model.train()
     model.eval()
     return {"train_seconds": time.perf_counter() - start, "curve": curve}

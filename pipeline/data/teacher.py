@@ -1,0 +1,154 @@
+"""The embedded teacher (tiny-qwen3): train it from nothing, or copy the committed one; measure it.
+
+`prepare_embedded` is what the `prepare` stage calls. Run as a module to (re)produce the committed
+teacher:  .venv/bin/python -m pipeline.data.teacher --out pipeline/assets/tiny-qwen3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+from transformers import Qwen3ForCausalLM
+
+from pipeline.card import Card, load_card
+from pipeline.data.pretrain import build_model, pretrain
+from pipeline.data.tasks import TASKS, Item, eval_items
+from pipeline.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+
+ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny-qwen3"
+_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                "tokenizer_config.json", "special_tokens_map.json")
+
+
+@torch.no_grad()
+def greedy_answers(model: Qwen3ForCausalLM, tokenizer, items: list[Item], batch_size: int = 25) -> list[str]:
+    """Greedy completions (HF generate, left-padded batches, KV cache), cut at <eos>, decoded."""
+    model.eval()
+    tokenizer.padding_side = "left"  # generation appends on the right
+    answers: list[str] = []
+    for start in range(0, len(items), batch_size):
+        batch = items[start : start + batch_size]
+        enc = tokenizer([it.prompt for it in batch], return_tensors="pt", padding=True)
+        max_new = max(len(tokenizer(it.answer, add_special_tokens=False)["input_ids"]) for it in batch) + 1
+        out = model.generate(
+            **enc, max_new_tokens=max_new, do_sample=False, use_cache=True,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+        for row in out[:, enc["input_ids"].shape[1] :].tolist():
+            if tokenizer.eos_token_id in row:
+                row = row[: row.index(tokenizer.eos_token_id)]
+            answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return answers
+
+
+def exact_match(model: Qwen3ForCausalLM, tokenizer, items: list[Item], batch_size: int = 25) -> float:
+    """Fraction of items whose greedy completion equals the answer exactly."""
+    if not items:
+        raise ValueError("exact_match needs at least one item")
+    answers = greedy_answers(model, tokenizer, items, batch_size)
+    return sum(a == it.answer for a, it in zip(answers, items, strict=True)) / len(items)
+
+
+def evaluate_tasks(
+    model: Qwen3ForCausalLM, tokenizer, lengths: list[int], n_items: int, seed: int = 0
+) -> tuple[dict[str, float], dict[str, dict[int, float]]]:
+    """Held-out exact match per task and length; `accuracy` is at the longest length."""
+    by_length: dict[str, dict[int, float]] = {t: {} for t in TASKS}
+    with tqdm(total=len(TASKS) * len(lengths), desc="teacher eval") as bar:
+        for task in TASKS:
+            for length in sorted(lengths):
+                items = eval_items(task, length, n_items, seed)
+                by_length[task][length] = exact_match(model, tokenizer, items)
+                bar.update()
+    longest = max(lengths)
+    return {t: by_length[t][longest] for t in TASKS}, by_length
+
+
+def train_teacher(card: Card, out_dir: Path, save_every: int = 0) -> dict[str, Any]:
+    """Train tokenizer + model from nothing per card.pretrain and save them as a plain HF dir."""
+    if card.pretrain is None:
+        raise ValueError(f"card {card.name} has no `pretrain` section; the embedded source needs one")
+    spec = card.pretrain
+    tokenizer = train_tokenizer(spec.vocab_size, spec.seed)
+    model = build_model(spec, tokenizer)
+
+    def save(stats: dict[str, Any]) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(str(out_dir), safe_serialization=True)
+        save_tokenizer(tokenizer, out_dir)
+        (out_dir / "training_log.json").write_text(json.dumps(stats, indent=1) + "\n")
+
+    stats = pretrain(model, tokenizer, spec, save_every=save_every, save=save)
+    save({**stats, "steps_done": spec.steps})
+    return stats
+
+
+def _eval_lengths(card: Card) -> list[int]:
+    lengths = set(card.eval.lengths)
+    if card.pretrain is not None:
+        lengths.add(card.pretrain.seq_len)
+    return sorted(lengths)
+
+
+def prepare_embedded(card: Card, model_dir: Path, from_scratch: bool) -> dict[str, Any]:
+    """Leave the teacher in model_dir (HF safetensors + tokenizer) and return its report figures."""
+    report: dict[str, Any] = {"from_scratch": from_scratch}
+    if from_scratch:
+        stats = train_teacher(card, model_dir)
+        report["train_seconds"] = round(stats["train_seconds"], 1)
+    else:
+        needed = ("config.json", "model.safetensors", "tokenizer.json")
+        missing = [f for f in needed if not (ASSETS_DIR / f).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"the committed teacher in {ASSETS_DIR} lacks {', '.join(missing)}; rebuild it with "
+                f"`.venv/bin/python -m pipeline.data.teacher --out {ASSETS_DIR}` or run with --from-scratch"
+            )
+        model_dir.mkdir(parents=True, exist_ok=True)
+        for name in _MODEL_FILES:
+            if (ASSETS_DIR / name).is_file():
+                shutil.copy2(ASSETS_DIR / name, model_dir / name)
+    tokenizer = load_tokenizer(model_dir)
+    model = Qwen3ForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    report["params"] = sum(p.numel() for p in model.parameters())
+    start = time.perf_counter()
+    n_items = card.eval.items_per_task
+    accuracy, by_length = evaluate_tasks(model, tokenizer, _eval_lengths(card), n_items)
+    report["accuracy"], report["accuracy_by_length"] = accuracy, by_length
+    report["eval_seconds"] = round(time.perf_counter() - start, 1)
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Pretrain the embedded tiny Qwen3 teacher from nothing.")
+    parser.add_argument("--out", type=Path, required=True, help="output HF directory")
+    parser.add_argument("--card", default="tiny-qwen3", help="card name or YAML path (its `pretrain:`)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--eval-items", type=int, default=100, help="held-out items per task and length")
+    parser.add_argument("--save-every", type=int, default=50, help="checkpoint to --out every N steps")
+    parser.add_argument("--eval-only", action="store_true", help="only measure the model already in --out")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    card = load_card(args.card)
+    train_seconds = None
+    if not args.eval_only:
+        train_seconds = round(train_teacher(card, args.out, args.save_every)["train_seconds"], 1)
+    tokenizer = load_tokenizer(args.out)
+    model = Qwen3ForCausalLM.from_pretrained(str(args.out), dtype=torch.float32)
+    lengths = sorted({64, 256, 512, *_eval_lengths(card)})
+    accuracy, by_length = evaluate_tasks(model, tokenizer, lengths, args.eval_items)
+    result = {"train_seconds": train_seconds, "accuracy": accuracy, "accuracy_by_length": by_length,
+              "params": sum(p.numel() for p in model.parameters())}
+    (args.out / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
