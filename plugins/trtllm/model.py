@@ -66,7 +66,8 @@ PHASE = os.environ.get("DMS_TRTLLM_PHASE", "generation")
 
 
 def _plugin(op, *tensors: Tensor, **attrs) -> list[Tensor]:
-    layer = default_trtnet().add_plugin(op(*[t.trt_tensor for t in tensors], **attrs), aot=True)
+    # The plugins define only an AOT implementation, which TensorRT then picks (tensorrt.plugin._lib).
+    layer = default_trtnet().add_plugin(op(*[t.trt_tensor for t in tensors], **attrs))
     return [_create_tensor(layer.get_output(i), layer) for i in range(layer.num_outputs)]
 
 
