@@ -1,14 +1,17 @@
 """A real Triton server (no mock) on a generated repository over a tiny random DMS engine.
 
-One server for the module: HTTP, gRPC, streaming (ensemble and BLS), bad requests, in-flight batching,
-the KV pool draining, a short load, perf_analyzer and the gates, the `ask` command.
+One server for the module, started by the serve command: HTTP, gRPC, streaming (ensemble and BLS),
+bad requests, in-flight batching, the KV pool draining, a short load, perf_analyzer and the gates, `ask`.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
+import subprocess
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -19,7 +22,7 @@ from serve_engine_fixture import make_engine_dir  # noqa: E402
 from pipeline.serve import client, perf  # noqa: E402
 from pipeline.serve.load import kv_pool_metrics, run_load, wait_pool_empty  # noqa: E402
 from pipeline.serve.repo import RepoSpec, write_repository  # noqa: E402
-from pipeline.serve.server import TritonServer  # noqa: E402
+from pipeline.serve.server import free_port  # noqa: E402
 
 pytestmark = pytest.mark.server
 
@@ -27,19 +30,58 @@ PROMPT = "the quick brown fox jumps over the lazy dog " * 6  # ~60 tokens: sever
 MAX_INPUT, MAX_OUTPUT = 256, 64
 
 
+@dataclass
+class Served:
+    """Where the server of this module listens (started by `python -m pipeline serve`)."""
+
+    model_repo: Path
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+    host: str = "127.0.0.1"
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
+    """`python -m pipeline serve` on a generated repository; Ctrl-C (SIGINT) must stop it cleanly."""
     root = tmp_path_factory.mktemp("serve")
     make_engine_dir(root / "engine", max_input_len=MAX_INPUT, max_output_len=MAX_OUTPUT)
-    repo = root / "model_repo"
+    repo = root / "build" / "tiny-qwen3" / "model_repo"
     write_repository(
-        RepoSpec(engine_dir="../engine", tokenizer_dir="../engine", max_input_len=MAX_INPUT,
+        RepoSpec(engine_dir="../../../engine", tokenizer_dir="../../../engine", max_input_len=MAX_INPUT,
                  max_output_len=MAX_OUTPUT, kv_pool_tokens=8192),
         repo,
     )  # fmt: skip
-    server = TritonServer(repo, log_path=root / "server.log").start()
-    yield server
-    server.stop()
+    ports = [free_port() for _ in range(3)]
+    cmd = [
+        sys.executable, "-m", "pipeline", "serve", "--model", "tiny-qwen3",
+        "--build-dir", str(root / "build"),
+        "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    banner = []
+    for line in proc.stdout:  # the banner ends with the Ctrl-C hint once the server is ready
+        banner.append(line)
+        if "Ctrl-C stops the server" in line:
+            break
+    text = "".join(banner)
+    assert proc.poll() is None, text
+    assert f"curl -s -X POST http://127.0.0.1:{ports[0]}/v2/models/ensemble/generate" in text
+    yield Served(repo, *ports)
+    proc.send_signal(signal.SIGINT)
+    rest = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, rest
+    assert "stopping the server" in rest
+    with pytest.raises(client.ClientError):  # nothing listens any more
+        client.generate_http(f"127.0.0.1:{ports[0]}", "hi", 1)
 
 
 def test_http_generate_reports_dms_kv_figures(served):

@@ -22,6 +22,10 @@ Ctrl-C stops the server.
 """
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def serve_command(args: argparse.Namespace) -> int:
     from pipeline.card import load_card
     from pipeline.serve.server import ServerError, TritonServer
@@ -57,8 +61,10 @@ def serve_command(args: argparse.Namespace) -> int:
         ),
         flush=True,
     )
-    # SIGTERM (e.g. from a supervisor) stops as cleanly as Ctrl-C
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # Ctrl-C, and SIGTERM from a supervisor, stop cleanly (a shell's background job starts with SIGINT
+    # ignored, so the handler is installed explicitly).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         while server.process is not None and server.process.poll() is None:
             time.sleep(0.5)
