@@ -29,6 +29,7 @@ def plot_accuracy_vs_cr(
 
     matplotlib.use("Agg")  # no display on build machines
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     tasks = sorted({t for per_cr in accuracy.values() for accs in per_cr.values() for t in accs})
     tasks = [t for t in tasks if t != "average"] + (["average"] if "average" in tasks else [])
@@ -55,6 +56,7 @@ def plot_accuracy_vs_cr(
                 ax.plot(xs, ys, marker=marker, color=color, label=method)
         ax.set_title(task)
         ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
         ax.set_xlabel("measured compression ratio (KV kept, x)")
         ax.set_ylabel("accuracy (%)")
         ax.set_ylim(-3, 103)
