@@ -46,6 +46,16 @@ def test_weights_round_trip_exactly(tmp_path, family, dms, tie, tp):
     assert cfg["dms_separate_alpha"] == (dms == "adapter") and cfg["dms_window_size"] == 8
 
 
+def test_tp8_shards_and_merges(tmp_path):
+    hf = make_hf(tmp_path / "hf", "qwen3", "adapter", kv_heads=8)  # 8 query heads, 8 KV heads
+    convert_checkpoint(hf, tmp_path / "ckpt", tp_size=8, dtype="float32", log=lambda *_: None)
+    ckpt = read_checkpoint(tmp_path / "ckpt")
+    assert ckpt.tp_size == 8
+    _, state = to_hf(ckpt)
+    for name, tensor in _hf_state(hf).items():
+        assert torch.equal(state[name], tensor), name
+
+
 def test_adapter_is_sharded_by_kv_head(tmp_path):
     hf = make_hf(tmp_path / "hf", "qwen3", "adapter", kv_heads=4)
     convert_checkpoint(hf, tmp_path / "ckpt", tp_size=2, dtype="float32", log=lambda *_: None)
