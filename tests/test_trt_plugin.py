@@ -152,3 +152,37 @@ def test_build_driver_commands(tmp_path):
     assert env["DMS_TRTLLM_PHASE"] == "generation" and env["DMS_TRTLLM_POOL_BLOCKS"] == str(64 * 4)
     stock = build_commands(args, _trt_config(False))
     assert list(stock) == ["engine"] and "--model_cls_file" not in stock["engine"][0]
+
+
+@pytest.mark.parametrize("window,block", [(4, 2), (8, 4)])
+def test_host_streams_follow_the_dms_rule(window, block):
+    """Prefill then decode with random decisions: the live set is always the DMS rule's, slots stay
+    dense, an evicted token's slot is reused in place, and released blocks return to the pool."""
+    import numpy as np
+
+    from plugins.trtllm.streams import LayerStreams
+
+    rng = np.random.default_rng(0)
+    ls = LayerStreams(num_blocks=64, block_size=block, window=window)
+    prompt, steps = 11, 40
+    decision = rng.random(prompt + steps) > 0.4  # decision made AT position p (about p - 1)
+    evicted = np.zeros(prompt, bool)
+    evicted[:-1] = decision[1:prompt]
+    kept, rows = ls.admit(7, evicted)
+    assert len(set(rows.tolist())) == len(rows)
+    for t in range(prompt, prompt + steps):
+        before = ls.live_positions(7)
+        (row,) = ls.plan_step([7])
+        live = ls.live_positions(7)
+        want = {p for p in range(t + 1) if t - p <= window or not decision[p + 1]}
+        assert set(live) == want, t
+        assert sorted(live.values()) == list(range(len(live)))  # dense slots
+        if len(live) == len(before):  # reuse: the new token took the slot of the one that left
+            gone = set(before) - set(live)
+            assert len(gone) == 1 and live[t] == before[gone.pop()]
+        table, lens = ls.tables([7], max_blocks=32)
+        assert lens[0] == len(live) and row == table[0, live[t] // block] * block + live[t] % block
+        ls.record_decisions([7], np.array([1.0 if decision[t] else -1.0]))
+    used = 64 - len(ls.free)
+    ls.release(7)
+    assert used > 0 and len(ls.free) == 64
