@@ -17,6 +17,7 @@ def make_tiny_hf(
     seed: int = 0,
     tie: bool = True,
     offset: float = 0.0,
+    llama3_rope: bool = False,
 ) -> Path:
     """Save a 2-layer model (hidden 64, 4 query / 2 KV heads, head_dim 16, vocab 96) to `path`.
 
@@ -46,6 +47,15 @@ def make_tiny_hf(
         eos_token_id=None,
         pad_token_id=None,
     )
+    if llama3_rope:  # Llama 3's frequency-dependent RoPE scaling (short original length: it matters)
+        cfg.rope_parameters = {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        }
     cfg.architectures = [model_cls.__name__]
     model = model_cls(cfg).eval()
     model.save_pretrained(path)

@@ -39,11 +39,13 @@ def _logits_per_step(engine: Engine, tokens: list[int], prompt_len: int, chunk: 
     return torch.stack(out), lens
 
 
-@pytest.mark.parametrize("family", ["qwen3", "llama"])
+@pytest.mark.parametrize("family", ["qwen3", "llama", "llama3-rope"])
 def test_vanilla_matches_hf_generate(tmp_path, family):
     from transformers import AutoModelForCausalLM
 
-    path = make_tiny_hf(tmp_path / family, family, tie=family == "qwen3")
+    path = make_tiny_hf(
+        tmp_path / family, family[:5], tie=family == "qwen3", llama3_rope=family == "llama3-rope"
+    )
     hf = AutoModelForCausalLM.from_pretrained(path).eval()
     engine = Engine.from_hf(path, limits=LIMITS)
     assert engine.policy.name == "none"
