@@ -60,6 +60,28 @@ def test_torch_engine_from_checkpoint(tmp_path, no_trtllm, tp):
         assert torch.equal(tensor, state[name]), name
 
 
+def test_failed_trtllm_build_falls_back_only_in_auto(tmp_path, monkeypatch):
+    """A trtllm-build that fails (here: an interpreter that exits 1) keeps its log; auto then builds the
+    torch engine, --backend trtllm fails."""
+    monkeypatch.setattr(build, "gpu_present", lambda: True)
+    monkeypatch.setattr(build, "find_trtllm_env", lambda: (build.TrtllmEnv(python="false"), "test env"))
+    conv, report = _converted(tmp_path, 1)
+    card = dataclasses.replace(_card(), build=dataclasses.replace(_card().build, dtype="bfloat16"))
+    for backend in ("trtllm", None):
+        out = tmp_path / f"build-{backend}"
+        out.mkdir()
+        ctx = StageContext(card=card, out_dir=out, inputs={"convert": conv}, reports={"convert": report},
+                           options=Options(backend=backend))
+        if backend == "trtllm":
+            with pytest.raises(RuntimeError, match="trtllm-build failed"):
+                build.run(ctx)
+        else:
+            got = build.run(ctx)
+            assert got["backend"] == "torch" and "trtllm build failed" in got["backend_reason"]
+            assert (out / "engine" / "engine.json").is_file()
+        assert (out / "build.log").read_text().startswith("$ false ")
+
+
 def test_forced_trtllm_without_gpu_fails_clearly(tmp_path, no_trtllm):
     card = _card()
     with pytest.raises(build.BackendUnavailable, match="no NVIDIA GPU"):

@@ -143,18 +143,26 @@ def settings(card: Card, options: Options) -> dict[str, Any]:
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    backend, reason, env = resolve_backend(requested_backend(ctx.card, ctx.options), ctx.card.build.dtype)
+    requested = requested_backend(ctx.card, ctx.options)
+    backend, reason, env = resolve_backend(requested, ctx.card.build.dtype)
     print(f"[build] backend {backend}: {reason}")
     ckpt = ctx.inputs["convert"] / ctx.reports["convert"]["checkpoint_dir"]
     tokenizer = ctx.inputs["convert"] / ctx.reports["convert"].get("tokenizer_dir", "tokenizer")
     engine = ctx.out_dir / ENGINE_DIR
-    report: dict[str, Any] = {"backend": backend, "engine_dir": ENGINE_DIR, "backend_reason": reason}
-    if backend == "torch":
-        report |= build_torch(ckpt, tokenizer, engine, ctx.card)
-    else:
+    if backend == "trtllm":
         assert env is not None
-        report |= build_trtllm(env, ckpt, tokenizer, engine, ctx.out_dir / BUILD_LOG, ctx.card)
-    return report
+        try:
+            report = build_trtllm(env, ckpt, tokenizer, engine, ctx.out_dir / BUILD_LOG, ctx.card)
+            return {"backend": backend, "engine_dir": ENGINE_DIR, "backend_reason": reason} | report
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            if requested == "trtllm":
+                raise
+            # auto: a failed TensorRT-LLM build must not cost the user the engine; the log stays.
+            print(f"[build] trtllm build failed ({exc}); backend auto: the torch engine", file=sys.stderr)
+            shutil.rmtree(engine, ignore_errors=True)
+            backend, reason = "torch", f"trtllm build failed ({exc}); log kept in {BUILD_LOG}"
+    report = {"backend": backend, "engine_dir": ENGINE_DIR, "backend_reason": reason}
+    return report | build_torch(ckpt, tokenizer, engine, ctx.card)
 
 
 def build_torch(ckpt: Path, tokenizer: Path, engine: Path, card: Card) -> dict[str, Any]:
