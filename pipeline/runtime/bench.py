@@ -1,13 +1,17 @@
 """`make bench`: KV memory and decode speed of DMS against vanilla (our engine) and HF `generate`.
 
-One run, one model (the embedded tiny-qwen3 card's shape), same prompts for all three:
+One run, one model (the embedded tiny-qwen3 card's shape), the same prompts for all three:
 - the trained tiny DMS checkpoint (build/tiny-qwen3/retrofit/checkpoints/cr<target>) when it exists,
   with its learned decisions; otherwise the tiny model (the committed teacher, or random weights of the
   card's shape) with DMS decisions forced to the card's target CR. bench.json says which.
-- `batch` prompts of 32 tokens, each generating `context - 32` tokens (EOS ignored): KV bytes are read
-  at the end of generation, when each stream holds what a `context`-token sequence keeps.
-- decode tokens/s = batch x decode steps / wall time of the decode steps (prefill excluded; one
-  untimed warm-up generation per engine first).
+- `batch` random prompts of `context - 128` tokens, then 128 greedy decode steps (EOS ignored), so
+  decode runs at `context` tokens of context. Our engines prefill in 512-token chunks with the exact
+  DMS mask; prefill equals token-by-token decode (tests/test_runtime_exactness.py), so the KV a sequence
+  holds at the end is what generating `context` tokens leaves.
+- decode tokens/s = decoded tokens / wall time of the decode steps (prefill excluded; one untimed
+  warm-up generation per engine first). HF: (time of generate(129 new) - generate(1 new)) / 128 steps.
+- The machine's 1-minute load average before and after is recorded: on a shared CPU, compare ratios
+  from one run, not absolute numbers across runs.
 Writes <out>/bench.json and bench/RESULTS.md.
 """
 
@@ -30,7 +34,8 @@ from pipeline.runtime.engine_dir import EngineLimits, load_hf_checkpoint
 from pipeline.runtime.policies import DMSPolicy, EvictionPolicy, NoEviction
 from pipeline.runtime.sampling import SamplingParams
 
-PROMPT_TOKENS = 32
+DECODE_TOKENS = 128
+PREFILL_CHUNK = 512
 RESULTS_MD = Path("bench/RESULTS.md")
 
 
@@ -72,7 +77,8 @@ def _tiny_model(card_name: str, build_dir: Path) -> tuple[dict[str, Any], dict[s
 
 def _run_engine(engine: Engine, prompts: list[list[int]], new_tokens: int, label: str) -> dict[str, Any]:
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
-    engine.generate([prompts[0][:8]], SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
+    engine.generate([prompts[0][:64]], SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
+    print(f"{label}: prefill {len(prompts)} x {len(prompts[0])} tokens")
     handles = [engine.submit(p, params) for p in prompts]
     decode_s, decode_steps = 0.0, 0
     with tqdm(total=new_tokens, desc=f"{label} decode", unit="step") as bar:
@@ -122,20 +128,21 @@ def _run_hf(
 
     gen(8)  # warm-up
     prefill_s = gen(1)
-    print(f"hf generate: {len(prompts)} x {new_tokens} tokens (no progress bar inside HF generate)")
+    print(f"hf generate: {len(prompts)} x {new_tokens} tokens at {len(prompts[0])} tokens of context")
     total_s = gen(new_tokens)
     return {"decode_tokens_per_s": len(prompts) * (new_tokens - 1) / max(total_s - prefill_s, 1e-9)}
 
 
 def run_bench(context: int, batch: int, card_name: str = "tiny-qwen3", build_dir: Path = Path("build")):
-    if context <= PROMPT_TOKENS + 1:
-        raise ValueError(f"--context must exceed {PROMPT_TOKENS + 1} tokens")
+    if context <= 2 * DECODE_TOKENS:
+        raise ValueError(f"--context must be more than {2 * DECODE_TOKENS} tokens")
+    load_start = os.getloadavg()[0]
     card = load_card(card_name)
     config, state, model_desc, learned = _tiny_model(card_name, build_dir)
-    new_tokens = context - PROMPT_TOKENS
+    prompt_tokens, new_tokens = context - DECODE_TOKENS, DECODE_TOKENS
     limits = EngineLimits(
         max_batch_size=batch,
-        max_input_len=PROMPT_TOKENS,
+        max_input_len=prompt_tokens,
         max_output_len=new_tokens,
         kv_block_size=card.build.kv_block_size,
         kv_pool_tokens=card.build.kv_pool_tokens,
@@ -145,10 +152,12 @@ def run_bench(context: int, batch: int, card_name: str = "tiny-qwen3", build_dir
     )
     g = torch.Generator().manual_seed(0)
     vocab = int(config["vocab_size"])
-    prompts = [torch.randint(0, vocab, (PROMPT_TOKENS,), generator=g).tolist() for _ in range(batch)]
+    prompts = [torch.randint(0, vocab, (prompt_tokens,), generator=g).tolist() for _ in range(batch)]
     results = {}
     for name, policy in (("dms", dms_policy), ("vanilla", NoEviction())):
-        engine = Engine.from_state(config, state, limits, policy=policy, device="cpu")
+        engine = Engine.from_state(
+            config, state, limits, policy=policy, device="cpu", prefill_chunk_tokens=PREFILL_CHUNK
+        )
         results[name] = _run_engine(engine, prompts, new_tokens, name)
         results[name]["pool_blocks_total"] = engine.pool.num_blocks
         results[name]["block_bytes"] = engine.cache.bytes_per_block
@@ -163,10 +172,11 @@ def run_bench(context: int, batch: int, card_name: str = "tiny-qwen3", build_dir
         "dms_decisions": "learned" if learned else f"forced to CR {card.dms.target_cr:g}",
         "dms_window": config.get("dms_window_size", card.dms.window) if learned else card.dms.window,
         "context_tokens": context,
-        "prompt_tokens": PROMPT_TOKENS,
+        "prompt_tokens": prompt_tokens,
         "generated_tokens": new_tokens,
         "batch": batch,
         "device": _device(),
+        "load_average_1m": {"start": load_start, "end": os.getloadavg()[0]},
         "kv_bytes_ratio": results["vanilla"]["kv_bytes_per_seq"] / results["dms"]["kv_bytes_per_seq"],
         "capacity_ratio": fits["dms"] / fits["vanilla"],
         "sequences_fitting_pool": fits,
@@ -198,7 +208,9 @@ def write_results(report: dict[str, Any], out_dir: Path, md_path: Path = RESULTS
         f"DMS decisions: {report['dms_decisions']} (window {report['dms_window']}).",
         f"Workload: batch {report['batch']}, {report['prompt_tokens']}-token prompts, "
         f"{report['generated_tokens']} generated tokens each ({report['context_tokens']}-token context), "
-        f"greedy, EOS ignored. Device: {report['device']}.",
+        f"greedy, EOS ignored. Device: {report['device']}; 1-minute load average "
+        f"{report['load_average_1m']['start']:.1f} at start, {report['load_average_1m']['end']:.1f} at end "
+        "(a shared machine: compare the ratios, which come from one run).",
         "",
         "| metric | value |",
         "| --- | --- |",
@@ -213,9 +225,10 @@ def write_results(report: dict[str, Any], out_dir: Path, md_path: Path = RESULTS
         f"| DMS / HF speed | {report['dms_over_hf_speed']:.2f} |",
         f"| vanilla / HF speed | {report['vanilla_over_hf_speed']:.2f} |",
         "",
-        "Decode speed excludes prefill and a warm-up run. KV bytes are the blocks a sequence holds at the",
-        "end of generation (all layers and KV heads); the DMS overhead over 1/CR is the window of recent",
-        "tokens every stream keeps plus the partly filled last block.",
+        "Decode speed excludes prefill and a warm-up run. KV bytes are the blocks a sequence holds after",
+        f"{report['context_tokens']} tokens (all layers and KV heads); the DMS overhead over 1/CR is the",
+        "window of recent tokens every stream keeps plus the partly filled last block. Regenerate with",
+        "`make bench` (DMS_BENCH_THREADS=1 on an oversubscribed machine).",
         "",
     ]
     md_path.parent.mkdir(parents=True, exist_ok=True)

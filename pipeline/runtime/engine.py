@@ -421,7 +421,12 @@ class Engine:
 
     def _run_loop(self) -> None:
         while not self._stop.is_set():
-            if self.step() == 0 and not self.has_work():
+            try:
+                ran = self.step()
+            except Exception:  # never let one bad step kill the server's loop; the step already
+                traceback.print_exc()  # failed its requests where it could
+                ran = 0
+            if ran == 0 and not self.has_work():
                 self._wake.wait(0.05)
                 self._wake.clear()
 
