@@ -186,3 +186,85 @@ def test_host_streams_follow_the_dms_rule(window, block):
     used = 64 - len(ls.free)
     ls.release(7)
     assert used > 0 and len(ls.free) == 64
+
+
+
+def test_engine_data_flow_emulated_matches_hf_dms(tmp_path):
+    """The TensorRT engines' data flow on CPU: the prefill kernel, survivors into the pool
+    (streams.admit), then per decode step plan_step -> pool_write kernel -> paged decode -> decisions
+    recorded (shift by one). Logits must equal the HF DMS model's (hard decisions) at every step."""
+    from pipeline.dms import rule
+    from pipeline.dms.checkpoint import load_dms_model
+    from pipeline.dms.patch import dms_mode
+    from plugins.dms_attention.reference import reference_paged_decode_attention
+    from plugins.trtllm.streams import LayerStreams
+    from tests.convert_models import make_hf
+
+    torch.set_num_threads(1)
+    model = load_dms_model(make_hf(tmp_path / "hf", "qwen3", "borrowed", window=8))
+    cfg = model.config
+    window, block, d = cfg.dms_window_size, 4, cfg.head_dim
+    hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    scale = d**-0.5
+    ids = torch.randint(0, cfg.vocab_size, (1, 30), generator=torch.Generator().manual_seed(1))
+    prompt = 12
+    with torch.inference_mode(), dms_mode(model, "hard"):
+        want = model(ids).logits[0]
+
+    def rot(x, cos, sin):
+        x1, x2 = x.chunk(2, -1)
+        return x * cos + torch.cat([-x2, x1], -1) * sin
+
+    keep = torch.ones(hq, d)
+    keep[:: hq // hkv, -1] = 0  # the borrowed channel, as DmsAttention.channel_keep
+
+    def project(layer, x, pos):  # what DmsAttention.project computes in the engine
+        a, t = layer.self_attn, x.shape[0]
+        h = layer.input_layernorm(x)
+        q = a.q_norm(a.q_proj(h).view(t, hq, d))
+        k, v = a.k_norm(a.k_proj(h).view(t, hkv, d)), a.v_proj(h).view(t, hkv, d)
+        logit = rule.borrowed_logits(q.transpose(0, 1)[None], hkv, "head", cfg.dms_alpha_scale,
+                                     cfg.dms_initial_alpha_offset)[0].T  # [t, Hkv]
+        cos, sin = (c[0][:, None] for c in model.model.rotary_emb(x[None], pos[None]))
+        return rot(q * keep, cos, sin) * keep, rot(k, cos, sin), v, logit
+
+    def finish(layer, x, out):
+        x = x + layer.self_attn.o_proj(out.reshape(x.shape[0], -1))
+        return x + layer.mlp(layer.post_attention_layernorm(x))
+
+    layers = model.model.layers
+    pools = [(torch.zeros(64, block, d), torch.zeros(64, block, d)) for _ in layers]
+    streams = [LayerStreams(64, block, window) for _ in layers]
+    heads = list(range(hkv))
+    got = []
+    with torch.inference_mode():
+        x, pos = model.model.embed_tokens(ids[0, :prompt]), torch.arange(prompt)
+        for li, layer in enumerate(layers):  # context engine
+            q, k, v, logit = project(layer, x, pos)
+            evicted = torch.zeros(prompt, hkv, dtype=torch.int32)
+            evicted[:-1] = (logit[1:] > 0).int()  # shift by one; the last token is kept
+            cu = torch.tensor([0, prompt], dtype=torch.int32)
+            out = dms_prefill_attention(q.contiguous(), k.contiguous(), v.contiguous(), evicted, cu,
+                                        window, scale, block_m=16, block_n=16)
+            for h in heads:  # host: survivors into the pool
+                kept, rows = streams[li].admit(h, evicted[:, h].numpy().astype(bool))
+                kept, rows = torch.from_numpy(kept).long(), torch.from_numpy(rows).long()
+                pools[li][0].view(-1, d)[rows] = k[kept, h]
+                pools[li][1].view(-1, d)[rows] = v[kept, h]
+            x = finish(layer, x, out)
+        got.append(model.lm_head(model.model.norm(x))[-1])
+        for t in range(prompt, ids.shape[1]):  # generation engine, one token per step
+            x, pos = model.model.embed_tokens(ids[0, t : t + 1]), torch.tensor([t])
+            for li, layer in enumerate(layers):
+                q, k, v, logit = project(layer, x, pos)
+                rows = torch.from_numpy(streams[li].plan_step(heads))
+                trt_pool_write(pools[li][0], pools[li][1], k, v, rows)
+                table, lens = (torch.from_numpy(a) for a in streams[li].tables(heads, 16))
+                out = reference_paged_decode_attention(q, *pools[li], table, lens, scale, hkv)
+                streams[li].record_decisions(heads, logit[0].numpy())
+                x = finish(layer, x, out)
+            got.append(model.lm_head(model.model.norm(x))[-1])
+    assert (torch.stack(got) - want[prompt - 1 :]).abs().max() < 1e-5
+    with torch.inference_mode(), dms_mode(model, "teacher"):
+        base = model(ids).logits[0]
+    assert (base - want).abs().max() > 1e-2  # evictions (and the zeroed channel) matter here
