@@ -88,6 +88,9 @@ class BlockPool:
     def append(self, stream: int) -> tuple[int, int | None]:
         """Grow a stream by one slot. Returns (slot index, newly taken block id or None)."""
         length = self._lens[stream]
+        if length < len(self._tables[stream]) * self.block_size:  # fast path: room in the last block
+            self._lens[stream] = length + 1
+            return length, None
         taken = self.resize(stream, length + 1)
         return length, (taken[0] if taken else None)
 
