@@ -107,6 +107,7 @@ def test_prompts_have_the_requested_token_count(tmp_path):
         assert len(tok.encode(text, add_special_tokens=False)) == n
     data = perf.input_data(tok, 32, 7, num_prompts=3)
     assert len(data["data"]) == 3 and data["data"][0]["max_tokens"] == {"content": [7], "shape": [1]}
+    assert data["data"][0]["end_id"] == {"content": [-1], "shape": [1]}  # exactly output_tokens each
 
 
 def test_plot_writes_a_png(tmp_path):

@@ -112,8 +112,8 @@ def test_streaming_grpc_and_http(served):
     assert streamed.text == full.text  # incremental detokenization loses nothing
     assert streamed.kv_compression_ratio > 1.0
     # the ensemble streams too: one response per generated token, then a final one with the KV figures
-    pieces = list(client.stream_grpc(served.grpc_url, PROMPT, 8))
-    assert len(pieces) == 9 and pieces[-1].text == ""
+    pieces = list(client.stream_grpc(served.grpc_url, PROMPT, 8, end_id=-1))
+    assert len(pieces) == 9 and pieces[-1].text == ""  # end_id -1: exactly max_tokens tokens
     sse = client.join(client.stream_http(served.http_url, PROMPT, 16, model="tensorrt_llm_bls"))
     assert sse.text == full.text and len(sse.pieces) > 1
 

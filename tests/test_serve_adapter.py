@@ -75,6 +75,10 @@ def test_parse_request_maps_trtllm_tensors():
     assert req.stop_sequences == ((8, 9), (3,))
     params = req.sampling()
     assert params.stop_token_ids == (3, 0) and params.temperature == pytest.approx(0.5) and params.top_k == 0
+    assert not params.ignore_eos
+    no_end = parse_request({"input_ids": np.ones((1, 2), np.int32), "request_output_len": np.array([[3]]),
+                            "end_id": np.array([[-1]], np.int32)}).sampling()  # fmt: skip
+    assert no_end.ignore_eos and no_end.stop_token_ids == ()
     with pytest.raises(RequestError, match="batch size 1"):
         parse_request({"input_ids": np.zeros((2, 3), np.int32), "request_output_len": np.ones((2, 1))})
 

@@ -41,6 +41,7 @@ def request_body(
     random_seed: int | None = None,
     stop_words: list[str] | None = None,
     stream: bool | None = None,
+    end_id: int | None = None,
 ) -> dict[str, Any]:
     """The JSON of a generate request (the TensorRT-LLM backend's input names); None fields are left out."""
     body: dict[str, Any] = {"text_input": prompt, "max_tokens": max_tokens}
@@ -51,6 +52,7 @@ def request_body(
         "random_seed": random_seed,
         "stop_words": stop_words,
         "stream": stream,
+        "end_id": end_id,  # -1: no end token, generate exactly max_tokens
     }
     body.update({k: v for k, v in extra.items() if v is not None})
     return body
@@ -119,6 +121,7 @@ def _grpc_inputs(grpcclient, body: dict[str, Any]) -> list:
         "top_p": ("FP32", np.float32),
         "random_seed": ("UINT64", np.uint64),
         "stream": ("BOOL", bool),
+        "end_id": ("INT32", np.int32),
         "stop_words": ("BYTES", object),
     }
     inputs = []

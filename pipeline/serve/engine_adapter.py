@@ -34,7 +34,11 @@ class EngineRequest:
     streaming: bool = False
 
     def sampling(self):
-        """SamplingParams: single-token stops (and end_id) stop inside the engine; longer ones here."""
+        """SamplingParams: single-token stops (and end_id) stop inside the engine; longer ones here.
+
+        end_id -1 means "no end token" (TensorRT-LLM's convention, what benchmarks send): the request then
+        generates exactly max_tokens.
+        """
         from pipeline.runtime.sampling import SamplingParams
 
         single = tuple(s[0] for s in self.stop_sequences if len(s) == 1)
@@ -47,6 +51,7 @@ class EngineRequest:
             top_p=self.top_p,
             seed=self.seed,
             stop_token_ids=single,
+            ignore_eos=self.end_id is not None and self.end_id < 0,
         )
 
 

@@ -70,13 +70,16 @@ def prompt_of_tokens(tokenizer: Any, num_tokens: int, rng: random.Random) -> str
 def input_data(
     tokenizer: Any, input_tokens: int, output_tokens: int, num_prompts: int = 8, seed: int = 0
 ) -> dict:
-    """perf_analyzer's --input-data JSON: `num_prompts` prompts of `input_tokens` tokens, max_tokens fixed."""
+    """perf_analyzer's --input-data JSON: `num_prompts` prompts of `input_tokens` tokens, exactly
+    `output_tokens` generated per request (end_id -1)."""
     rng = random.Random(seed)
     return {
         "data": [
             {
                 "text_input": {"content": [prompt_of_tokens(tokenizer, input_tokens, rng)], "shape": [1]},
                 "max_tokens": {"content": [int(output_tokens)], "shape": [1]},
+                # no end token: every request generates exactly output_tokens (TensorRT-LLM's benchmarks)
+                "end_id": {"content": [-1], "shape": [1]},
             }
             for _ in range(num_prompts)
         ]
