@@ -106,7 +106,11 @@ def test_plain_model_converts_with_eviction_off(tmp_path):
     summary = convert_checkpoint(hf, tmp_path / "ckpt", tp_size=1, dtype="float32", log=said.append)
     cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert summary["dms_eviction"] is False and cfg["dms_disable_eviction"] is True
+    assert "dms_window_size" not in cfg  # no window, no borrowed channel: runtimes run the plain model
     assert any("eviction off" in line for line in said)
+    from pipeline.convert.roundtrip import roundtrip_max_abs_diff
+
+    assert roundtrip_max_abs_diff(hf, tmp_path / "ckpt", num_tokens=16, kv_block_size=4) < 1e-4
 
 
 def test_unsupported_tp_sizes(qwen_dms, tmp_path):

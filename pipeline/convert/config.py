@@ -11,6 +11,7 @@ export leaves out is added here (sources: tests/fixtures/trtllm_1_2_1_names.json
 - Llama: `rotary_base`, `rotary_scaling`, `attn_bias`, `mlp_bias`, `residual_mlp`, `tie_word_embeddings`.
 - Both: the dms_* keys (dms-spec.md section 6), stored under the same names; PretrainedConfig keeps
   unknown keys as attributes, so TensorRT-LLM's loaders accept them and our model class reads them.
+  A plain model (no dms_* keys) gets only `dms_disable_eviction: true`.
 """
 
 from __future__ import annotations
@@ -69,11 +70,12 @@ def has_dms(hf: dict[str, Any]) -> bool:
 
 
 def dms_settings(hf: dict[str, Any]) -> dict[str, Any]:
-    """The dms_* keys of an HF config with defaults filled in; a plain model gets eviction off."""
-    out = {key: hf.get(key, default) for key, default in DMS_KEYS.items()}
+    """The dms_* keys of an HF config with defaults filled in. A plain model gets only
+    `dms_disable_eviction: true`: no window and no borrowed channel, so every runtime (ours keys DMS on
+    dms_window_size) runs it as the plain model it is, and the config still says eviction is off."""
     if not has_dms(hf):
-        out["dms_disable_eviction"] = True
-    return out
+        return {"dms_disable_eviction": True}
+    return {key: hf.get(key, default) for key, default in DMS_KEYS.items()}
 
 
 def model_shape(hf: dict[str, Any], adapter: bool) -> ModelShape:

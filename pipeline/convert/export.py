@@ -63,13 +63,13 @@ def convert_checkpoint(
     hf = json.loads((hf_dir / "config.json").read_text())
     family = family_of(hf)
     dms = dms_settings(hf)
-    adapter = bool(dms["dms_separate_alpha"])
+    adapter = bool(dms.get("dms_separate_alpha", False))
     shape = model_shape(hf, adapter=adapter)
     check_tp_size(shape, tp_size)
     if not has_dms(hf):
         log(f"[convert] {hf_dir} has no dms_* config keys: a plain model, converted with eviction off "
             "(dms_disable_eviction=true)")
-    if tp_size > 1 and dms["dms_alpha_per"] == "layer" and not dms["dms_disable_eviction"]:
+    if tp_size > 1 and dms.get("dms_alpha_per") == "layer" and not dms["dms_disable_eviction"]:
         raise ConversionError(
             "dms_alpha_per='layer' takes one decision per layer from query head 0, which only rank 0 holds "
             "with tp_size > 1; convert with tp_size 1 or retrofit with dms.alpha_per: head"

@@ -23,11 +23,25 @@ def _device() -> str:
 
 def reference_logits(hf_dir: Path, ids: list[int]) -> torch.Tensor:
     """[T, V] float32 logits (on CPU) of the HF model (DMS-patched when it carries dms_* keys)."""
-    from pipeline.dms.checkpoint import load_dms_model
+    import contextlib
+    import json
+
+    import transformers
+
+    from pipeline.convert.config import has_dms
+    from pipeline.dms.checkpoint import load_config, load_dms_model
     from pipeline.dms.patch import dms_mode
 
-    model = load_dms_model(hf_dir, dtype=torch.float32).to(_device())
-    with torch.inference_mode(), dms_mode(model, "hard"):
+    if has_dms(json.loads((hf_dir / "config.json").read_text())):
+        model = load_dms_model(hf_dir, dtype=torch.float32)
+        mode = dms_mode(model, "hard")
+    else:  # a plain model converts with eviction off: compare with the plain forward
+        config = load_config(hf_dir)
+        model = getattr(transformers, config.architectures[0]).from_pretrained(hf_dir, config=config,
+                                                                                dtype=torch.float32)
+        mode = contextlib.nullcontext()
+    model = model.eval().to(_device())
+    with torch.inference_mode(), mode:
         logits = model(torch.tensor([ids], device=_device())).logits[0].float().cpu()
     del model  # free the device for the engine
     if torch.cuda.is_available():

@@ -213,7 +213,7 @@ def build_trtllm(
         "build_log": BUILD_LOG,
         "build_manifest": f"{ENGINE_DIR}/dms_build.json",
         "tokenizer_dir": f"{ENGINE_DIR}/tokenizer",
-        # {"engine": ...}: one stock engine (eviction off), which Triton's tensorrtllm backend serves;
+        # {"engine": ...}: one stock engine (plain model), which Triton's tensorrtllm backend serves;
         # {"context", "generation"}: the DMS pair, which takes the per-head pool as I/O (plugins/README.md).
         "trtllm_engines": {name: f"{ENGINE_DIR}/{name}" for name in engines},
         "servable_by_tensorrtllm_backend": engines == ["engine"],

@@ -9,7 +9,7 @@ TensorRT-LLM container; imports nothing from `pipeline` (only the standard libra
 and this repository's plugins/ in the subprocesses). Writes:
 
     O/context/, O/generation/   two engines of a DMS model (plugins/trtllm/model.py), or
-    O/engine/                   one stock TensorRT-LLM engine for a checkpoint with eviction off
+    O/engine/                   one stock TensorRT-LLM engine for a plain (non-DMS) checkpoint
     O/tokenizer/                the tokenizer files
     O/dms_build.json            the manifest: versions, commands, limits, pool plan, timings
 
@@ -59,7 +59,7 @@ def build_commands(args: argparse.Namespace, config: dict) -> dict[str, tuple[li
         "--max_seq_len", str(max_seq), "--max_num_tokens", str(args.max_batch_size * args.max_input_len),
         "--gemm_plugin", "auto", "--remove_input_padding", "enable", "--workers", str(tp),
     ]  # fmt: skip
-    if config.get("dms_disable_eviction", True):
+    if "dms_window_size" not in config:  # a plain model (pipeline/convert writes no DMS window for it)
         stock = common + ["--output_dir", str(args.output_dir / "engine"), "--gpt_attention_plugin", "auto",
                           "--paged_kv_cache", "enable", "--tokens_per_block", str(args.tokens_per_block)]
         return {"engine": (stock, {})}
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     if not tensorrt_llm.__version__.startswith("1.2"):
         print(f"warning: tensorrt_llm {tensorrt_llm.__version__}; this driver targets 1.2.1", file=sys.stderr)
-    if not config.get("dms_disable_eviction", True):
+    if "dms_window_size" in config:
         plan = plan_pool(config, args.tokens_per_block, args.kv_pool_tokens, args.dtype)
         tp = int(config["mapping"]["tp_size"])
         weights = sum(f.stat().st_size for f in args.checkpoint_dir.glob("rank*.safetensors")) // tp
