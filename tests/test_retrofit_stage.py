@@ -111,3 +111,20 @@ def test_shipped_cards_pass_retrofit_checks():
         card = load_card(name)
         validate_card(card)
         retrofit.check_card(card)
+
+
+def test_local_jsonl_is_read_and_packed(tmp_path, micro_model):
+    from transformers import AutoTokenizer
+
+    from pipeline.dms.distill_data import pack_records, read_records, row_batches
+
+    tok = AutoTokenizer.from_pretrained(micro_model / "model")
+    path = tmp_path / "traces.jsonl"
+    path.write_text("\n".join(json.dumps({"text": " ".join(["a"] * 50)}) for _ in range(10)) + "\n")
+    rows = pack_records(tok, read_records(path), 64)
+    assert rows.shape == (7, 64)  # 10 records x (50 tokens + EOS) = 510 tokens -> 7 full rows
+    batch = row_batches(rows, 3, seed=1)
+    assert torch.equal(batch(5), batch(5)) and batch(5).shape == (3, 64)
+    path.write_text(json.dumps({"prompt": "x"}) + "\n")
+    with pytest.raises(ValueError, match="'messages' \\(chat\\) or 'text'"):
+        read_records(path)
