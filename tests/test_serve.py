@@ -73,7 +73,9 @@ def served(tmp_path_factory):
         if "Ctrl-C stops the server" in line:
             break
     text = "".join(banner)
-    assert proc.poll() is None, text
+    if "Ctrl-C stops the server" not in text:  # it exited: show why
+        proc.kill()
+        pytest.fail(f"`python -m pipeline serve` did not come up:\n{text}")
     assert f"curl -s -X POST http://127.0.0.1:{ports[0]}/v2/models/ensemble/generate" in text
     yield Served(repo, *ports)
     proc.send_signal(signal.SIGINT)
