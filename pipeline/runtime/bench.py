@@ -9,7 +9,8 @@ One run, one model (the embedded tiny-qwen3 card's shape), the same prompts for 
   DMS mask; prefill equals token-by-token decode (tests/test_runtime_exactness.py), so the KV a sequence
   holds at the end is what generating `context` tokens leaves.
 - decode tokens/s = decoded tokens / wall time of the decode steps (prefill excluded; one untimed
-  warm-up generation per engine first). HF: (time of generate(129 new) - generate(1 new)) / 128 steps.
+  warm-up generation per engine first). HF: `generate` itself, its decode steps timed by a
+  StoppingCriteria that timestamps every new token (prefill excluded the same way).
 - The machine's 1-minute load average before and after is recorded: on a shared CPU, compare ratios
   from one run, not absolute numbers across runs.
 Writes <out>/bench.json and bench/RESULTS.md.
@@ -81,7 +82,7 @@ def _run_engine(engine: Engine, prompts: list[list[int]], new_tokens: int, label
     print(f"{label}: prefill {len(prompts)} x {len(prompts[0])} tokens")
     handles = [engine.submit(p, params) for p in prompts]
     decode_s, decode_steps = 0.0, 0
-    with tqdm(total=new_tokens, desc=f"{label} decode", unit="step") as bar:
+    with tqdm(total=new_tokens - 1, desc=f"{label} decode", unit="step") as bar:  # 1st token: prefill
         while engine.has_work():
             t0 = time.perf_counter()
             engine.step()
@@ -115,22 +116,39 @@ def _run_hf(
     cfg = AutoConfig.for_model(plain.pop("model_type"), **plain)
     model = AutoModelForCausalLM.from_config(cfg).eval()
     model.load_state_dict(state, strict=False)
+    from transformers import StoppingCriteria
+
     ids = torch.tensor(prompts)
     mask = torch.ones_like(ids)
 
-    def gen(n: int) -> float:
-        t0 = time.perf_counter()
+    class Clock(StoppingCriteria):
+        """Called by generate after every new token: timestamps the decode steps, never stops."""
+
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            self.times.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    def gen(n: int) -> Clock:
+        clock = Clock()
         with torch.inference_mode():
             model.generate(
-                ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
+                ids,
+                attention_mask=mask,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
+                stopping_criteria=[clock],
             )
-        return time.perf_counter() - t0
+        return clock
 
-    gen(8)  # warm-up
-    prefill_s = gen(1)
+    gen(4)  # warm-up
     print(f"hf generate: {len(prompts)} x {new_tokens} tokens at {len(prompts[0])} tokens of context")
-    total_s = gen(new_tokens)
-    return {"decode_tokens_per_s": len(prompts) * (new_tokens - 1) / max(total_s - prefill_s, 1e-9)}
+    t = gen(new_tokens).times  # t[0]: after the prefill's token; the rest: one per decode step
+    return {"decode_tokens_per_s": len(prompts) * (len(t) - 1) / (t[-1] - t[0])}
 
 
 def run_bench(context: int, batch: int, card_name: str = "tiny-qwen3", build_dir: Path = Path("build")):
