@@ -68,7 +68,7 @@ def test_micro_retrofit_writes_checkpoints_and_report(micro_model, tmp_path):
         ).is_file()
     assert report["steps"] == 4 and report["target_cr"] == 4.0 and report["measured_cr"] >= 1.0
     assert set(report["measured_cr_by_checkpoint"]) == {"2", "4"}
-    assert not (tmp_path / "train_state").exists()
+    assert not retrofit.resume_dir(ctx).exists()
 
 
 def test_unsupported_architecture_refused_before_training(tmp_path):

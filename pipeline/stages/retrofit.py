@@ -54,7 +54,7 @@ def check_card(card: Card) -> None:
         raise CardError(f"{where}: retrofit.steps must be >= 1 and retrofit.lr > 0")
 
 
-def _data(card: Card, model, tokenizer, out_dir: Path):
+def _data(card: Card, model, tokenizer, out_dir: Path, state_dir: Path):
     """(next_batch(step) -> [B, T], heldout [N, T]) for the card's retrofit.data."""
     from pipeline.dms import distill_data as dd
 
@@ -66,12 +66,18 @@ def _data(card: Card, model, tokenizer, out_dir: Path):
             dd.synthetic_heldout(tokenizer, 8, length, seed=r.seed),
         )
     if r.data == "teacher-answers":
-        prompts = dd.generated_prompts(TEACHER_PROMPTS, seed=r.seed)
-        records = dd.teacher_answers(model, tokenizer, prompts, TEACHER_ANSWER_TOKENS, batch_size=32)
+        cached = state_dir / "teacher_answers.jsonl"
+        if cached.is_file():  # an interrupted run already made them (greedy: the same answers)
+            records = dd.read_records(cached)
+        else:
+            prompts = dd.generated_prompts(TEACHER_PROMPTS, seed=r.seed)
+            records = dd.teacher_answers(model, tokenizer, prompts, TEACHER_ANSWER_TOKENS, batch_size=32)
+            state_dir.mkdir(parents=True, exist_ok=True)
+            with open(cached, "w") as fh:
+                for rec in records:
+                    fh.write(json.dumps({"messages": rec}) + "\n")
         (out_dir / "distill").mkdir(parents=True, exist_ok=True)
-        with open(out_dir / "distill" / "teacher_answers.jsonl", "w") as fh:
-            for rec in records:
-                fh.write(json.dumps({"messages": rec}) + "\n")
+        shutil.copy2(cached, out_dir / "distill" / "teacher_answers.jsonl")
     else:
         path = Path(r.data).expanduser()
         if not path.exists():
@@ -83,6 +89,13 @@ def _data(card: Card, model, tokenizer, out_dir: Path):
     rows = dd.pack_records(tokenizer, records, r.seq_len)
     held = min(HELDOUT_ROWS, max(1, len(rows) // 5))
     return dd.row_batches(rows[:-held], r.batch_size, r.seed), rows[-held:]
+
+
+def resume_dir(ctx: StageContext) -> Path:
+    """Where an interrupted run's state lives: next to the output, keyed like it (the runner gives each
+    attempt a fresh temporary output directory, so the state cannot live inside it)."""
+    key = ctx.out_dir.name.lstrip(".").split(".tmp-")[0]
+    return ctx.out_dir.parent / f".{key}.resume"
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -100,7 +113,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     torch.manual_seed(card.retrofit.seed)
     model = getattr(transformers, config.architectures[0]).from_pretrained(model_dir, dtype=torch.float32)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    next_batch, heldout = _data(card, model, tokenizer, ctx.out_dir)
+    state_dir = resume_dir(ctx)
+    next_batch, heldout = _data(card, model, tokenizer, ctx.out_dir, state_dir)
 
     d = card.dms
     patch_model(
@@ -116,12 +130,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
     )
     model.config.dms_paged_attention_block_size = card.build.kv_block_size
 
-    checkpoints: dict[str, str] = {}
-
     def save(cr: float, m) -> None:
-        rel = f"checkpoints/cr{cr_label(cr)}"
-        save_dms_model(m, ctx.out_dir / rel, tokenizer, target_cr=cr)
-        checkpoints[cr_label(cr)] = rel
+        # Into the resume directory first: an interrupted run keeps the checkpoints it already made.
+        save_dms_model(m, state_dir / "checkpoints" / f"cr{cr_label(cr)}", tokenizer, target_cr=cr)
 
     r = card.retrofit
     cfg = TrainConfig(
@@ -135,10 +146,12 @@ def run(ctx: StageContext) -> dict[str, Any]:
     )
     real = card.source.kind != "embedded"
     result = train_dms(
-        model, next_batch, heldout, cfg, save, state_dir=ctx.out_dir / "train_state", measure_kl=real
+        model, next_batch, heldout, cfg, save, state_dir=state_dir / "train_state", measure_kl=real
     )
-    shutil.rmtree(ctx.out_dir / "train_state", ignore_errors=True)  # only for resuming inside this run
     saved = result["saved"]
+    checkpoints = {cr_label(c): f"checkpoints/cr{cr_label(c)}" for c in sorted(saved)}
+    shutil.move(state_dir / "checkpoints", ctx.out_dir / "checkpoints")
+    shutil.rmtree(state_dir)
     target = saved[float(d.target_cr)]
     report = {
         "target_cr": d.target_cr,
