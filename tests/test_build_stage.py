@@ -120,7 +120,8 @@ def test_convert_and_build_through_the_runner(tmp_path, no_trtllm):
                                      settings=lambda card, options: {}, run=run)
 
     def retrofit_run(ctx):
-        make_hf(ctx.out_dir / "checkpoints" / "cr8", "qwen3", "adapter")
+        hf = make_hf(ctx.out_dir / "checkpoints" / "cr8", "qwen3", "adapter")
+        (hf / "generation_config.json").write_text(json.dumps({"eos_token_id": 3, "bos_token_id": 1}))
         return {"checkpoints": {"8": "checkpoints/cr8"}}
 
     stages = {
@@ -137,4 +138,5 @@ def test_convert_and_build_through_the_runner(tmp_path, no_trtllm):
     assert report["convert"]["roundtrip_max_abs_diff"] < 1e-4
     assert report["build"]["backend"] == "torch" and report["build"]["engine_dir"] == "engine"
     engine_json = tmp_path / card.name / "build" / "engine" / "engine.json"
-    assert json.loads(engine_json.read_text())["hf_config"]["dms_separate_alpha"] is True
+    hf_config = json.loads(engine_json.read_text())["hf_config"]
+    assert hf_config["dms_separate_alpha"] is True and hf_config["eos_token_id"] == 3
