@@ -40,6 +40,14 @@ PREFILL_CHUNK = 512
 RESULTS_MD = Path("bench/RESULTS.md")
 
 
+def _shown(path: Path) -> str:
+    """A path relative to the working directory when it is inside it (reports stay portable)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def _tiny_model(card_name: str, build_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], str, bool]:
     """(config, state, description, has learned DMS decisions)."""
     card = load_card(card_name)
@@ -47,11 +55,11 @@ def _tiny_model(card_name: str, build_dir: Path) -> tuple[dict[str, Any], dict[s
     trained = build_dir / card.name / "retrofit" / "checkpoints" / f"cr{label}"
     if (trained / "config.json").is_file():
         config, state = load_hf_checkpoint(trained)
-        return config, state, f"trained DMS checkpoint {trained}", True
+        return config, state, f"trained DMS checkpoint {_shown(trained)}", True
     teacher = Path(__file__).resolve().parents[1] / "assets" / card.name
     if (teacher / "config.json").is_file():
         config, state = load_hf_checkpoint(teacher)
-        return config, state, f"teacher {teacher} with DMS decisions forced to CR {label}", False
+        return config, state, f"teacher {_shown(teacher)} with DMS decisions forced to CR {label}", False
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     p = card.pretrain
@@ -151,13 +159,19 @@ def _run_hf(
     return {"decode_tokens_per_s": len(prompts) * (len(t) - 1) / (t[-1] - t[0])}
 
 
-def run_bench(context: int, batch: int, card_name: str = "tiny-qwen3", build_dir: Path = Path("build")):
-    if context <= 2 * DECODE_TOKENS:
-        raise ValueError(f"--context must be more than {2 * DECODE_TOKENS} tokens")
+def run_bench(
+    context: int,
+    batch: int,
+    card_name: str = "tiny-qwen3",
+    build_dir: Path = Path("build"),
+    decode_tokens: int = DECODE_TOKENS,
+) -> dict[str, Any]:
+    if context <= 2 * decode_tokens:
+        raise ValueError(f"--context must be more than {2 * decode_tokens} tokens")
     load_start = os.getloadavg()[0]
     card = load_card(card_name)
     config, state, model_desc, learned = _tiny_model(card_name, build_dir)
-    prompt_tokens, new_tokens = context - DECODE_TOKENS, DECODE_TOKENS
+    prompt_tokens, new_tokens = context - decode_tokens, decode_tokens
     limits = EngineLimits(
         max_batch_size=batch,
         max_input_len=prompt_tokens,
