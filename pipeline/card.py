@@ -109,7 +109,9 @@ class BuildSpec:
     max_input_len: int = 1024
     max_output_len: int = 1024
     kv_block_size: int = 16  # dms_paged_attention_block_size; must be smaller than dms.window
-    kv_pool_tokens: int = 262144  # tokens per (layer, KV head) summed over all streams
+    # KV slots per (layer, KV head), summed over all streams: memory = this x per-token KV bytes of the
+    # whole model. DMS fits ~CR times more logical tokens in the same slots.
+    kv_pool_tokens: int = 262144
     tp_size: int = 1
 
 
