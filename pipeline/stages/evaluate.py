@@ -27,7 +27,9 @@ AGREEMENT_PROMPTS, AGREEMENT_NEW_TOKENS = 8, 256
 
 
 def settings(card: Card, options: Options) -> dict[str, Any]:
-    out = card_section(card, "eval", "dms", "build")
+    out = card_section(card, "eval", "dms")
+    # Only the engine settings eval uses: a pool or output-length change elsewhere must not rerun it.
+    out["build"] = {"max_batch_size": card.build.max_batch_size, "kv_block_size": card.build.kv_block_size}
     out["no_gate"] = options.no_gate
     return out
 
