@@ -164,7 +164,7 @@ class ModelRunner:
     @torch.inference_mode()
     def prefill(self, seq: Sequence, token_ids: list[int]) -> torch.Tensor:
         """Run one chunk of `seq` (the tokens after its cached ones); returns the last logits [V]."""
-        _a, dev = self.args, self.device
+        dev = self.device
         t = len(token_ids)
         start = seq.num_cached
         pos = torch.arange(start, start + t, device=dev)[None]  # [1, T]
