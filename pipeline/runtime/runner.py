@@ -207,9 +207,9 @@ class ModelRunner:
             for h, stream in enumerate(seq.streams[li]):
                 n_all = ks[h].shape[0]
                 no_probs = torch.zeros(n_all)  # read only by policies that need probabilities
-                cand = Candidates(
-                    pos=kpos[h],
-                    flag=kflag[h],
+                cand = Candidates(  # on the CPU: policies do small bookkeeping, whatever the device
+                    pos=kpos[h].cpu(),
+                    flag=kflag[h].cpu(),
                     score=torch.cat(
                         [
                             torch.as_tensor(stream.score[: stored[h]], dtype=torch.float32)
@@ -222,15 +222,15 @@ class ModelRunner:
                     probs_last=probs[0, h, -1, :n_all].cpu() if probs is not None else no_probs,
                     budget=stream.budget,
                 )
-                keep, score = self.policy.prefill_keep(cand)
-                keep = keep.to(ks[h].device)
-                self._rewrite(seq, li, h, ks[h][keep], vs[h][keep])
-                stream.pos = kpos[h][keep].tolist()
-                stream.flag = kflag[h][keep].tolist()
+                keep, score = self.policy.prefill_keep(cand)  # CPU bool [N]
+                keep_dev = keep.to(ks[h].device)
+                self._rewrite(seq, li, h, ks[h][keep_dev], vs[h][keep_dev])
+                stream.pos = cand.pos[keep].tolist()
+                stream.flag = cand.flag[keep].tolist()
                 if self.policy.needs_probs:
                     cap = self.max_blocks * self.pool.block_size
                     stream.score = np.zeros(cap, dtype=np.float32)
-                    stream.score[: len(stream.pos)] = score[keep.cpu()].numpy()
+                    stream.score[: len(stream.pos)] = score[keep].numpy()
                 self.policy.start(stream)
         seq.num_cached = start + t
         return self.model.logits(x[0, -1])
