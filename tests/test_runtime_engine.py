@@ -61,6 +61,7 @@ def test_small_pool_queues_and_preempts_without_changing_results(dms_dir):
     outs = small.generate(prompts, max_tokens=30, ignore_eos=True)
     assert [c.token_ids for c in outs] == expected
     assert all(c.finish_reason == "length" for c in outs)
+    assert sum(c.stats["preemptions"] for c in outs) > 0, "the small pool should have forced preemption"
     assert small.pool_stats()["blocks_used"] == 0
 
 
