@@ -39,7 +39,10 @@ def plot_accuracy_vs_cr(
     rows = (len(tasks) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.9 * rows), squeeze=False)
     for ax, task in zip(axes.flat, tasks, strict=False):
-        for method, per_cr in accuracy.items():
+        # Legend in a fixed order (vanilla, dms, baselines); DMS drawn on top where lines overlap.
+        order = [m for m in STYLE if m in accuracy] + [m for m in accuracy if m not in STYLE]
+        for method in order:
+            per_cr = accuracy[method]
             color, marker = STYLE.get(method, ("tab:gray", "x"))
             points = sorted(
                 (measured_cr[method][label].get(task, float(label)), accs[task])
@@ -53,7 +56,7 @@ def plot_accuracy_vs_cr(
                 ax.axhline(ys[0], color=color, linestyle="--", linewidth=1, label="vanilla (CR 1)")
                 ax.plot(xs, ys, marker=marker, color=color, linestyle="none", markersize=9)
             else:
-                ax.plot(xs, ys, marker=marker, color=color, label=method)
+                ax.plot(xs, ys, marker=marker, color=color, label=method, zorder=3 if method == "dms" else 2)
         ax.set_title(task)
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
