@@ -69,6 +69,8 @@ def prepare_gguf_package(card: Card, model_dir: Path) -> dict[str, Any]:
     # save_pretrained refuses a GGUF-loaded model: rebuild a fresh one and move the weights over.
     config = loaded.config
     config.architectures = ["LlamaForCausalLM"]
+    if hasattr(config, "gguf_file"):  # plain float weights from here on; keeps save_pretrained working
+        del config.gguf_file
     model = LlamaForCausalLM(config)
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
     missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]

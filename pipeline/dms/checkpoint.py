@@ -91,6 +91,15 @@ def save_dms_model(
         if not hasattr(config, key):
             setattr(config, key, value)
     config.dms_cr = int(target_cr) if float(target_cr).is_integer() else float(target_cr)
+    # A model imported from GGUF carries `gguf_file`, which makes save_pretrained refuse; the weights are
+    # plain float tensors by now.
+    if hasattr(config, "gguf_file"):
+        del config.gguf_file
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and "gguf" in str(quantizer.quantization_config.quant_method).lower():
+        model.hf_quantizer = None  # GGUF weights are dequantized to float at load: nothing to keep
+        config.quantization_config = None
+        del config.quantization_config
     model.save_pretrained(out_dir, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)

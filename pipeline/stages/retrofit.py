@@ -111,7 +111,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
     config = load_config(model_dir)
     check_architecture(config)  # before loading weights or building data
     torch.manual_seed(card.retrofit.seed)
-    model = getattr(transformers, config.architectures[0]).from_pretrained(model_dir, dtype=torch.float32)
+    model = getattr(transformers, config.architectures[0]).from_pretrained(
+        model_dir, config=config, dtype=torch.float32
+    )
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     state_dir = resume_dir(ctx)
     next_batch, heldout = _data(card, model, tokenizer, ctx.out_dir, state_dir)
