@@ -1,1 +1,2 @@
-"""DMS build pipeline: retrofit a model with Dynamic Memory Sparsification, evaluate, convert, build, serve."""
+"""DMS build pipeline: retrofit a model with Dynamic Memory Sparsification, then evaluate, convert,
+build, package and serve it."""

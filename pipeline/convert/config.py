@@ -19,21 +19,10 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.convert.names import ConversionError, ModelShape
+from pipeline.dms.patch import DMS_CONFIG_DEFAULTS
 
-# dms-spec.md section 6 (the same defaults as pipeline.dms.patch.DMS_CONFIG_DEFAULTS).
-DMS_KEYS: dict[str, Any] = {
-    "dms_alpha_scale": 100.0,
-    "dms_initial_alpha_offset": 5.0,
-    "dms_window_size": 512,
-    "dms_paged_attention_block_size": 256,
-    "dms_cr": 8,
-    "dms_disable_eviction": False,
-    "dms_separate_alpha": False,
-    "dms_alpha_per": "head",
-    "dms_tau": 0.1,
-    "dms_chunked_prefill": None,
-    "dms_preallocate_for_tokens": 4096,
-}
+# dms-spec.md section 6: NVIDIA's keys and defaults, defined once in pipeline.dms.patch.
+DMS_KEYS: dict[str, Any] = DMS_CONFIG_DEFAULTS
 
 # family -> (TensorRT-LLM architecture, HF architecture)
 FAMILIES = {
