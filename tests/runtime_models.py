@@ -18,6 +18,8 @@ def make_tiny_hf(
     tie: bool = True,
     offset: float = 0.0,
     llama3_rope: bool = False,
+    vocab_size: int = 96,
+    max_positions: int = 1024,
 ) -> Path:
     """Save a 2-layer model (hidden 64, 4 query / 2 KV heads, head_dim 16, vocab 96) to `path`.
 
@@ -33,14 +35,14 @@ def make_tiny_hf(
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
     }[family]
     cfg = cfg_cls(
-        vocab_size=96,
+        vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=16,
-        max_position_embeddings=1024,
+        max_position_embeddings=max_positions,
         tie_word_embeddings=tie,
         initializer_range=0.2,
         bos_token_id=None,

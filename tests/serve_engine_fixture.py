@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 CORPUS = [
     "the quick brown fox jumps over the lazy dog",
     "hello world, this is a tiny model served by triton",
@@ -49,41 +47,18 @@ def make_engine_dir(
     seed: int = 0,
 ) -> Path:
     """A 2-layer DMS Qwen3 (hidden 64, 4 query / 2 KV heads) engine dir; about half the tokens evicted."""
-    import transformers
+    from safetensors.torch import load_file
 
     from pipeline.runtime.engine_dir import EngineLimits, write_engine_dir
+    from tests.runtime_models import make_tiny_hf
 
     tok_dir = make_tokenizer(path.parent / f"{path.name}-tokenizer")
     vocab = len(json.loads((tok_dir / "tokenizer.json").read_text())["model"]["vocab"]) + 1
-    torch.manual_seed(seed)
-    cfg = transformers.Qwen3Config(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        initializer_range=0.2,
-        bos_token_id=None,
-        eos_token_id=None,
+    hf_dir = make_tiny_hf(
+        path.parent / f"{path.name}-hf", dms="borrowed", window=window, block=block, seed=seed,
+        vocab_size=vocab, max_positions=2048,
     )
-    cfg.architectures = ["Qwen3ForCausalLM"]
-    model = transformers.Qwen3ForCausalLM(cfg).eval()
-    config = cfg.to_dict()
-    config.update(
-        dms_window_size=window,
-        dms_paged_attention_block_size=block,
-        dms_alpha_scale=10.0,
-        dms_initial_alpha_offset=0.0,
-        dms_separate_alpha=False,
-        dms_alpha_per="head",
-        dms_disable_eviction=False,
-        dms_cr=4,
-        dms_tau=0.1,
-    )
+    config = json.loads((hf_dir / "config.json").read_text())
     limits = EngineLimits(
         max_batch_size=max_batch_size,
         max_input_len=max_input_len,
@@ -91,5 +66,5 @@ def make_engine_dir(
         kv_block_size=block,
         kv_pool_tokens=kv_pool_tokens,
     )
-    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    state = {k: v for k, v in load_file(str(hf_dir / "model.safetensors")).items() if k != "lm_head.weight"}
     return write_engine_dir(path, config=config, state_dict=state, limits=limits, tokenizer_dir=tok_dir)

@@ -60,28 +60,17 @@ def _tiny_model(card_name: str, build_dir: Path) -> tuple[dict[str, Any], dict[s
     if (teacher / "config.json").is_file():
         config, state = load_hf_checkpoint(teacher)
         return config, state, f"teacher {_shown(teacher)} with DMS decisions forced to CR {label}", False
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from pipeline.data.pretrain import build_model
+    from pipeline.data.tokenizer import train_tokenizer
 
     p = card.pretrain
-    cfg = Qwen3Config(
-        vocab_size=p.vocab_size,
-        hidden_size=p.hidden_size,
-        intermediate_size=p.intermediate_size,
-        num_hidden_layers=p.num_layers,
-        num_attention_heads=p.num_heads,
-        num_key_value_heads=p.num_kv_heads,
-        head_dim=p.head_dim,
-        tie_word_embeddings=True,
-        max_position_embeddings=65536,
-    )
-    torch.manual_seed(0)
-    model = Qwen3ForCausalLM(cfg)
+    model = build_model(p, train_tokenizer(p.vocab_size, p.seed))
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     desc = (
         f"random-weight {card.name}-shaped model with DMS decisions forced to CR {label} "
         "(the trained DMS checkpoint is not built)"
     )
-    return cfg.to_dict(), state, desc, False
+    return model.config.to_dict(), state, desc, False
 
 
 def _run_engine(engine: Engine, prompts: list[list[int]], new_tokens: int, label: str) -> dict[str, Any]:
