@@ -5,7 +5,17 @@ import re
 
 import pytest
 
-from pipeline.data.tasks import TAIL_FILLER, TASKS, VOCAB_WORDS, eval_items, item_seed, make_item, train_item
+from pipeline.data.tasks import (
+    FACT_RANGE,
+    TAIL_FILLER,
+    TASKS,
+    VARIABLE_HOPS,
+    VOCAB_WORDS,
+    eval_items,
+    item_seed,
+    make_item,
+    train_item,
+)
 from pipeline.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
 
@@ -17,11 +27,11 @@ def solve(prompt: str) -> str:
     if query[-1] == ":":  # needle
         return re.search(rf"\b{query[0]} : (\d+) \.", body).group(1)
     defs = dict(re.findall(r"\b(v\d+) = (\w+) \.", body))
-    if len(query) == 2:  # variables: follow the chain to a number
-        name = query[0]
-        while not defs[name].isdigit():
-            name = defs[name]
-        return defs[name]
+    if len(query) == 2:  # variables: follow the chain to a number, writing each step
+        steps = [defs[query[0]]]
+        while not steps[-1].isdigit():
+            steps += ["=", defs[steps[-1]]]
+        return " ".join(steps)
     values = [int(defs[v]) for v in query[:-1:2]]  # arithmetic: a + b + c =
     steps, total = [str(values[0])], values[0]
     for v in values[1:]:
@@ -69,6 +79,22 @@ def test_bad_input_is_named():
         make_item("sorting", 128, random.Random(0))
     with pytest.raises(ValueError, match="too short"):
         make_item("needle", 10, random.Random(0))
+    with pytest.raises(ValueError, match="n_facts=7 is outside needle's range 1..6"):
+        make_item("needle", 128, random.Random(0), n_facts=7)
+
+
+def fact_count(item) -> int:
+    return len(re.findall(r"\b[kv]\d+ [:=] \w+ \.", item.prompt))
+
+
+def test_training_mixes_easy_items_and_evaluation_uses_the_full_task():
+    """Training draws the number of facts from FACT_RANGE (one needle pair up to six); held-out items
+    always carry the maximum, so the reported accuracy is on the hardest version."""
+    for task, (low, high) in FACT_RANGE.items():
+        per_group = 1 if task != "variables" else VARIABLE_HOPS + 1  # a chain is HOPS + 1 statements
+        assert {fact_count(it) for it in eval_items(task, 256, 20)} == {high * per_group}
+        train = {fact_count(train_item(256, random.Random(i), task)) for i in range(60)}
+        assert train == {n * per_group for n in range(low, high + 1)}
 
 
 def test_tokenizer_one_word_one_token_and_hf_round_trip(tmp_path):

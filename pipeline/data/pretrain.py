@@ -22,10 +22,12 @@ from pipeline.card import PretrainSpec
 from pipeline.data.corpus import sample_batch_with_weights
 
 # Rows are seq_len // div long with batch_size * div rows (constant tokens per step). The first
-# SHORT_FRACTION of steps use only quarter-length rows (cheap, many answers per token); after that
-# the divisor cycles through MIXED_DIVS, so every later checkpoint has seen full-length rows.
-SHORT_FRACTION = 0.3
-MIXED_DIVS: tuple[int, ...] = (4, 2, 1, 1)
+# SHORT_FRACTION of steps use only 128-token rows (cheap, many answers per token: retrieval is learnt
+# there); after that the divisor cycles through MIXED_DIVS, so every later checkpoint has seen rows of
+# every length up to the full one (RoPE models do not extrapolate to lengths they never saw).
+SHORT_FRACTION = 0.4
+SHORT_ROW = 128
+MIXED_DIVS: tuple[int, ...] = (8, 4, 2, 1)
 WARMUP_STEPS = 20
 
 
@@ -103,9 +105,10 @@ def pretrain(
     start = time.perf_counter()
     bar = tqdm(range(spec.steps), desc="pretrain", mininterval=5.0)
     for step in bar:
-        div = 4 if step < SHORT_FRACTION * spec.steps else MIXED_DIVS[step % len(MIXED_DIVS)]
-        # Rows of at least 128 tokens (items need 66); batch rows scale so tokens per step stay put.
-        seq_len = max(spec.seq_len // div, min(spec.seq_len, 128))
+        short = step < SHORT_FRACTION * spec.steps
+        div = spec.seq_len // SHORT_ROW if short else MIXED_DIVS[step % len(MIXED_DIVS)]
+        # Rows of at least SHORT_ROW tokens (items need 66); batch rows scale so tokens per step stay put.
+        seq_len = max(spec.seq_len // max(div, 1), min(spec.seq_len, SHORT_ROW))
         div = spec.seq_len // seq_len
         tokens, weights = sample_batch_with_weights(tokenizer, spec.batch_size * div, seq_len, rng)
         for group in opt.param_groups:

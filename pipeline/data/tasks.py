@@ -6,11 +6,14 @@ that can be forgotten; a few fact statements, placed far back (at least `TAIL_FI
 question at long lengths), must be kept. That is exactly what learned KV eviction (DMS) exploits.
 
 - needle:     `k17 : 42 .` pairs among filler; `? k17 :` -> `42`.
-- variables:  chains `v3 = 7 .` ... `v10 = v3 .` ... `v22 = v10 .` among filler; `? v22 =` -> `7`.
+- variables:  chains `v3 = 7 .` ... `v10 = v3 .` ... `v22 = v10 .` among filler; `? v22 =` -> `v10 = v3 = 7`
+              (the chain is written out, one lookup per answer token, like arithmetic's steps).
 - arithmetic: `v3 = 7 .` definitions among filler; `? v3 + v8 + v1 =` -> `7 + 5 = 12 + 2 = 14`
               (the steps are written out in the answer).
 
-Held-out items use item seeds from a range disjoint from training's (`item_seed`).
+Held-out items use item seeds from a range disjoint from training's (`item_seed`) and always the full
+number of facts (`FACT_RANGE`'s maximum); training items draw fewer sometimes, which gives the tiny model
+an easy version of every task to start from (2 candidate values before 6).
 """
 
 from __future__ import annotations
@@ -46,6 +49,11 @@ VARIABLE_CHAINS = 2  # 1 asked + 1 distractor chain
 VARIABLE_HOPS = 2  # `v = number`, then HOPS aliases: the answer needs HOPS+1 retrievals
 ARITH_DEFS = 5  # variables defined; 3 of them are summed
 ARITH_TERMS = 3
+# Fact groups per item (needle pairs / variable chains / arithmetic definitions): training draws from
+# the range, held-out evaluation always uses the maximum.
+FACT_RANGE = {
+    "needle": (1, NEEDLE_PAIRS), "variables": (1, VARIABLE_CHAINS), "arithmetic": (ARITH_TERMS, ARITH_DEFS),
+}
 MIN_LENGTH = 64
 
 # Item seeds: training draws from [0, 2**31), held-out evaluation from [2**31, 2**32).
@@ -82,18 +90,18 @@ def _filler(n: int, rng: random.Random) -> list[str]:
 Question = tuple[list[str], list[str]]  # (query words, answer words)
 
 
-def _needle(rng: random.Random) -> tuple[list[list[str]], list[Question]]:
-    keys = rng.sample(KEYS, NEEDLE_PAIRS)
+def _needle(rng: random.Random, pairs: int) -> tuple[list[list[str]], list[Question]]:
+    keys = rng.sample(KEYS, pairs)
     values = [rng.choice(NUMBERS) for _ in keys]
     facts = [[k, ":", v, "."] for k, v in zip(keys, values, strict=True)]
     rng.shuffle(facts)
     return facts, [(["?", k, ":"], [v]) for k, v in zip(keys, values, strict=True)]
 
 
-def _variables(rng: random.Random) -> tuple[list[list[str]], list[Question]]:
-    names = rng.sample(VARIABLES, VARIABLE_CHAINS * (VARIABLE_HOPS + 1))
+def _variables(rng: random.Random, n_chains: int) -> tuple[list[list[str]], list[Question]]:
+    names = rng.sample(VARIABLES, n_chains * (VARIABLE_HOPS + 1))
     chains: list[list[list[str]]] = []
-    for c in range(VARIABLE_CHAINS):
+    for c in range(n_chains):
         chain_names = names[c * (VARIABLE_HOPS + 1) : (c + 1) * (VARIABLE_HOPS + 1)]
         value = str(rng.randrange(100))
         stmts = [[chain_names[0], "=", value, "."]]
@@ -107,22 +115,25 @@ def _variables(rng: random.Random) -> tuple[list[list[str]], list[Question]]:
     for c in order:
         facts.append(chains[c][cursor[c]])
         cursor[c] += 1
-    # Chain ends first (the asked question is the end of chain 0), then the intermediate names.
+    # Chain ends first (the asked question is the end of chain 0), then the intermediate names. The
+    # answer walks the chain back: `? v22 =` -> `v10 = v3 = 7`.
     hops = [VARIABLE_HOPS] + list(range(VARIABLE_HOPS - 1, -1, -1))
-    questions = [
-        (["?", chains[c][h][0], "="], [chains[c][0][2]]) for h in hops for c in range(VARIABLE_CHAINS)
-    ]
+    questions = []
+    for h in hops:
+        for chain in chains:
+            answer = [w for hop in range(h, 0, -1) for w in (chain[hop][2], "=")] + [chain[0][2]]
+            questions.append((["?", chain[h][0], "="], answer))
     return facts, questions
 
 
-def _arithmetic(rng: random.Random) -> tuple[list[list[str]], list[Question]]:
-    names = rng.sample(VARIABLES, ARITH_DEFS)
+def _arithmetic(rng: random.Random, n_defs: int) -> tuple[list[list[str]], list[Question]]:
+    names = rng.sample(VARIABLES, n_defs)
     values = [rng.randrange(10) for _ in names]
     facts = [[n, "=", str(v), "."] for n, v in zip(names, values, strict=True)]
     rng.shuffle(facts)
     questions = []
     for _ in range(3):
-        terms = rng.sample(range(ARITH_DEFS), ARITH_TERMS)
+        terms = rng.sample(range(n_defs), ARITH_TERMS)
         query = ["?"]
         for i, t in enumerate(terms):
             query += (["+"] if i else []) + [names[t]]
@@ -140,8 +151,12 @@ def _arithmetic(rng: random.Random) -> tuple[list[list[str]], list[Question]]:
 _BUILDERS = {"needle": _needle, "variables": _variables, "arithmetic": _arithmetic}
 
 
-def make_item(task: str, length_tokens: int, rng: random.Random, tokenizer: Any = None) -> Item:
+def make_item(
+    task: str, length_tokens: int, rng: random.Random, tokenizer: Any = None, n_facts: int | None = None
+) -> Item:
     """One item of exactly `length_tokens` tokens (prompt + answer, no BOS/EOS).
+
+    `n_facts` (fact groups, within FACT_RANGE[task]) defaults to the full, held-out difficulty.
 
     One word is one token of the project tokenizer, so the length is exact without a tokenizer; when
     one is given it is checked against it (a foreign tokenizer would make the length approximate).
@@ -150,7 +165,11 @@ def make_item(task: str, length_tokens: int, rng: random.Random, tokenizer: Any 
         raise ValueError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
     if length_tokens < MIN_LENGTH:
         raise ValueError(f"length_tokens={length_tokens} is too short: items need at least {MIN_LENGTH}")
-    facts, questions = _BUILDERS[task](rng)
+    low, high = FACT_RANGE[task]
+    n_facts = high if n_facts is None else n_facts
+    if not low <= n_facts <= high:
+        raise ValueError(f"n_facts={n_facts} is outside {task}'s range {low}..{high}")
+    facts, questions = _BUILDERS[task](rng, n_facts)
     (query, answer), extra = questions[0], questions[1:]
     fact_tokens = sum(len(f) for f in facts)
     n_filler = length_tokens - fact_tokens - len(query) - len(answer)
@@ -182,6 +201,8 @@ def eval_items(task: str, length: int, n: int, seed: int = 0) -> list[Item]:
 
 
 def train_item(length: int, rng: random.Random, task: str | None = None) -> Item:
-    """One training item (task drawn uniformly unless given) from the training seed range."""
+    """One training item from the training seed range: task (unless given) and number of facts drawn
+    uniformly, so easy items (one needle pair, one chain) are always in the mix."""
     task = task or rng.choice(TASKS)
-    return make_item(task, length, random.Random(item_seed("train", rng)))
+    n_facts = rng.randint(*FACT_RANGE[task])
+    return make_item(task, length, random.Random(item_seed("train", rng)), n_facts=n_facts)
