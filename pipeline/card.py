@@ -77,6 +77,10 @@ class RetrofitSpec:
     # The CR schedule rises linearly from 1 to `schedule_cr` over `steps` (may overshoot target_cr,
     # as NVIDIA's recipe does: 1 -> 16 for an 8x model).
     schedule_cr: float = 8.0
+    # Steps over which the CR rises (0: all `steps`, the spec's schedule). Fewer leaves the rest of the
+    # run at `schedule_cr`, so the student recovers accuracy at full compression; the target-CR
+    # checkpoint is then the run's final state when that still meets the target.
+    ramp_steps: int = 0
     # Checkpoints kept from the same run, by compression ratio.
     checkpoint_crs: tuple[float, ...] = (2.0, 4.0, 8.0)
     lr: float = 3e-5

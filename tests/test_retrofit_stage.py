@@ -15,16 +15,10 @@ from pipeline.stages import retrofit
 
 def _card(**retro):
     card = load_card("tiny-qwen3")
-    r = dataclasses.replace(
-        card.retrofit,
-        steps=4,
-        seq_len=128,
-        batch_size=2,
-        schedule_cr=4.0,
-        checkpoint_crs=(2.0, 4.0),
-        lr=1e-2,
-        **retro,
+    settings = dict(
+        steps=4, ramp_steps=0, seq_len=128, batch_size=2, schedule_cr=4.0, checkpoint_crs=(2.0, 4.0), lr=1e-2
     )
+    r = dataclasses.replace(card.retrofit, **{**settings, **retro})
     return dataclasses.replace(
         card,
         retrofit=r,
@@ -71,6 +65,20 @@ def test_micro_retrofit_writes_checkpoints_and_report(micro_model, tmp_path):
     assert not retrofit.resume_dir(ctx).exists()
 
 
+def test_ramp_then_hold_makes_the_final_state_the_target_checkpoint(micro_model, tmp_path):
+    """With ramp_steps, the target-CR checkpoint is the run's last state (it still meets the target);
+    lower CRs keep the state that first reached them. Decisions start at 'evict' (logit ~ +5: scale
+    1e-3, offset -5), so the held-out CR is above 4 from the first check."""
+    torch.set_num_threads(1)
+    card = _card(steps=6, ramp_steps=3)
+    evict_all = dataclasses.replace(card.dms, initial_alpha_offset=-5.0, alpha_scale=1e-3)
+    card = dataclasses.replace(card, dms=evict_all)
+    ctx = StageContext(card=card, out_dir=tmp_path, inputs={"prepare": micro_model}, reports={})
+    report = retrofit.run(ctx)
+    assert report["checkpoint_step"] == {"2": 1, "4": 6}
+    assert report["measured_cr"] >= 4.0
+
+
 def test_unsupported_architecture_refused_before_training(tmp_path):
     prepare = tmp_path / "prepare"
     cfg = MistralConfig(
@@ -96,6 +104,7 @@ def test_unsupported_architecture_refused_before_training(tmp_path):
         (dict(build=dict(kv_block_size=16)), "kv_block_size"),
         (dict(retrofit=dict(checkpoint_crs=(2.0,))), "must include dms.target_cr"),
         (dict(retrofit=dict(schedule_cr=3.0)), "schedule_cr"),
+        (dict(retrofit=dict(ramp_steps=5)), "ramp_steps"),
     ],
 )
 def test_bad_cards_are_clear_errors(change, message):

@@ -37,6 +37,7 @@ class TrainConfig:
     target_cr: float
     checkpoint_crs: tuple[float, ...]
     lr: float
+    ramp_steps: int = 0  # steps of the CR ramp; 0: all of them
     grad_clip: float = 1.0
     seed: int = 0
     check_every: int = 5  # steps between held-out CR measurements once a checkpoint CR is in reach
@@ -120,7 +121,7 @@ def train_dms(
     bar = tqdm(range(start_step, cfg.steps), desc="retrofit", initial=start_step, total=cfg.steps)
     for step in bar:
         x = next_batch(step).to(device)
-        target = scheduled_cr(step + 1, cfg.steps, cfg.schedule_cr)
+        target = scheduled_cr(step + 1, cfg.ramp_steps or cfg.steps, cfg.schedule_cr)
         t_logits = teacher_logits(model, x, frozen)
         gen = noise_generator(cfg.seed, cfg.rank, step, 0, device=x.device)
         # flex_attention (compiled) on GPUs; on CPU inductor cannot compile its backward: the reference.
@@ -153,17 +154,25 @@ def train_dms(
 
         at_end = step == cfg.steps - 1
         due = pending and train_cr_ema >= pending[0] and (step % cfg.check_every == 0)
-        if due or (at_end and pending):
+        if due or at_end:
             model.eval()
             held_cr = measure_cr(model, heldout, window)
+            entry: dict[str, float] = {"step": step + 1, "measured_cr": held_cr}
+            if measure_kl and (at_end or held_cr >= pending[0]):  # only for a state that is saved
+                entry["mean_kl"] = mean_kl_to_teacher(model, heldout, frozen)
             while pending and (held_cr >= pending[0] or at_end):
                 cr = pending.pop(0)
-                entry = {"step": step + 1, "measured_cr": held_cr}
-                if measure_kl:
-                    entry["mean_kl"] = mean_kl_to_teacher(model, heldout, frozen)
                 save_checkpoint(cr, model)
                 saved[cr] = entry
                 tqdm.write(f"[retrofit] checkpoint CR {cr:g} at step {step + 1}: held-out CR {held_cr:.2f}")
+            # After a ramp, the final state has trained longest at full compression: when it still
+            # meets the target CR it replaces the target checkpoint taken on the way up.
+            last_saved = saved.get(cfg.target_cr, {}).get("step")
+            if at_end and cfg.ramp_steps and held_cr >= cfg.target_cr and last_saved != step + 1:
+                save_checkpoint(cfg.target_cr, model)
+                saved[cfg.target_cr] = entry
+                tqdm.write(f"[retrofit] checkpoint CR {cfg.target_cr:g} replaced by the final state: "
+                           f"held-out CR {held_cr:.2f}")
             model.train()
         if state_dir is not None and ((step + 1) % cfg.state_every == 0 or at_end):
             save_training_state(

@@ -52,6 +52,8 @@ def check_card(card: Card) -> None:
         )
     if card.retrofit.steps < 1 or card.retrofit.lr <= 0:
         raise CardError(f"{where}: retrofit.steps must be >= 1 and retrofit.lr > 0")
+    if not 0 <= card.retrofit.ramp_steps <= card.retrofit.steps:
+        raise CardError(f"{where}: retrofit.ramp_steps must be between 0 (all steps) and retrofit.steps")
 
 
 def _data(card: Card, model, tokenizer, out_dir: Path, state_dir: Path):
@@ -143,6 +145,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         target_cr=d.target_cr,
         checkpoint_crs=tuple(sorted(r.checkpoint_crs)),
         lr=r.lr,
+        ramp_steps=r.ramp_steps,
         grad_clip=r.grad_clip,
         seed=r.seed,
     )
