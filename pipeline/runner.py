@@ -191,12 +191,16 @@ def _point_link(link: Path, target: Path) -> None:
     os.replace(tmp, link)
 
 
+# Report sections named differently from their stage (the issues' report contracts).
+REPORT_KEYS = {"evaluate": "eval"}
+
+
 def write_report(
     model_root: Path, card: Card, manifests: dict[str, dict], timings: dict[str, dict]
 ) -> None:
     report: dict[str, Any] = {"model": card.name, "card": card.path}
     for name, manifest in manifests.items():
-        report[name] = manifest["report"]
+        report[REPORT_KEYS.get(name, name)] = manifest["report"]
     report["stages"] = timings
     tmp = model_root / ".report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2, default=str))

@@ -130,6 +130,7 @@ def test_report_gathers_figures(card, tmp_path):
     assert report["model"] == "tiny-qwen3"
     assert report["prepare"] == {"wrote": "prepare"}
     assert set(report["stages"]) == {"prepare", "retrofit", "evaluate"}
+    assert report["eval"] == {"wrote": "evaluate"} and "evaluate" not in report  # the key
 
 
 def test_every_shipped_stage_has_the_interface():
