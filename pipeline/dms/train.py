@@ -4,7 +4,8 @@ Per step: teacher logits (same model, eviction off; in borrowed mode the trained
 frozen originals are swapped in with `torch.func.functional_call`, so there is never a second model),
 student forward with Gumbel noise seeded from (rank, step, micro-step), L = KL(student||teacher) +
 one-sided compression loss at the scheduled CR, backward, clip, Adam step. Checkpoints for each
-requested CR are saved from this one run when the held-out measured CR first reaches that value.
+requested CR are saved from this one run when the held-out measured CR first reaches that value; with a
+ramp (`ramp_steps`), the target CR's checkpoint is replaced by the final state when that still meets it.
 
 Single process (CPU, or one GPU). Multi-GPU (torchrun + FSDP) is not wired in yet: `cfg.rank` only
 seeds the noise per process so that a sharded run stays reproducible.
@@ -154,7 +155,7 @@ def train_dms(
 
         at_end = step == cfg.steps - 1
         due = pending and train_cr_ema >= pending[0] and (step % cfg.check_every == 0)
-        if due or at_end:
+        if due or (at_end and (pending or cfg.ramp_steps)):
             model.eval()
             held_cr = measure_cr(model, heldout, window)
             entry: dict[str, float] = {"step": step + 1, "measured_cr": held_cr}
