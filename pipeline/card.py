@@ -91,6 +91,10 @@ class RetrofitSpec:
     # prompts; a path: a local JSONL of chat-formatted traces.
     data: str = "synthetic"
     seed: int = 0
+    # Training processes on this machine: 1 trains in the stage's own process; more starts them with
+    # `torchrun` and shards the model with FSDP2 (one per GPU; gloo processes on a CPU-only machine);
+    # 0 means one per visible GPU.
+    nproc_per_node: int = 1
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from pipeline.dms.checkpoint import load_dms_model, load_training_state, save_dms_model, save_training_state
@@ -89,12 +90,17 @@ def test_adapter_checkpoint_missing_adapter_weights_is_an_error(tmp_path):
 def test_training_state_round_trip(tmp_path):
     model = patch_model(tiny(), DmsSettings(window=3, separate_alpha=True))
     names = [n for n, _ in model.named_parameters() if "dms_proj_alpha" in n]
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in names)  # as train_dms does: only the trained weights are saved
     params = [p for n, p in model.named_parameters() if n in names]
     opt = torch.optim.AdamW(params, lr=0.1)
     params[0].grad = torch.ones_like(params[0])
     opt.step()
-    save_training_state(tmp_path / "state", model, names, opt, {"step": 7, "saved": {}})
+    save_training_state(tmp_path / "state", model, opt, {"step": 7, "saved": {}})
+    assert sorted(load_file(tmp_path / "state" / "trainable.safetensors")) == sorted(names)
     fresh = patch_model(tiny(), DmsSettings(window=3, separate_alpha=True))
+    for n, p in fresh.named_parameters():
+        p.requires_grad_(n in names)
     fresh_params = [p for n, p in fresh.named_parameters() if n in names]
     opt2 = torch.optim.AdamW(fresh_params, lr=0.1)
     meta = load_training_state(tmp_path / "state", fresh, opt2)

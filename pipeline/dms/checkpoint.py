@@ -10,13 +10,16 @@ Both layouts load with plain transformers classes plus `patch_model`, never `tru
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from pipeline.dms.distributed import SINGLE_PROCESS, Dist
 from pipeline.dms.patch import DMS_CONFIG_DEFAULTS, DmsSettings, UnsupportedModelError, patch_model
 
 _FAMILIES = {"qwen3": ("Qwen3Config", "Qwen3ForCausalLM"), "llama": ("LlamaConfig", "LlamaForCausalLM")}
@@ -81,9 +84,13 @@ def load_dms_model(
 
 
 def save_dms_model(
-    model: nn.Module, out_dir: str | Path, tokenizer: Any = None, target_cr: float = 8.0
+    model: nn.Module, out_dir: str | Path, tokenizer: Any = None, target_cr: float = 8.0,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write a DMS checkpoint: safetensors weights, config.json with every dms_* key, the tokenizer."""
+    """Write a DMS checkpoint: safetensors weights, config.json with every dms_* key, the tokenizer.
+
+    `state_dict`: the weights to write when the model's own are sharded (`distributed.full_state_dict`).
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = model.config
@@ -100,7 +107,7 @@ def save_dms_model(
         model.hf_quantizer = None  # GGUF weights are dequantized to float at load: nothing to keep
         config.quantization_config = None
         del config.quantization_config
-    model.save_pretrained(out_dir, safe_serialization=True)
+    model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return out_dir
@@ -112,32 +119,37 @@ def save_dms_model(
 def save_training_state(
     state_dir: str | Path,
     model: nn.Module,
-    trainable: list[str],
     optimizer: torch.optim.Optimizer,
     meta: dict[str, Any],
+    d: Dist = SINGLE_PROCESS,
 ) -> None:
-    """Trainable weights (safetensors), optimizer state (tensors only) and loop counters (JSON)."""
+    """Trainable weights (safetensors), optimizer state (tensors only) and loop counters (JSON).
+
+    Both are gathered whole (unsharded, by parameter name) onto rank 0, which alone writes: a run can
+    resume on any number of processes. All ranks must call this (it is a collective under FSDP).
+    """
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    weights, optim = get_state_dict(model, optimizer, options=options)
+    if not d.is_main:
+        return
     state_dir = Path(state_dir)
     tmp = state_dir.with_name(state_dir.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    params = dict(model.named_parameters())
-    save_file(
-        {n: params[n].detach().contiguous().cpu() for n in trainable}, str(tmp / "trainable.safetensors")
-    )
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    save_file({n: t.detach().contiguous() for n, t in weights.items()}, str(tmp / "trainable.safetensors"))
+    torch.save(optim, tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))
     if state_dir.exists():
-        for f in state_dir.iterdir():
-            f.unlink()
-        state_dir.rmdir()
+        shutil.rmtree(state_dir)
     tmp.rename(state_dir)
 
 
 def load_training_state(
-    state_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer
+    state_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, d: Dist = SINGLE_PROCESS
 ) -> dict[str, Any]:
-    """Restore what `save_training_state` wrote; returns the loop counters."""
+    """Restore what `save_training_state` wrote (every rank reads it); returns the loop counters."""
     state_dir = Path(state_dir)
-    model.load_state_dict(load_file(str(state_dir / "trainable.safetensors")), strict=False)
-    optimizer.load_state_dict(torch.load(state_dir / "optimizer.pt", weights_only=True))
+    weights = load_file(str(state_dir / "trainable.safetensors"))
+    optim = torch.load(state_dir / "optimizer.pt", weights_only=True)
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim, options=options)
     return json.loads((state_dir / "state.json").read_text())

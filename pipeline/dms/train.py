@@ -1,21 +1,24 @@
 """The DMS retrofit loop (dms-spec.md section 4), readable top to bottom like nanoGPT's train.py.
 
 Per step: teacher logits (same model, eviction off; in borrowed mode the trained attention weights'
-frozen originals are swapped in with `torch.func.functional_call`, so there is never a second model),
+frozen originals are copied in for that one no-grad forward, so there is never a second model),
 student forward with Gumbel noise seeded from (rank, step, micro-step), L = KL(student||teacher) +
 one-sided compression loss at the scheduled CR, backward, clip, Adam step. Checkpoints for each
 requested CR are saved from this one run when the held-out measured CR first reaches that value; with a
 ramp (`ramp_steps`), the target CR's checkpoint is replaced by the final state when that still meets it.
 
-Single process (CPU, or one GPU). Multi-GPU (torchrun + FSDP) is not wired in yet: `cfg.rank` only
-seeds the noise per process so that a sharded run stays reproducible.
+The same loop runs in one process (CPU, one GPU) and in many under `torchrun` with the model sharded
+by FSDP2 (`distributed.py`): each process takes its own batches (global batch = world x batch_size) and
+its share of the held-out rows, and every decision that leads to a collective (measuring, saving) is
+taken from figures summed over all processes, so the processes never disagree about what comes next.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,7 @@ from tqdm import tqdm
 
 from pipeline.dms import rule
 from pipeline.dms.checkpoint import load_training_state, save_training_state
+from pipeline.dms.distributed import SINGLE_PROCESS, Dist, all_sum, rank_slice
 from pipeline.dms.losses import chunked_kl, compression_loss
 from pipeline.dms.patch import dms_mode, dms_parameter_names
 from pipeline.dms.schedule import noise_generator, scheduled_cr
@@ -46,43 +50,87 @@ class TrainConfig:
     rank: int = 0
 
 
-def measure_cr(model: nn.Module, sequences: torch.Tensor, window: int, batch_size: int = 2) -> float:
+def measure_cr(
+    model: nn.Module, sequences: torch.Tensor, window: int, d: Dist = SINGLE_PROCESS, batch_size: int = 2
+) -> float:
     """CR of hard (noise-free) decisions on held-out sequences [N, T]: 1/mean(kept/len) over
-    (layers, heads, sequences), with kept from `rule.live_after_prefill` after the whole sequence."""
-    kept, total = [], []
+    (layers, heads, sequences), with kept from `rule.live_after_prefill` after the whole sequence.
+    Each process measures its share of the rows; the mean is over all of them."""
+    fractions, count = 0.0, 0
     with torch.no_grad():
-        for i in range(0, len(sequences), batch_size):
-            x = sequences[i : i + batch_size]
+        mine = rank_slice(sequences, d)
+        for i in range(0, len(mine), batch_size):
+            x = mine[i : i + batch_size]
             with dms_mode(model, "hard") as rec:
                 model(x, use_cache=False)
             evicted = rec.stacked() > 0.5  # [L, B, H, T]
             live = rule.live_after_prefill(evicted, x.shape[1], window)
-            kept.append(live.sum(-1).flatten())
-            total.append(torch.full_like(kept[-1], x.shape[1]))
-    return rule.compression_ratio(torch.cat(kept), torch.cat(total))
+            fractions += float((live.sum(-1).double() / x.shape[1]).sum())
+            count += live[..., 0].numel()
+    fractions, count = all_sum([fractions, count], d)
+    return count / fractions
+
+
+@contextmanager
+def original_weights(model: nn.Module, frozen: dict[str, torch.Tensor] | None) -> Iterator[None]:
+    """The base model's weights copied into the trained parameters for the duration (no grad).
+
+    An in-place copy rather than `functional_call`, so it also works on FSDP-sharded parameters (each
+    process swaps only its own shard)."""
+    if not frozen:
+        yield
+        return
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        trained = {n: params[n].detach().clone() for n in frozen}
+        for n, w in frozen.items():
+            params[n].detach().copy_(w)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, w in trained.items():
+                params[n].detach().copy_(w)
 
 
 def teacher_logits(model: nn.Module, x: torch.Tensor, frozen: dict[str, torch.Tensor] | None) -> torch.Tensor:
     """Logits of the base model: eviction off, borrowed channel intact, original weights where trained."""
-    with torch.no_grad(), dms_mode(model, "teacher"):
-        if frozen:
-            return torch.func.functional_call(model, frozen, (x,), {"use_cache": False}).logits
+    with torch.no_grad(), dms_mode(model, "teacher"), original_weights(model, frozen):
         return model(x, use_cache=False).logits
 
 
 def mean_kl_to_teacher(
-    model: nn.Module, sequences: torch.Tensor, frozen: dict[str, torch.Tensor] | None, batch_size: int = 1
+    model: nn.Module,
+    sequences: torch.Tensor,
+    frozen: dict[str, torch.Tensor] | None,
+    d: Dist = SINGLE_PROCESS,
+    batch_size: int = 1,
 ) -> float:
     """Mean per-token KL(student with hard decisions || teacher) on held-out sequences [N, T]."""
-    values = []
+    total, count = 0.0, 0
     with torch.no_grad():
-        for i in range(0, len(sequences), batch_size):
-            x = sequences[i : i + batch_size]
+        mine = rank_slice(sequences, d)
+        for i in range(0, len(mine), batch_size):
+            x = mine[i : i + batch_size]
             t = teacher_logits(model, x, frozen)
             with dms_mode(model, "hard"):
                 s = model(x, use_cache=False).logits
-            values.append(float(chunked_kl(s, t)))
-    return sum(values) / len(values)
+            total, count = total + float(chunked_kl(s, t)), count + 1
+    total, count = all_sum([total, count], d)
+    return total / count
+
+
+def _batch_cr(hard: torch.Tensor, window: int) -> float:
+    """CR of this step's hard decisions [L, B, H, T] (the progress bar's `cr`)."""
+    with torch.no_grad():
+        live = rule.live_after_prefill(hard.detach() > 0.5, hard.shape[-1], window)
+        kept = live.sum(-1).flatten()
+        return rule.compression_ratio(kept, torch.full_like(kept, hard.shape[-1]))
+
+
+def _say(d: Dist, message: str) -> None:
+    if d.is_main:
+        tqdm.write(message)
 
 
 def train_dms(
@@ -93,10 +141,13 @@ def train_dms(
     save_checkpoint: Callable[[float, nn.Module], None],
     state_dir: Path | None = None,
     measure_kl: bool = False,
+    d: Dist = SINGLE_PROCESS,
 ) -> dict[str, Any]:
-    """Retrofit `model` (already patched) in place. next_batch(step) -> [B, T] token ids; heldout [N, T].
+    """Retrofit `model` (already patched, and sharded when d.world > 1) in place.
 
-    save_checkpoint(cr, model) is called once per cfg.checkpoint_crs. Returns the run's figures.
+    next_batch(i) -> [B, T] token ids (process `rank` of `world` takes i = step * world + rank);
+    heldout [N, T]. save_checkpoint(cr, model) is called on every process once per cfg.checkpoint_crs
+    (saving is collective when sharded). Returns the run's figures (the same on every process).
     """
     window = model.dms_settings.window
     device = next(model.parameters()).device
@@ -112,16 +163,17 @@ def train_dms(
 
     start_step, saved, first_loss = 0, {}, None
     if state_dir is not None and (state_dir / "state.json").is_file():
-        meta = load_training_state(state_dir, model, optimizer)
+        meta = load_training_state(state_dir, model, optimizer, d)
         start_step, saved = meta["step"], {float(k): v for k, v in meta["saved"].items()}
     pending = sorted(c for c in cfg.checkpoint_crs if c not in saved)
     train_cr_ema = 1.0
     last: dict[str, float] = {}
     t0 = time.monotonic()
     model.train()
-    bar = tqdm(range(start_step, cfg.steps), desc="retrofit", initial=start_step, total=cfg.steps)
+    bar = tqdm(range(start_step, cfg.steps), desc="retrofit", initial=start_step, total=cfg.steps,
+               disable=not d.is_main)
     for step in bar:
-        x = next_batch(step).to(device)
+        x = next_batch(step * d.world + d.rank).to(device)
         target = scheduled_cr(step + 1, cfg.ramp_steps or cfg.steps, cfg.schedule_cr)
         t_logits = teacher_logits(model, x, frozen)
         gen = noise_generator(cfg.seed, cfg.rank, step, 0, device=x.device)
@@ -136,53 +188,45 @@ def train_dms(
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         optimizer.step()
-        if not math.isfinite(loss.item()):
+        # Figures every process agrees on (they decide when to measure and save, which are collective).
+        loss_sum, train_cr = all_sum([loss.item(), _batch_cr(hard, window)], d)
+        mean_loss, train_cr = loss_sum / d.world, train_cr / d.world
+        if not math.isfinite(mean_loss):
             raise FloatingPointError(
-                f"retrofit diverged at step {step} (loss {float(loss)}); lower retrofit.lr"
-            )
-
-        with torch.no_grad():
-            live = rule.live_after_prefill(hard.detach() > 0.5, x.shape[1], window)
-            train_cr = rule.compression_ratio(
-                live.sum(-1).flatten(), torch.full((live[..., 0].numel(),), x.shape[1])
+                f"retrofit diverged at step {step} (loss {mean_loss}); lower retrofit.lr"
             )
         train_cr_ema = 0.8 * train_cr_ema + 0.2 * train_cr
-        first_loss = loss.item() if first_loss is None else first_loss
-        last = {"loss": loss.item(), "kl": kl.item(), "l_dms": l_dms.item(), "grad_norm": float(grad_norm)}
+        first_loss = mean_loss if first_loss is None else first_loss
+        last = {"loss": mean_loss, "kl": kl.item(), "l_dms": l_dms.item(), "grad_norm": float(grad_norm)}
         bar.set_postfix(
-            loss=f"{float(loss):.4f}", kl=f"{float(kl):.4f}", cr_target=f"{target:.2f}", cr=f"{train_cr:.2f}"
+            loss=f"{mean_loss:.4f}", kl=f"{last['kl']:.4f}", cr_target=f"{target:.2f}", cr=f"{train_cr:.2f}"
         )
 
         at_end = step == cfg.steps - 1
         due = pending and train_cr_ema >= pending[0] and (step % cfg.check_every == 0)
         if due or (at_end and (pending or cfg.ramp_steps)):
             model.eval()
-            held_cr = measure_cr(model, heldout, window)
+            held_cr = measure_cr(model, heldout, window, d)
             entry: dict[str, float] = {"step": step + 1, "measured_cr": held_cr}
             if measure_kl and (at_end or held_cr >= pending[0]):  # only for a state that is saved
-                entry["mean_kl"] = mean_kl_to_teacher(model, heldout, frozen)
+                entry["mean_kl"] = mean_kl_to_teacher(model, heldout, frozen, d)
             while pending and (held_cr >= pending[0] or at_end):
                 cr = pending.pop(0)
                 save_checkpoint(cr, model)
                 saved[cr] = entry
-                tqdm.write(f"[retrofit] checkpoint CR {cr:g} at step {step + 1}: held-out CR {held_cr:.2f}")
+                _say(d, f"[retrofit] checkpoint CR {cr:g} at step {step + 1}: held-out CR {held_cr:.2f}")
             # After a ramp, the final state has trained longest at full compression: when it still
             # meets the target CR it replaces the target checkpoint taken on the way up.
             last_saved = saved.get(cfg.target_cr, {}).get("step")
             if at_end and cfg.ramp_steps and held_cr >= cfg.target_cr and last_saved != step + 1:
                 save_checkpoint(cfg.target_cr, model)
                 saved[cfg.target_cr] = entry
-                tqdm.write(f"[retrofit] checkpoint CR {cfg.target_cr:g} replaced by the final state: "
-                           f"held-out CR {held_cr:.2f}")
+                _say(d, f"[retrofit] checkpoint CR {cfg.target_cr:g} replaced by the final state: "
+                        f"held-out CR {held_cr:.2f}")
             model.train()
         if state_dir is not None and ((step + 1) % cfg.state_every == 0 or at_end):
-            save_training_state(
-                state_dir,
-                model,
-                names,
-                optimizer,
-                {"step": step + 1, "saved": {str(k): v for k, v in saved.items()}},
-            )
+            meta = {"step": step + 1, "saved": {str(k): v for k, v in saved.items()}}
+            save_training_state(state_dir, model, optimizer, meta, d)
     bar.close()
     model.eval()
     return {

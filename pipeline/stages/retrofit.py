@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from pipeline.card import Card, CardError, card_section, validate_card
+from pipeline.dms.distributed import SINGLE_PROCESS, Dist
 from pipeline.runner import Options, StageContext
 
 NAME = "retrofit"
@@ -54,10 +55,15 @@ def check_card(card: Card) -> None:
         raise CardError(f"{where}: retrofit.steps must be >= 1 and retrofit.lr > 0")
     if not 0 <= card.retrofit.ramp_steps <= card.retrofit.steps:
         raise CardError(f"{where}: retrofit.ramp_steps must be between 0 (all steps) and retrofit.steps")
+    if card.retrofit.nproc_per_node < 0:
+        raise CardError(f"{where}: retrofit.nproc_per_node must be >= 1 (or 0: one per visible GPU)")
 
 
-def _data(card: Card, model, tokenizer, out_dir: Path, state_dir: Path):
-    """(next_batch(step) -> [B, T], heldout [N, T]) for the card's retrofit.data."""
+def _data(card: Card, model, tokenizer, out_dir: Path, state_dir: Path, d: Dist = SINGLE_PROCESS):
+    """(next_batch(step) -> [B, T], heldout [N, T]) for the card's retrofit.data.
+
+    With several processes each makes the same data (teacher answers: the same greedy generation);
+    only rank 0 writes files."""
     from pipeline.dms import distill_data as dd
 
     r = card.retrofit
@@ -74,12 +80,14 @@ def _data(card: Card, model, tokenizer, out_dir: Path, state_dir: Path):
         else:
             prompts = dd.generated_prompts(TEACHER_PROMPTS, seed=r.seed)
             records = dd.teacher_answers(model, tokenizer, prompts, TEACHER_ANSWER_TOKENS, batch_size=32)
-            state_dir.mkdir(parents=True, exist_ok=True)
-            with open(cached, "w") as fh:
-                for rec in records:
-                    fh.write(json.dumps({"messages": rec}) + "\n")
-        (out_dir / "distill").mkdir(parents=True, exist_ok=True)
-        shutil.copy2(cached, out_dir / "distill" / "teacher_answers.jsonl")
+            if d.is_main:
+                state_dir.mkdir(parents=True, exist_ok=True)
+                with open(cached, "w") as fh:
+                    for rec in records:
+                        fh.write(json.dumps({"messages": rec}) + "\n")
+        if d.is_main:
+            (out_dir / "distill").mkdir(parents=True, exist_ok=True)
+            shutil.copy2(cached, out_dir / "distill" / "teacher_answers.jsonl")
     else:
         path = Path(r.data).expanduser()
         if not path.exists():
@@ -100,59 +108,109 @@ def resume_dir(ctx: StageContext) -> Path:
     return ctx.out_dir.parent / f".{key}.resume"
 
 
-def run(ctx: StageContext) -> dict[str, Any]:
+def retrofit(card: Card, model_dir: Path, out_dir: Path, state_dir: Path, d: Dist = SINGLE_PROCESS) -> dict:
+    """Load, patch, (shard,) train; the checkpoints land in `state_dir/checkpoints`. Runs the same in one
+    process and in each process of a `torchrun` group. Returns the training figures."""
     import transformers
 
     from pipeline.dms.checkpoint import load_config, save_dms_model
+    from pipeline.dms.distributed import full_state_dict, shard_model
     from pipeline.dms.patch import DmsSettings, check_architecture, patch_model
     from pipeline.dms.train import TrainConfig, train_dms
 
-    card = ctx.card
-    check_card(card)
-    model_dir = ctx.inputs["prepare"] / "model"
     config = load_config(model_dir)
     check_architecture(config)  # before loading weights or building data
     torch.manual_seed(card.retrofit.seed)
     model = getattr(transformers, config.architectures[0]).from_pretrained(
         model_dir, config=config, dtype=torch.float32
-    )
+    ).to(d.device)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    state_dir = resume_dir(ctx)
-    next_batch, heldout = _data(card, model, tokenizer, ctx.out_dir, state_dir)
+    next_batch, heldout = _data(card, model, tokenizer, out_dir, state_dir, d)
 
-    d = card.dms
+    dms = card.dms
     patch_model(
         model,
         DmsSettings(
-            window=d.window,
-            separate_alpha=d.decision == "adapter",
-            alpha_per=d.alpha_per,
-            alpha_scale=d.alpha_scale,
-            initial_alpha_offset=d.initial_alpha_offset,
-            tau=d.tau,
+            window=dms.window,
+            separate_alpha=dms.decision == "adapter",
+            alpha_per=dms.alpha_per,
+            alpha_scale=dms.alpha_scale,
+            initial_alpha_offset=dms.initial_alpha_offset,
+            tau=dms.tau,
         ),
     )
     model.config.dms_paged_attention_block_size = card.build.kv_block_size
+    model = shard_model(model, d)
 
     def save(cr: float, m) -> None:
         # Into the resume directory first: an interrupted run keeps the checkpoints it already made.
-        save_dms_model(m, state_dir / "checkpoints" / f"cr{cr_label(cr)}", tokenizer, target_cr=cr)
+        weights = full_state_dict(m, d)  # collective when sharded
+        if d.is_main:
+            save_dms_model(m, state_dir / "checkpoints" / f"cr{cr_label(cr)}", tokenizer, cr, weights)
 
     r = card.retrofit
     cfg = TrainConfig(
         steps=r.steps,
         schedule_cr=r.schedule_cr,
-        target_cr=d.target_cr,
+        target_cr=dms.target_cr,
         checkpoint_crs=tuple(sorted(r.checkpoint_crs)),
         lr=r.lr,
         ramp_steps=r.ramp_steps,
         grad_clip=r.grad_clip,
         seed=r.seed,
+        rank=d.rank,
     )
     real = card.source.kind != "embedded"
     result = train_dms(
-        model, next_batch, heldout, cfg, save, state_dir=state_dir / "train_state", measure_kl=real
+        model, next_batch, heldout, cfg, save, state_dir=state_dir / "train_state", measure_kl=real, d=d
     )
+    result["heldout"] = {"sequences": int(heldout.shape[0]), "tokens": int(heldout.shape[1])}
+    return result
+
+
+def processes(card: Card) -> int:
+    """How many training processes: the card's retrofit.nproc_per_node, 0 meaning one per visible GPU."""
+    n = card.retrofit.nproc_per_node
+    return n if n > 0 else max(1, torch.cuda.device_count())
+
+
+def _torchrun(ctx: StageContext, state_dir: Path, n: int) -> dict:
+    """Run `retrofit` in n processes (`torch.distributed.run --standalone`, this machine only) and read
+    the figures rank 0 left behind."""
+    import subprocess
+    import sys
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    result_file = state_dir / "result.json"
+    result_file.unlink(missing_ok=True)
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+        "-m", "pipeline.stages.retrofit",
+        "--card", str(ctx.card.path), "--model-dir", str(ctx.inputs["prepare"] / "model"),
+        "--out", str(ctx.out_dir), "--state-dir", str(state_dir),
+    ]
+    print(f"[retrofit] {n} processes: {' '.join(cmd[2:6])} ...", flush=True)
+    done = subprocess.run(cmd, check=False)
+    if done.returncode != 0 or not result_file.is_file():
+        raise RuntimeError(
+            f"retrofit: the {n}-process torchrun exited with status {done.returncode} (its output is above); "
+            f"set retrofit.nproc_per_node: 1 in {ctx.card.path} to train in one process"
+        )
+    result = json.loads(result_file.read_text())
+    result["saved"] = {float(k): v for k, v in result["saved"].items()}
+    return result
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    card = ctx.card
+    check_card(card)
+    state_dir = resume_dir(ctx)
+    n = processes(card)
+    if n > 1:
+        result = _torchrun(ctx, state_dir, n)
+    else:
+        result = retrofit(card, ctx.inputs["prepare"] / "model", ctx.out_dir, state_dir)
+    d = card.dms
     saved = result["saved"]
     checkpoints = {cr_label(c): f"checkpoints/cr{cr_label(c)}" for c in sorted(saved)}
     shutil.move(state_dir / "checkpoints", ctx.out_dir / "checkpoints")
@@ -164,13 +222,39 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "steps": result["steps"],
         "seconds": result["seconds"],
         "final_loss": result["final_loss"],
+        "processes": n,
         "checkpoints": checkpoints,
         "measured_cr_by_checkpoint": {cr_label(c): v["measured_cr"] for c, v in sorted(saved.items())},
         "checkpoint_step": {cr_label(c): v["step"] for c, v in sorted(saved.items())},
-        "heldout": {"sequences": int(heldout.shape[0]), "tokens": int(heldout.shape[1])},
+        "heldout": result["heldout"],
         "decision": d.decision,
     }
-    if real:
+    if card.source.kind != "embedded":
         report["mean_kl"] = target["mean_kl"]
         report["mean_kl_by_checkpoint"] = {cr_label(c): v["mean_kl"] for c, v in sorted(saved.items())}
     return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    """One process of a multi-process retrofit (started by `_torchrun`, not by hand)."""
+    import argparse
+
+    from pipeline.card import load_card
+    from pipeline.dms.distributed import init_from_env, shutdown
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    for flag in ("--card", "--model-dir", "--out", "--state-dir"):
+        parser.add_argument(flag, required=True)
+    args = parser.parse_args(argv)
+    d = init_from_env()
+    try:
+        result = retrofit(load_card(args.card), Path(args.model_dir), Path(args.out), Path(args.state_dir), d)
+        if d.is_main:
+            result["saved"] = {str(k): v for k, v in result["saved"].items()}
+            (Path(args.state_dir) / "result.json").write_text(json.dumps(result, indent=1))
+    finally:
+        shutdown(d)
+
+
+if __name__ == "__main__":
+    main()
