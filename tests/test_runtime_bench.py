@@ -11,7 +11,7 @@ from pipeline.runtime.bench import run_bench, write_results
 
 def test_bench_small_run_writes_results(tmp_path):
     torch.set_num_threads(1)
-    report = run_bench(context=200, batch=2, build_dir=tmp_path / "no-build", decode_tokens=8)
+    report = run_bench(context=200, batch=2, build_dir=tmp_path / "no-build", decode_tokens=8, rounds=2)
     write_results(report, tmp_path / "out", md_path=tmp_path / "RESULTS.md")
     data = json.loads((tmp_path / "out" / "bench.json").read_text())
     for key in (
@@ -25,6 +25,9 @@ def test_bench_small_run_writes_results(tmp_path):
         assert key in data
     assert set(data["decode_tokens_per_s"]) == {"dms", "vanilla", "hf"}
     assert all(v > 0 for v in data["decode_tokens_per_s"].values())
+    for name, speed in data["decode_tokens_per_s"].items():  # the best of the interleaved rounds
+        assert speed == max(data["details"][name]["decode_tokens_per_s_rounds"])
+        assert len(data["details"][name]["decode_tokens_per_s_rounds"]) == 2
     assert data["dms_decisions"].startswith("forced")  # no trained checkpoint under tmp_path
     # 199 tokens go through the model (the last sampled one is never fed); at CR 8 with a 32-token window
     # 33 + 166 // 8 = 53 stay live: 4 blocks of 16 against 13

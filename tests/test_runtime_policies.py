@@ -93,7 +93,7 @@ def test_gathered_attention_matches_kernel_reference():
 
 
 def test_block_gather_attention_matches_kernel_reference():
-    from pipeline.runtime.runner import block_gather_decode_attention
+    from pipeline.runtime.runner import BlockGatherAttention
     from plugins.dms_attention.reference import reference_paged_decode_attention
 
     g = torch.Generator().manual_seed(1)
@@ -101,6 +101,15 @@ def test_block_gather_attention_matches_kernel_reference():
     tables = torch.randperm(32, generator=g)[:24].view(6, 4).to(torch.int32)
     lens = torch.tensor([0, 16, 5, 3, 13, 1], dtype=torch.int32)
     q = torch.randn(3, 8, 8, generator=g)
-    out = block_gather_decode_attention(q, k_cache, v_cache, tables, lens, 0.4, 2)
+    attention = BlockGatherAttention()
     ref = reference_paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.4, 2)
-    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(attention(q, k_cache, v_cache, tables, lens, 0.4, 2), ref)
+    # Several chunks (1 block each), every stream full, then all short.
+    attention.CHUNK_BYTES = 1
+    torch.testing.assert_close(attention(q, k_cache, v_cache, tables, lens, 0.4, 2), ref)
+    full = torch.full_like(lens, 16)
+    ref_full = reference_paged_decode_attention(q, k_cache, v_cache, tables, full, 0.4, 2)
+    torch.testing.assert_close(attention(q, k_cache, v_cache, tables, full, 0.4, 2), ref_full)
+    short = torch.tensor([2, 1, 3, 3, 2, 1], dtype=torch.int32)
+    ref_short = reference_paged_decode_attention(q, k_cache, v_cache, tables, short, 0.4, 2)
+    torch.testing.assert_close(attention(q, k_cache, v_cache, tables, short, 0.4, 2), ref_short)
