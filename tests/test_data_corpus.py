@@ -1,6 +1,7 @@
 """Packed training batches: shapes, loss weights on answers, determinism."""
 
 import random
+import re
 
 import pytest
 
@@ -26,8 +27,10 @@ def test_rows_are_whole_items_with_answer_weights(tok):
                 j = i
                 while w[j - 1] == 1.0:
                     j -= 1
-                # answer lengths: needle 1, variable chains 1/3/5 (`v10 = v3 = 7`), arithmetic 9
-                assert tok.convert_ids_to_tokens(row[j - 1]) in (":", "=") and i - j in (1, 3, 5, 9)
+                # answers follow the asked name (`? k17`, `? v22`) or `=` (arithmetic); lengths: needle 1,
+                # variable chains 1/2/3 (`v10 v3 7`), arithmetic 9
+                before = tok.convert_ids_to_tokens(row[j - 1])
+                assert (before == "=" or re.fullmatch(r"[kv]\d+", before)) and i - j in (1, 2, 3, 9)
                 n_answers += 1
             elif wt != 1.0:
                 assert wt == pytest.approx(PROMPT_WEIGHT)
@@ -44,3 +47,20 @@ def test_sample_batch_is_deterministic_and_validates(tok):
         sample_batch(tok, 2, 32, random.Random(0))
     with pytest.raises(ValueError, match="split"):
         sample_batch(tok, 2, 256, random.Random(0), split="eval")
+
+
+def test_copy_rows_repeat_their_words_and_weigh_only_the_predictable_copies(tok):
+    from pipeline.data.corpus import COPY_HALF, COPY_WORDS, sample_copy_batch
+
+    tokens, weights = sample_copy_batch(tok, 4, 64, random.Random(3))
+    copy_ids = set(tok.convert_tokens_to_ids(list(COPY_WORDS)))
+    for row, w in zip(tokens.tolist(), weights.tolist(), strict=True):
+        assert row[0] == tok.bos_token_id
+        first = row[1 : 1 + COPY_HALF]  # the first segment: words, a filler gap, the same words
+        gap = 1 + COPY_HALF
+        while row[gap] not in copy_ids:
+            gap += 1
+        assert set(first) <= copy_ids and gap - 1 - COPY_HALF <= 12
+        assert row[gap : gap + COPY_HALF] == first
+        assert w[: gap + 1] == [0.0] * (gap + 1) and w[gap + 1 : gap + COPY_HALF] == [1.0] * (COPY_HALF - 1)
+        assert set(w) <= {0.0, 1.0}

@@ -24,13 +24,13 @@ def solve(prompt: str) -> str:
     words = prompt.split()
     q = len(words) - 1 - words[::-1].index("?")
     body, query = " ".join(words[:q]), words[q + 1 :]
-    if query[-1] == ":":  # needle
-        return re.search(rf"\b{query[0]} : (\d+) \.", body).group(1)
-    defs = dict(re.findall(r"\b(v\d+) = (\w+) \.", body))
-    if len(query) == 2:  # variables: follow the chain to a number, writing each step
+    if query[0].startswith("k"):  # needle: `k17 42 .` ... `? k17`
+        return re.search(rf"\b{query[0]} (\d+) \.", body).group(1)
+    defs = dict(re.findall(r"\b(v\d+) (\w+) \.", body))  # `name value .`, the last one wins
+    if len(query) == 1:  # variables: follow the chain to a number, writing each step
         steps = [defs[query[0]]]
         while not steps[-1].isdigit():
-            steps += ["=", defs[steps[-1]]]
+            steps.append(defs[steps[-1]])
         return " ".join(steps)
     values = [int(defs[v]) for v in query[:-1:2]]  # arithmetic: a + b + c =
     steps, total = [str(values[0])], values[0]
@@ -84,7 +84,7 @@ def test_bad_input_is_named():
 
 
 def fact_count(item) -> int:
-    return len(re.findall(r"\b[kv]\d+ [:=] \w+ \.", item.prompt))
+    return len(re.findall(r"\b[kv]\d+ \w+ \.", item.prompt))
 
 
 def test_training_mixes_easy_items_and_evaluation_uses_the_full_task():

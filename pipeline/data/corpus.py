@@ -12,11 +12,15 @@ import random
 
 import torch
 
-from pipeline.data.tasks import MIN_LENGTH, TASKS, train_item
+from pipeline.data.tasks import FILLER_WORDS, KEYS, MIN_LENGTH, NUMBERS, TASKS, VARIABLES, train_item
 
 # Loss weight of prompt tokens (filler and facts are mostly unpredictable noise); answers weigh 1.
 PROMPT_WEIGHT = 0.05
 EXTRA_ROOM = 40  # tokens kept free in a row for an item's extra questions
+COPY_WORDS = NUMBERS + KEYS + VARIABLES  # every token a fact or an answer can contain
+COPY_MAX_GAP = 12
+COPY_HALF = 25  # words per copied segment: two segments and a gap fill a COPY_ROW-token row
+COPY_ROW = 64
 
 
 def _item_length(room: int, rng: random.Random) -> int:
@@ -72,3 +76,34 @@ def sample_batch(
 ) -> torch.Tensor:
     """Packed rows of task text, [B, seq_len] long (pad = tokenizer.pad_token_id)."""
     return sample_batch_with_weights(tokenizer, batch_size, seq_len, rng, split)[0]
+
+
+def sample_copy_batch(
+    tokenizer, batch_size: int, seq_len: int, rng: random.Random, max_gap: int = COPY_MAX_GAP
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Warm-up rows that teach induction ("find this token earlier, copy what followed it"), which
+    every task's lookups are made of: COPY_HALF random fact words, 0..max_gap filler words, the same
+    words again, segment after segment (one per COPY_ROW-token row with the default gap; long gaps
+    teach the same lookup at the distances the tasks need). Weight 1 on the repeated
+    words that can be predicted (all but the first), 0 elsewhere. Random words at a random distance
+    cannot be predicted by position, only by matching content. Returns (tokens [B, seq_len],
+    weights [B, seq_len]) like the task batches.
+    """
+    bos = tokenizer.bos_token_id
+    tokens = torch.full((batch_size, seq_len), tokenizer.pad_token_id, dtype=torch.long)
+    weights = torch.zeros(batch_size, seq_len)
+    for b in range(batch_size):
+        ids, w = [bos], [0.0]
+        while seq_len - len(ids) >= 8:
+            room = seq_len - len(ids)
+            gap = rng.randint(0, max(0, min(max_gap, room - 2 * COPY_HALF)))
+            half = min(COPY_HALF, (room - gap) // 2)
+            if half < 2:
+                break
+            words = [rng.choice(COPY_WORDS) for _ in range(half)]
+            filler = [rng.choice(FILLER_WORDS) for _ in range(gap)]
+            ids += tokenizer.convert_tokens_to_ids(words + filler + words)
+            w += [0.0] * (half + gap + 1) + [1.0] * (half - 1)
+        tokens[b, : len(ids)] = torch.tensor(ids)
+        weights[b, : len(w)] = torch.tensor(w)
+    return tokens, weights

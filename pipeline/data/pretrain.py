@@ -1,8 +1,11 @@
 """Build the embedded Qwen3 from a card's `pretrain` section and pretrain it on the task corpus.
 
 A nanoGPT-style loop: sample a packed batch, weighted cross-entropy (answers weigh most), AdamW,
-clip, step, log. A length curriculum starts on short rows (cheap attention, many answers per token)
-and ends on full-length rows, keeping the tokens per step constant.
+clip, step, log. The first COPY_FRACTION of steps train on copy rows only (`corpus.sample_copy_batch`):
+they grow induction heads (copy accuracy 0.99 by step 200 on the tiny card), and every task lookup is
+one induction step; trained on the tasks alone, the model never learnt retrieval in 3000 steps. A
+length curriculum then starts on short rows (cheap attention, many answers per token) and ends on
+full-length rows, keeping the tokens per step constant.
 """
 
 from __future__ import annotations
@@ -19,12 +22,15 @@ from tqdm import tqdm
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from pipeline.card import PretrainSpec
-from pipeline.data.corpus import sample_batch_with_weights
+from pipeline.data.corpus import COPY_MAX_GAP, COPY_ROW, sample_batch_with_weights, sample_copy_batch
 
 # Rows are seq_len // div long with batch_size * div rows (constant tokens per step). The first
 # SHORT_FRACTION of steps use only 128-token rows (cheap, many answers per token: retrieval is learnt
 # there); after that the divisor cycles through MIXED_DIVS, so every later checkpoint has seen rows of
 # every length up to the full one (RoPE models do not extrapolate to lengths they never saw).
+COPY_FRACTION = 0.2
+LONG_COPY_ROW = 256
+LONG_COPY_GAP = 200
 SHORT_FRACTION = 0.4
 SHORT_ROW = 128
 MIXED_DIVS: tuple[int, ...] = (8, 4, 2, 1)
@@ -110,7 +116,16 @@ def pretrain(
         # Rows of at least SHORT_ROW tokens (items need 66); batch rows scale so tokens per step stay put.
         seq_len = max(spec.seq_len // max(div, 1), min(spec.seq_len, SHORT_ROW))
         div = spec.seq_len // seq_len
-        tokens, weights = sample_batch_with_weights(tokenizer, spec.batch_size * div, seq_len, rng)
+        if step < COPY_FRACTION * spec.steps:  # induction warm-up (same tokens per step)
+            # First half: the copy 25-37 tokens back (learnt in ~250 steps); second half: up to
+            # LONG_COPY_GAP filler words between the copies, the distances facts sit at in the tasks.
+            long = step >= COPY_FRACTION * spec.steps / 2
+            seq_len = min(spec.seq_len, LONG_COPY_ROW if long else COPY_ROW)
+            rows = spec.batch_size * spec.seq_len // seq_len
+            gap = LONG_COPY_GAP if long else COPY_MAX_GAP
+            tokens, weights = sample_copy_batch(tokenizer, rows, seq_len, rng, max_gap=gap)
+        else:
+            tokens, weights = sample_batch_with_weights(tokenizer, spec.batch_size * div, seq_len, rng)
         for group in opt.param_groups:
             group["lr"] = _lr(step, spec.steps, spec.lr)
         loss, acc = weighted_lm_loss(model, tokens, weights)

@@ -5,11 +5,16 @@ Every item is `prompt` + short `answer` over a small closed vocabulary of whites
 that can be forgotten; a few fact statements, placed far back (at least `TAIL_FILLER` tokens before the
 question at long lengths), must be kept. That is exactly what learned KV eviction (DMS) exploits.
 
-- needle:     `k17 : 42 .` pairs among filler; `? k17 :` -> `42`.
-- variables:  chains `v3 = 7 .` ... `v10 = v3 .` ... `v22 = v10 .` among filler; `? v22 =` -> `v10 = v3 = 7`
-              (the chain is written out, one lookup per answer token, like arithmetic's steps).
-- arithmetic: `v3 = 7 .` definitions among filler; `? v3 + v8 + v1 =` -> `7 + 5 = 12 + 2 = 14`
+- needle:     `k17 42 .` pairs (key, then its value) among filler; `? k17` -> `42`.
+- variables:  chains `v3 7 .` ... `v10 v3 .` ... `v22 v10 .` (name, then what it is assigned) among
+              filler; `? v22` -> `v10 v3 7` (the chain is written out, one lookup per answer token).
+- arithmetic: `v3 7 .` definitions among filler; `? v3 + v8 + v1 =` -> `7 + 5 = 12 + 2 = 14`
               (the steps are written out in the answer).
+
+A fact is a name immediately followed by its value, and a question ends with the name it asks about,
+so every lookup is "find the earlier occurrence of this token, copy what followed it": the induction
+pattern small transformers learn first (a `k17 : 42` layout needs a two-token match, which the tiny
+model never learnt in our budget; see pipeline/assets/tiny-qwen3/README.md).
 
 Held-out items use item seeds from a range disjoint from training's (`item_seed`) and always the full
 number of facts (`FACT_RANGE`'s maximum); training items draw fewer sometimes, which gives the tiny model
@@ -93,9 +98,9 @@ Question = tuple[list[str], list[str]]  # (query words, answer words)
 def _needle(rng: random.Random, pairs: int) -> tuple[list[list[str]], list[Question]]:
     keys = rng.sample(KEYS, pairs)
     values = [rng.choice(NUMBERS) for _ in keys]
-    facts = [[k, ":", v, "."] for k, v in zip(keys, values, strict=True)]
+    facts = [[k, v, "."] for k, v in zip(keys, values, strict=True)]
     rng.shuffle(facts)
-    return facts, [(["?", k, ":"], [v]) for k, v in zip(keys, values, strict=True)]
+    return facts, [(["?", k], [v]) for k, v in zip(keys, values, strict=True)]
 
 
 def _variables(rng: random.Random, n_chains: int) -> tuple[list[list[str]], list[Question]]:
@@ -104,8 +109,8 @@ def _variables(rng: random.Random, n_chains: int) -> tuple[list[list[str]], list
     for c in range(n_chains):
         chain_names = names[c * (VARIABLE_HOPS + 1) : (c + 1) * (VARIABLE_HOPS + 1)]
         value = str(rng.randrange(100))
-        stmts = [[chain_names[0], "=", value, "."]]
-        stmts += [[chain_names[i], "=", chain_names[i - 1], "."] for i in range(1, len(chain_names))]
+        stmts = [[chain_names[0], value, "."]]
+        stmts += [[chain_names[i], chain_names[i - 1], "."] for i in range(1, len(chain_names))]
         chains.append(stmts)
     # Interleave the chains randomly, keeping each chain's own order (a name is defined before use).
     order = [c for c, chain in enumerate(chains) for _ in chain]
@@ -116,20 +121,19 @@ def _variables(rng: random.Random, n_chains: int) -> tuple[list[list[str]], list
         facts.append(chains[c][cursor[c]])
         cursor[c] += 1
     # Chain ends first (the asked question is the end of chain 0), then the intermediate names. The
-    # answer walks the chain back: `? v22 =` -> `v10 = v3 = 7`.
+    # answer walks the chain back: `? v22` -> `v10 v3 7`.
     hops = [VARIABLE_HOPS] + list(range(VARIABLE_HOPS - 1, -1, -1))
     questions = []
     for h in hops:
         for chain in chains:
-            answer = [w for hop in range(h, 0, -1) for w in (chain[hop][2], "=")] + [chain[0][2]]
-            questions.append((["?", chain[h][0], "="], answer))
+            questions.append((["?", chain[h][0]], [chain[hop][1] for hop in range(h, -1, -1)]))
     return facts, questions
 
 
 def _arithmetic(rng: random.Random, n_defs: int) -> tuple[list[list[str]], list[Question]]:
     names = rng.sample(VARIABLES, n_defs)
     values = [rng.randrange(10) for _ in names]
-    facts = [[n, "=", str(v), "."] for n, v in zip(names, values, strict=True)]
+    facts = [[n, str(v), "."] for n, v in zip(names, values, strict=True)]
     rng.shuffle(facts)
     questions = []
     for _ in range(3):
