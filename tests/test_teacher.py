@@ -63,14 +63,12 @@ def test_prepare_embedded_from_scratch_writes_plain_hf_dir(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="the committed teacher never learnt retrieval (needle 14%, "
-                   "variables 0%, arithmetic 4% at 1024, see pipeline/assets/tiny-qwen3/README.md); 90% "
-                   "is not reached yet")
 def test_committed_teacher_reaches_target_at_1024(tmp_path):
-    """The committed teacher: >= 90% exact match per task on held-out items at 1024 tokens."""
+    """The committed teacher: >= 90% exact match per task on held-out items at 1024 tokens (the 50
+    items of eval.json: 98% / 94% / 92% when it was committed)."""
     assert (ASSETS_DIR / "model.safetensors").stat().st_size <= 20 * 2**20
     card = load_card("tiny-qwen3")
-    card = dataclasses.replace(card, eval=EvalSpec(items_per_task=30, lengths=(1024,)))
+    card = dataclasses.replace(card, eval=EvalSpec(items_per_task=50, lengths=(1024,)))
     report = prepare_embedded(card, tmp_path / "model", from_scratch=False)
     config = Qwen3ForCausalLM.from_pretrained(str(tmp_path / "model")).config
     assert config.num_attention_heads // config.num_key_value_heads >= 2 and config.head_dim >= 32

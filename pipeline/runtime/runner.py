@@ -43,7 +43,9 @@ class BlockGatherAttention:
     tiles) for every stream, scores for each GQA group's query heads as the rows of one batched matmul
     (no repeat of K/V), then fold the chunk into a running softmax (max, sum, weighted values). A chunk
     is sized to stay in the core's cache (`CHUNK_BYTES` of K), so the gathered K/V is read back from
-    cache instead of memory: 4-5x faster than gathering whole streams first at 4K tokens.
+    cache instead of memory (batch 8 at 4K tokens, in the engine: 21.8 -> 20.1 ms of attention per
+    decode step against gathering whole streams first; on a warm cache 3x, but in a real step the
+    pool's blocks come from memory either way).
     """
 
     CHUNK_BYTES = 2 << 20
