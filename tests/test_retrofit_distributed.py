@@ -25,7 +25,9 @@ def _card_file(tmp_path, **retro):
     raw["pretrain"].update(MICRO)
     raw["retrofit"].update(dict(steps=4, ramp_steps=0, seq_len=128, batch_size=1, schedule_cr=4.0,
                                 checkpoint_crs=[2.0, 4.0], lr=1e-2, **retro))
-    raw["dms"].update(window=16, target_cr=4.0)
+    # Borrowed decisions train the attention weights themselves: the case where the teacher forward must
+    # swap the frozen originals into FSDP-sharded parameters.
+    raw["dms"].update(window=16, target_cr=4.0, decision="borrowed")
     raw["build"]["kv_block_size"] = 8
     raw["eval"]["lengths"] = [128]
     path = tmp_path / "micro.yaml"
