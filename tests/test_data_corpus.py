@@ -64,3 +64,18 @@ def test_copy_rows_repeat_their_words_and_weigh_only_the_predictable_copies(tok)
         assert row[gap : gap + COPY_HALF] == first
         assert w[: gap + 1] == [0.0] * (gap + 1) and w[gap + 1 : gap + COPY_HALF] == [1.0] * (COPY_HALF - 1)
         assert set(w) <= {0.0, 1.0}
+
+
+def test_retrofit_rows_ask_about_more_facts_than_pretraining_rows(tok):
+    """The distillation rows are retrieval-dense: more facts per item and more answered questions per
+    row than pretraining's, so the KL rewards keeping facts often enough to learn it."""
+    from pipeline.data.tasks import FACT_RANGE, RETROFIT_FACT_RANGE
+    from pipeline.dms.distill_data import synthetic_batches
+
+    assert all(RETROFIT_FACT_RANGE[t][1] > FACT_RANGE[t][1] for t in FACT_RANGE)
+    eos = tok.eos_token_id
+    retrofit = synthetic_batches(tok, 4, 1024, seed=0)
+    dense = sum(int((retrofit(step) == eos).sum()) for step in range(4))
+    plain = sum(int((sample_batch(tok, 4, 1024, random.Random(step)) == eos).sum()) for step in range(4))
+    assert dense > 1.5 * plain  # every answer ends with <eos>
+    assert retrofit(3).equal(retrofit(3))

@@ -79,8 +79,8 @@ def test_bad_input_is_named():
         make_item("sorting", 128, random.Random(0))
     with pytest.raises(ValueError, match="too short"):
         make_item("needle", 10, random.Random(0))
-    with pytest.raises(ValueError, match="n_facts=7 is outside needle's range 1..6"):
-        make_item("needle", 128, random.Random(0), n_facts=7)
+    with pytest.raises(ValueError, match="n_facts=17 is outside needle's range 1..16"):
+        make_item("needle", 128, random.Random(0), n_facts=17)
 
 
 def fact_count(item) -> int:

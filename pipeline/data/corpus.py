@@ -12,6 +12,7 @@ import random
 
 import torch
 
+from pipeline.data import tasks
 from pipeline.data.tasks import FILLER_WORDS, KEYS, MIN_LENGTH, NUMBERS, TASKS, VARIABLES, train_item
 
 # Loss weight of prompt tokens (filler and facts are mostly unpredictable noise); answers weigh 1.
@@ -33,8 +34,11 @@ def _item_length(room: int, rng: random.Random) -> int:
 def sample_batch_with_weights(
     tokenizer, batch_size: int, seq_len: int, rng: random.Random, split: str = "train",
     tasks: tuple[str, ...] = TASKS,
+    fact_range: dict[str, tasks.FactRange] = tasks.FACT_RANGE,
+    extra_room: int = EXTRA_ROOM,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed rows and per-token loss weights.
+    """Packed rows and per-token loss weights (facts per item from `fact_range`; `extra_room` tokens
+    of each row's remaining room are left for the item's extra questions).
 
     Returns (tokens [B, seq_len] long, weights [B, seq_len] float): weights[b, t] is the weight of
     predicting tokens[b, t] from the prefix (0 for <bos> and padding, 1 for answer tokens and <eos>,
@@ -52,8 +56,8 @@ def sample_batch_with_weights(
         while seq_len - pos >= MIN_LENGTH + 2:
             room = seq_len - pos - 2
             # Leave room for a few extra questions after the item.
-            length = _item_length(max(MIN_LENGTH, room - EXTRA_ROOM), rng)
-            item = train_item(length, rng, task=rng.choice(tasks))
+            length = _item_length(max(MIN_LENGTH, room - extra_room), rng)
+            item = train_item(length, rng, task=rng.choice(tasks), fact_range=fact_range)
             ids = [bos, *tokenizer.convert_tokens_to_ids(item.prompt.split())]
             w = [0.0] + [PROMPT_WEIGHT] * (len(ids) - 1)
             answer = tokenizer.convert_tokens_to_ids(item.answer.split())

@@ -56,9 +56,16 @@ ARITH_DEFS = 5  # variables defined; 3 of them are summed
 ARITH_TERMS = 3
 # Fact groups per item (needle pairs / variable chains / arithmetic definitions): training draws from
 # the range, held-out evaluation always uses the maximum.
-FACT_RANGE = {
+FactRange = tuple[int, int]
+FACT_RANGE: dict[str, FactRange] = {
     "needle": (1, NEEDLE_PAIRS), "variables": (1, VARIABLE_CHAINS), "arithmetic": (ARITH_TERMS, ARITH_DEFS),
 }
+# Retrofit (distillation) rows: more fact groups per item, every one of them asked about. The per-token
+# KL only rewards keeping a fact at the few tokens that recall it; with the held-out layout (one
+# question per item) that signal is too rare and the learned eviction drops the facts (measured in
+# pipeline/assets/tiny-qwen3/README.md). Items that are too short for the upper bound get fewer.
+RETROFIT_FACT_RANGE: dict[str, FactRange] = {"needle": (6, 16), "variables": (2, 5), "arithmetic": (5, 12)}
+_GROUP_TOKENS = {"needle": 3, "variables": 3 * (VARIABLE_HOPS + 1), "arithmetic": 3}
 MIN_LENGTH = 64
 
 # Item seeds: training draws from [0, 2**31), held-out evaluation from [2**31, 2**32).
@@ -169,8 +176,8 @@ def make_item(
         raise ValueError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
     if length_tokens < MIN_LENGTH:
         raise ValueError(f"length_tokens={length_tokens} is too short: items need at least {MIN_LENGTH}")
-    low, high = FACT_RANGE[task]
-    n_facts = high if n_facts is None else n_facts
+    low, high = FACT_RANGE[task][0], RETROFIT_FACT_RANGE[task][1]
+    n_facts = FACT_RANGE[task][1] if n_facts is None else n_facts
     if not low <= n_facts <= high:
         raise ValueError(f"n_facts={n_facts} is outside {task}'s range {low}..{high}")
     facts, questions = _BUILDERS[task](rng, n_facts)
@@ -204,9 +211,14 @@ def eval_items(task: str, length: int, n: int, seed: int = 0) -> list[Item]:
     return [make_item(task, length, random.Random(item_seed("eval", rng))) for _ in range(n)]
 
 
-def train_item(length: int, rng: random.Random, task: str | None = None) -> Item:
+def train_item(
+    length: int, rng: random.Random, task: str | None = None, fact_range: dict[str, FactRange] = FACT_RANGE
+) -> Item:
     """One training item from the training seed range: task (unless given) and number of facts drawn
-    uniformly, so easy items (one needle pair, one chain) are always in the mix."""
+    uniformly from `fact_range` (pretraining's FACT_RANGE keeps easy items, one needle pair or one
+    chain, in the mix); facts take at most half of the item."""
     task = task or rng.choice(TASKS)
-    n_facts = rng.randint(*FACT_RANGE[task])
+    low, high = fact_range[task]
+    high = min(high, max(low, length // (2 * _GROUP_TOKENS[task])))
+    n_facts = rng.randint(low, high)
     return make_item(task, length, random.Random(item_seed("train", rng)), n_facts=n_facts)

@@ -1,6 +1,7 @@
 """Distillation data for the retrofit, packed to the training length.
 
-- synthetic (tiny model): the project's task corpus (`pipeline.data.corpus`), one seeded batch per step
+- synthetic (tiny model): the project's task corpus (`pipeline.data.corpus`) in its retrieval-dense
+  form (more facts per item, all of them asked: `tasks.RETROFIT_FACT_RANGE`), one seeded batch per step
   (so a resumed run sees the same data); held-out rows from the eval split of `pipeline.data.tasks`.
 - teacher-answers (real models, offline): generated prompts answered by the base model itself, chat
   formatted; the distillation target is then exactly the teacher's own distribution.
@@ -21,15 +22,23 @@ from tqdm import tqdm
 
 # ---- synthetic corpus (tiny model) ----
 
+RETROFIT_EXTRA_ROOM = 100  # tokens of each row left for the extra questions (every fact is asked)
+
 
 def synthetic_batches(
     tokenizer: Any, batch_size: int, seq_len: int, seed: int
 ) -> Callable[[int], torch.Tensor]:
     """next_batch(step) -> [B, seq_len], the same batch for the same (seed, step)."""
-    from pipeline.data.corpus import sample_batch
+    from pipeline.data.corpus import sample_batch_with_weights
+    from pipeline.data.tasks import RETROFIT_FACT_RANGE
 
     def next_batch(step: int) -> torch.Tensor:
-        return sample_batch(tokenizer, batch_size, seq_len, random.Random(seed * 1_000_003 + step), "train")
+        rng = random.Random(seed * 1_000_003 + step)
+        rows, _ = sample_batch_with_weights(
+            tokenizer, batch_size, seq_len, rng,
+            fact_range=RETROFIT_FACT_RANGE, extra_room=RETROFIT_EXTRA_ROOM,
+        )
+        return rows
 
     return next_batch
 

@@ -4,8 +4,9 @@ Per step: teacher logits (same model, eviction off; in borrowed mode the trained
 frozen originals are copied in for that one no-grad forward, so there is never a second model),
 student forward with Gumbel noise seeded from (rank, step, micro-step), L = KL(student||teacher) +
 one-sided compression loss at the scheduled CR, backward, clip, Adam step. Checkpoints for each
-requested CR are saved from this one run when the held-out measured CR first reaches that value; with a
-ramp (`ramp_steps`), the target CR's checkpoint is replaced by the final state when that still meets it.
+requested CR are saved from this one run once the schedule has reached that CR and the held-out
+measured CR meets it; with a ramp (`ramp_steps`), the target CR's checkpoint is replaced by the final
+state when that still meets it.
 
 The same loop runs in one process (CPU, one GPU) and in many under `torchrun` with the model sharded
 by FSDP2 (`distributed.py`): each process takes its own batches (global batch = world x batch_size) and
@@ -48,6 +49,7 @@ class TrainConfig:
     check_every: int = 5  # steps between held-out CR measurements once a checkpoint CR is in reach
     state_every: int = 50  # steps between resumable training-state saves
     rank: int = 0
+    pad_token_id: int | None = None  # rows padded with this id (synthetic data): those positions get no KL
 
 
 def measure_cr(
@@ -181,7 +183,7 @@ def train_dms(
         with dms_mode(model, "train", generator=gen, use_flex=x.is_cuda) as rec:
             s_logits = model(x, use_cache=False).logits
         hard = rec.stacked()  # [L, B, H, T]
-        kl = chunked_kl(s_logits, t_logits)
+        kl = chunked_kl(s_logits, t_logits, None if cfg.pad_token_id is None else x != cfg.pad_token_id)
         l_dms = compression_loss(hard, rule.target_fraction(target))
         loss = kl + l_dms
         optimizer.zero_grad(set_to_none=True)
@@ -203,14 +205,16 @@ def train_dms(
         )
 
         at_end = step == cfg.steps - 1
-        due = pending and train_cr_ema >= pending[0] and (step % cfg.check_every == 0)
+        # A CR's checkpoint waits for the schedule to ask for that CR: the first steps can overshoot
+        # (evicting before the decisions have learnt what to keep), and that state is no CR-2 model.
+        due = pending and min(target, train_cr_ema) >= pending[0] and (step % cfg.check_every == 0)
         if due or (at_end and (pending or cfg.ramp_steps)):
             model.eval()
             held_cr = measure_cr(model, heldout, window, d)
             entry: dict[str, float] = {"step": step + 1, "measured_cr": held_cr}
             if measure_kl and (at_end or held_cr >= pending[0]):  # only for a state that is saved
                 entry["mean_kl"] = mean_kl_to_teacher(model, heldout, frozen, d)
-            while pending and (held_cr >= pending[0] or at_end):
+            while pending and (min(held_cr, target) >= pending[0] or at_end):
                 cr = pending.pop(0)
                 save_checkpoint(cr, model)
                 saved[cr] = entry

@@ -59,6 +59,7 @@ def plot_accuracy_vs_cr(
                 ax.plot(xs, ys, marker=marker, color=color, label=method, zorder=3 if method == "dms" else 2)
         ax.set_title(task)
         ax.set_xscale("log", base=2)
+        ax.set_xlim(0.85, max(ax.get_xlim()[1], 9.5))  # always show the CR-8 target on the axis
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
         ax.set_xlabel("measured compression ratio (KV kept, x)")
         ax.set_ylabel("accuracy (%)")

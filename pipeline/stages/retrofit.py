@@ -20,7 +20,8 @@ from pipeline.runner import Options, StageContext
 
 NAME = "retrofit"
 DEPENDS: tuple[str, ...] = ("prepare",)
-VERSION = 1
+# 2: retrieval-dense synthetic rows, padding masked out of the KL, checkpoints follow the schedule
+VERSION = 2
 
 # teacher-answers: how many generated prompts and how long the teacher's answers are.
 TEACHER_PROMPTS = 32
@@ -159,6 +160,8 @@ def retrofit(card: Card, model_dir: Path, out_dir: Path, state_dir: Path, d: Dis
         grad_clip=r.grad_clip,
         seed=r.seed,
         rank=d.rank,
+        # Synthetic rows end in padding; packed real data has none (and its pad id may be EOS).
+        pad_token_id=tokenizer.pad_token_id if r.data == "synthetic" else None,
     )
     real = card.source.kind != "embedded"
     result = train_dms(
