@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from runtime_models import random_norms
 
 
 def make_hf(
@@ -34,7 +35,7 @@ def make_hf(
         rope_theta=1e6,
     )
     cfg.architectures = [model_cls.__name__]
-    model = model_cls(cfg).eval()
+    model = random_norms(model_cls(cfg).eval())
     if dms is None:
         model.save_pretrained(path)
         return path

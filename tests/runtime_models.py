@@ -8,6 +8,16 @@ from pathlib import Path
 import torch
 
 
+def random_norms(model):
+    """Non-uniform RMSNorm weights: with the all-ones init, RMSNorm(input_layernorm(x)) equals
+    RMSNorm(x), so a DMS adapter fed the wrong one of the two would go unnoticed."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
 def make_tiny_hf(
     path: Path,
     family: str = "qwen3",
@@ -59,7 +69,7 @@ def make_tiny_hf(
             "original_max_position_embeddings": 16,
         }
     cfg.architectures = [model_cls.__name__]
-    model = model_cls(cfg).eval()
+    model = random_norms(model_cls(cfg).eval())
     model.save_pretrained(path)
     if dms is None:
         return path

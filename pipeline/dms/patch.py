@@ -160,7 +160,13 @@ def _dms_attention_forward(
     logit = None
     if not teacher:
         if s.separate_alpha:
-            x = self.dms_proj_alpha(self.dms_proj_alpha_norm(hidden_states))  # [B, T, Hkv]
+            # The adapter reads the decoder layer's residual-stream input (before input_layernorm), as
+            # NVIDIA's code and our engine do; HF hands attention only the normed states, so a
+            # pre-hook on the layer left the residual here (`_stash_residual`).
+            residual = self.__dict__.pop("_dms_residual", None)
+            if residual is None or residual.shape != hidden_states.shape:
+                raise RuntimeError("DMS adapter: the decoder layer's residual input was not captured")
+            x = self.dms_proj_alpha(self.dms_proj_alpha_norm(residual))  # [B, T, Hkv]
             logit = x.transpose(1, 2) * s.alpha_scale - s.initial_alpha_offset
             if s.alpha_per == "layer":
                 logit = logit[:, :1].expand(-1, hkv, -1)
@@ -218,6 +224,11 @@ def reference_attention_offset(
     )
 
 
+def _stash_residual(layer: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of a decoder layer: hand its residual-stream input to the adapter."""
+    layer.self_attn._dms_residual = args[0] if args else kwargs["hidden_states"]
+
+
 def patch_model(model: nn.Module, settings: DmsSettings | None = None) -> nn.Module:
     """Make `model` a DMS model in place and write the dms_* keys into its config. Adapter mode adds
     `self_attn.dms_proj_alpha` (Linear hidden -> Hkv, no bias, zero-initialised) and
@@ -239,6 +250,10 @@ def patch_model(model: nn.Module, settings: DmsSettings | None = None) -> nn.Mod
         attn.dms_settings = settings
         attn.dms_runtime = runtime
         attn.forward = types.MethodType(_dms_attention_forward, attn)
+    if settings.separate_alpha:
+        for layer in model.modules():
+            if isinstance(getattr(layer, "self_attn", None), nn.Module) and not hasattr(layer, "_dms_stash"):
+                layer._dms_stash = layer.register_forward_pre_hook(_stash_residual, with_kwargs=True)
     model.dms_runtime = runtime
     model.dms_settings = settings
     for key, value in (

@@ -21,7 +21,8 @@ from pipeline.runner import Options, StageContext
 NAME = "retrofit"
 DEPENDS: tuple[str, ...] = ("prepare",)
 # 2: retrieval-dense synthetic rows, padding masked out of the KL, checkpoints follow the schedule
-VERSION = 2
+# 3: the adapter reads the residual-stream input (before input_layernorm), as the engine does
+VERSION = 3
 
 # teacher-answers: how many generated prompts and how long the teacher's answers are.
 TEACHER_PROMPTS = 32
