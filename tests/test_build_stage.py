@@ -140,3 +140,24 @@ def test_convert_and_build_through_the_runner(tmp_path, no_trtllm):
     engine_json = tmp_path / card.name / "build" / "engine" / "engine.json"
     hf_config = json.loads(engine_json.read_text())["hf_config"]
     assert hf_config["dms_separate_alpha"] is True and hf_config["eos_token_id"] == 3
+
+
+def test_convert_stops_when_the_engine_disagrees_with_the_hf_model(tmp_path, monkeypatch):
+    """The round trip is a gate in float32: a difference far above summation noise (what the adapter
+    input bug gave: 0.157) stops the stage with a message naming it. The measured difference is
+    replaced here; the real comparison is tested in tests/test_convert.py."""
+    from pipeline.convert import roundtrip
+    from pipeline.stages import convert
+
+    hf = make_hf(tmp_path / "retrofit" / "checkpoints" / "cr8", "qwen3", "adapter")
+    (hf / "generation_config.json").write_text(json.dumps({"eos_token_id": 3, "bos_token_id": 1}))
+    card = _card()
+    card = dataclasses.replace(card, build=dataclasses.replace(card.build, dtype="float32"))
+    ctx = StageContext(
+        card=card, out_dir=tmp_path / "out", inputs={"retrofit": tmp_path / "retrofit"},
+        reports={"retrofit": {"checkpoints": {"8": "checkpoints/cr8"}}},
+    )
+    (tmp_path / "out").mkdir()
+    monkeypatch.setattr(roundtrip, "roundtrip_max_abs_diff", lambda *a, **k: 0.157)
+    with pytest.raises(RuntimeError, match=r"disagrees with the HF model \(max \|logit diff\| 0.157"):
+        convert.run(ctx)
