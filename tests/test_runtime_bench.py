@@ -34,3 +34,17 @@ def test_bench_small_run_writes_results(tmp_path):
     assert data["kv_bytes_ratio"] == 13 / 4
     assert data["details"]["dms"]["pool_blocks_used_after"] == 0
     assert "kv_bytes_ratio" in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_trained_checkpoint_is_benched_on_task_text(tmp_path):
+    """Learned decisions depend on content: the trained checkpoint reads held-out task text (every
+    prompt exactly the asked length, so HF can batch them), not random ids."""
+    from pipeline.data.tokenizer import save_tokenizer, train_tokenizer
+    from pipeline.runtime.bench import _task_prompts
+
+    tok = train_tokenizer(512, seed=0)
+    save_tokenizer(tok, tmp_path)
+    prompts = _task_prompts(tmp_path, batch=4, tokens=300)
+    assert [len(p) for p in prompts] == [300] * 4 and all(p[0] == tok.bos_token_id for p in prompts)
+    words = tok.convert_ids_to_tokens(prompts[0])
+    assert tok.unk_token_id not in prompts[0] and "." in words and any(w.startswith("k") for w in words)

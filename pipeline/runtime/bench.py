@@ -4,10 +4,11 @@ One run, one model (the embedded tiny-qwen3 card's shape), the same prompts for 
 - the trained tiny DMS checkpoint (build/tiny-qwen3/retrofit/checkpoints/cr<target>) when it exists,
   with its learned decisions; otherwise the tiny model (the committed teacher, or random weights of the
   card's shape) with DMS decisions forced to the card's target CR. bench.json says which.
-- `batch` random prompts of `context - 128` tokens, then 128 greedy decode steps (EOS ignored), so
-  decode runs at `context` tokens of context. Our engines prefill in 512-token chunks with the exact
-  DMS mask; prefill equals token-by-token decode (tests/test_runtime_exactness.py), so the KV a sequence
-  holds at the end is what generating `context` tokens leaves.
+- `batch` prompts of `context - 128` tokens (held-out task text for the trained checkpoint, whose
+  decisions depend on content; random ids for forced decisions), then 128 greedy decode steps (EOS
+  ignored), so decode runs at `context` tokens of context. Our engines prefill in 512-token chunks
+  with the exact DMS mask; prefill equals token-by-token decode (tests/test_runtime_exactness.py), so
+  the KV a sequence holds at the end is what generating `context` tokens leaves.
 - decode tokens/s = decoded tokens / wall time of the decode steps (prefill excluded; one untimed
   warm-up generation per engine first), best of ROUNDS rounds that interleave the three. HF:
   `generate` itself, its decode steps timed by a StoppingCriteria that timestamps every new token
@@ -51,18 +52,20 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def _tiny_model(card_name: str, build_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], str, bool]:
-    """(config, state, description, has learned DMS decisions)."""
+def _tiny_model(
+    card_name: str, build_dir: Path
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], str, Path | None]:
+    """(config, state, description, the trained DMS checkpoint's directory or None: no learned decisions)."""
     card = load_card(card_name)
     label = f"{card.dms.target_cr:g}"
     trained = build_dir / card.name / "retrofit" / "checkpoints" / f"cr{label}"
     if (trained / "config.json").is_file():
         config, state = load_hf_checkpoint(trained)
-        return config, state, f"trained DMS checkpoint {_shown(trained)}", True
+        return config, state, f"trained DMS checkpoint {_shown(trained)}", trained
     teacher = Path(__file__).resolve().parents[1] / "assets" / card.name
     if (teacher / "config.json").is_file():
         config, state = load_hf_checkpoint(teacher)
-        return config, state, f"teacher {_shown(teacher)} with DMS decisions forced to CR {label}", False
+        return config, state, f"teacher {_shown(teacher)} with DMS decisions forced to CR {label}", None
     from pipeline.data.pretrain import build_model
     from pipeline.data.tokenizer import train_tokenizer
 
@@ -73,7 +76,23 @@ def _tiny_model(card_name: str, build_dir: Path) -> tuple[dict[str, Any], dict[s
         f"random-weight {card.name}-shaped model with DMS decisions forced to CR {label} "
         "(the trained DMS checkpoint is not built)"
     )
-    return model.config.to_dict(), state, desc, False
+    return model.config.to_dict(), state, desc, None
+
+
+def _task_prompts(tokenizer_dir: Path, batch: int, tokens: int) -> list[list[int]]:
+    """`batch` prompts of exactly `tokens` tokens of held-out task text (filler with facts: what the
+    tiny model was retrofitted on), one item each, cut to length. Learned decisions depend on content,
+    and random token ids (half of them fact words) are not text this model reads."""
+    from transformers import AutoTokenizer
+
+    from pipeline.data.tasks import TASKS, eval_items
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    prompts = []
+    for i in range(batch):
+        item = eval_items(TASKS[i % len(TASKS)], tokens + 16, 1, seed=i)[0]  # answers are <= 9 tokens
+        prompts.append([tok.bos_token_id, *tok.convert_tokens_to_ids(item.prompt.split())][:tokens])
+    return prompts
 
 
 def _run_engine(engine: Engine, prompts: list[list[int]], new_tokens: int, label: str) -> dict[str, Any]:
@@ -168,7 +187,8 @@ def run_bench(
         raise ValueError(f"--context must be more than {2 * decode_tokens} tokens")
     load_start = os.getloadavg()[0]
     card = load_card(card_name)
-    config, state, model_desc, learned = _tiny_model(card_name, build_dir)
+    config, state, model_desc, trained = _tiny_model(card_name, build_dir)
+    learned = trained is not None
     prompt_tokens, new_tokens = context - decode_tokens, decode_tokens
     limits = EngineLimits(
         max_batch_size=batch,
@@ -180,9 +200,12 @@ def run_bench(
     dms_policy: EvictionPolicy = (
         DMSPolicy() if learned else DMSPolicy(window=card.dms.window, force_cr=card.dms.target_cr)
     )
-    g = torch.Generator().manual_seed(0)
-    vocab = int(config["vocab_size"])
-    prompts = [torch.randint(0, vocab, (prompt_tokens,), generator=g).tolist() for _ in range(batch)]
+    if trained is not None:
+        prompts = _task_prompts(trained, batch, prompt_tokens)
+    else:  # forced decisions do not look at the content
+        g = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(0, int(config["vocab_size"]), (prompt_tokens,), generator=g).tolist()
+                   for _ in range(batch)]
     engines = {
         name: Engine.from_state(config, state, limits, policy=policy, device="cpu",
                                 prefill_chunk_tokens=PREFILL_CHUNK)
@@ -214,6 +237,7 @@ def run_bench(
         "dms_window": config.get("dms_window_size", card.dms.window) if learned else card.dms.window,
         "context_tokens": context,
         "prompt_tokens": prompt_tokens,
+        "prompts": "held-out task text" if learned else "random token ids",
         "generated_tokens": new_tokens,
         "batch": batch,
         "rounds": rounds,
@@ -248,7 +272,8 @@ def write_results(report: dict[str, Any], out_dir: Path, md_path: Path = RESULTS
         "",
         f"Model: {report['model']}.",
         f"DMS decisions: {report['dms_decisions']} (window {report['dms_window']}).",
-        f"Workload: batch {report['batch']}, {report['prompt_tokens']}-token prompts, "
+        f"Workload: batch {report['batch']}, {report['prompt_tokens']}-token prompts "
+        f"({report['prompts']}), "
         f"{report['generated_tokens']} generated tokens each ({report['context_tokens']}-token context), "
         f"greedy, EOS ignored. Device: {report['device']}; 1-minute load average "
         f"{report['load_average_1m']['start']:.1f} at start, {report['load_average_1m']['end']:.1f} at end "
