@@ -18,7 +18,7 @@ MICRO = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, 
          "intermediate_size": 64, "vocab_size": 512}
 
 
-def _card_file(tmp_path, **retro):
+def _card_file(tmp_path, decision="borrowed", **retro):
     """tiny-qwen3 shrunk to a micro model and a 4-step run, written as a card file (the worker
     processes load the card by path, as they do for a user's card)."""
     raw = yaml.safe_load((CARDS_DIR / "tiny-qwen3.yaml").read_text())
@@ -27,7 +27,7 @@ def _card_file(tmp_path, **retro):
                                 checkpoint_crs=[2.0, 4.0], lr=1e-2, **retro))
     # Borrowed decisions train the attention weights themselves: the case where the teacher forward must
     # swap the frozen originals into FSDP-sharded parameters.
-    raw["dms"].update(window=16, target_cr=4.0, decision="borrowed")
+    raw["dms"].update(window=16, target_cr=4.0, decision=decision)
     raw["build"]["kv_block_size"] = 8
     raw["eval"]["lengths"] = [128]
     path = tmp_path / "micro.yaml"
@@ -70,6 +70,24 @@ def test_two_processes_train_and_save_loadable_checkpoints(micro_model, tmp_path
     assert not torch.equal(before[name], after[name])
     assert torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
     assert not retrofit.resume_dir(ctx).exists()
+
+
+def test_two_processes_train_adapters_from_the_residual_stream(micro_model, tmp_path):
+    """Adapter decisions under FSDP2: the pre-hook that hands each layer's residual input to its adapter
+    works on sharded layers; only the adapters move."""
+    from safetensors.torch import load_file
+
+    card = _card_file(tmp_path, decision="adapter", nproc_per_node=2)
+    out = tmp_path / "out"
+    out.mkdir()
+    ctx = StageContext(card=card, out_dir=out, inputs={"prepare": micro_model}, reports={})
+    report = retrofit.run(ctx)
+    assert report["processes"] == 2 and report["decision"] == "adapter"
+    before = load_file(micro_model / "model" / "model.safetensors")
+    after = load_file(out / "checkpoints" / "cr4" / "model.safetensors")
+    assert after["model.layers.0.self_attn.dms_proj_alpha.weight"].abs().sum() > 0
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(before[name], after[name])
 
 
 def test_a_failing_worker_group_names_the_fix(micro_model, tmp_path):

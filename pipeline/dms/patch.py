@@ -156,14 +156,14 @@ def _dms_attention_forward(
     q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, D]
     hkv = k.shape[1]
     teacher = rt.mode == "teacher"
+    # The adapter reads the decoder layer's residual-stream input (before input_layernorm), as NVIDIA's
+    # code and our engine do; HF hands attention only the normed states, so a pre-hook on the layer left
+    # the residual here (`_stash_residual`). Taken in every mode, so no forward keeps it alive.
+    residual = self.__dict__.pop("_dms_residual", None)
 
     logit = None
     if not teacher:
         if s.separate_alpha:
-            # The adapter reads the decoder layer's residual-stream input (before input_layernorm), as
-            # NVIDIA's code and our engine do; HF hands attention only the normed states, so a
-            # pre-hook on the layer left the residual here (`_stash_residual`).
-            residual = self.__dict__.pop("_dms_residual", None)
             if residual is None or residual.shape != hidden_states.shape:
                 raise RuntimeError("DMS adapter: the decoder layer's residual input was not captured")
             x = self.dms_proj_alpha(self.dms_proj_alpha_norm(residual))  # [B, T, Hkv]
