@@ -66,7 +66,14 @@ def load_dms_model(
     model_dir = Path(model_dir)
     config = load_config(model_dir)
     cls = getattr(transformers, config.architectures[0])
-    model = cls.from_pretrained(model_dir, config=config, dtype=dtype or torch.float32)
+    # transformers reports the adapter weights as UNEXPECTED (its class has no adapters); they are
+    # loaded just below, so keep that alarming table out of the user's log.
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        model = cls.from_pretrained(model_dir, config=config, dtype=dtype or torch.float32)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
     patch_model(model, settings or DmsSettings.from_config(config))
     if model.dms_settings.separate_alpha:
         adapters = {}
