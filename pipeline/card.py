@@ -87,6 +87,10 @@ class RetrofitSpec:
     batch_size: int = 4
     seq_len: int = 1024
     grad_clip: float = 1.0
+    # Training noise is added to decision logits clipped to +-logit_clip (gradient passed straight
+    # through), so a decision pushed far past 0 can still be flipped and moved back (rule.gumbel_sigmoid).
+    # None: the spec's plain Gumbel-sigmoid. Useful at high lr, where logits overshoot into the flat tails.
+    logit_clip: float | None = None
     # synthetic: the project's task corpus; teacher-answers: the teacher's own completions of generated
     # prompts; a path: a local JSONL of chat-formatted traces.
     data: str = "synthetic"
@@ -201,6 +205,11 @@ def validate_card(card: Card) -> None:
     where = card.path or card.name
     if card.dms.target_cr < 1 or card.retrofit.schedule_cr < 1:
         raise CardError(f"{where}: dms.target_cr and retrofit.schedule_cr must be >= 1 (1 = no compression)")
+    if card.retrofit.logit_clip is not None and card.retrofit.logit_clip <= 0:
+        raise CardError(
+            f"{where}: retrofit.logit_clip must be > 0 (about 5 keeps a flip chance of 0.7%), "
+            f"or null for no clipping; got {card.retrofit.logit_clip}"
+        )
     if any(cr < 1 for cr in card.retrofit.checkpoint_crs):
         raise CardError(f"{where}: retrofit.checkpoint_crs must all be >= 1")
     if card.build.kv_block_size >= card.dms.window:

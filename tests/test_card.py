@@ -61,6 +61,7 @@ def test_valid_card_loads(tmp_path):
         ("dms", "window", 512, "must be shorter than retrofit.seq_len"),
         ("retrofit", "checkpoint_crs", "2,4", "'retrofit.checkpoint_crs' must be a list"),
         ("build", "tp_size", 3, "tp_size must be 1, 2, 4 or 8"),
+        ("retrofit", "logit_clip", 0, "retrofit.logit_clip must be > 0"),
     ],
 )
 def test_card_errors_name_file_key_and_allowed(tmp_path, section, key, value, message):

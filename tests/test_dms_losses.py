@@ -45,3 +45,31 @@ def test_noise_seeding_is_reproducible_and_distinct():
     assert not torch.equal(a, torch.rand(4, generator=noise_generator(0, 0, 6, 0)))
     assert not torch.equal(a, torch.rand(4, generator=noise_generator(0, 1, 5, 0)))
     assert not torch.equal(a, torch.rand(4, generator=noise_generator(0, 0, 5, 1)))
+
+
+def test_logit_clip_keeps_saturated_decisions_trainable():
+    """Without a clip, a logit far past 0 gets no gradient from any noise sample (the head is dead);
+    clipped, the samples the noise flips still carry gradient back to the raw logit."""
+    from pipeline.dms.rule import gumbel_sigmoid
+
+    def grad(clip):
+        logit = torch.full((20000,), -50.0, requires_grad=True)
+        _, hard = gumbel_sigmoid(logit, 0.1, torch.Generator().manual_seed(0), clip=clip)
+        hard.sum().backward()
+        return logit.grad
+
+    assert float(grad(None).abs().sum()) == 0.0
+    clipped = grad(5.0)
+    assert float(clipped.sum()) > 0  # pushed towards eviction, as d(hard)/d(logit) >= 0
+    # About sigmoid(-5) = 0.7% of samples flip; those are the ones with a gradient.
+    assert 0.002 < float((clipped > 1e-3).float().mean()) < 0.02
+
+
+def test_logit_clip_leaves_in_range_logits_and_noise_unchanged():
+    from pipeline.dms.rule import gumbel_sigmoid
+
+    logit = torch.linspace(-4.0, 4.0, 101)
+    plain = gumbel_sigmoid(logit, 0.1, torch.Generator().manual_seed(3))
+    clipped = gumbel_sigmoid(logit, 0.1, torch.Generator().manual_seed(3), clip=5.0)
+    for a, b in zip(plain, clipped, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

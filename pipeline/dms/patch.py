@@ -94,6 +94,7 @@ class _Runtime:
     generator: torch.Generator | None = None
     recorder: DmsRecorder | None = None
     use_flex: bool = False
+    logit_clip: float | None = None  # train mode: see rule.gumbel_sigmoid
 
 
 def check_architecture(config: Any) -> str:
@@ -189,7 +190,9 @@ def _dms_attention_forward(
     key_logit = None
     if logit is not None and not s.disable_eviction:
         if rt.mode == "train":
-            noisy, hard = rule.gumbel_sigmoid(logit.float(), s.tau, generator=rt.generator)
+            noisy, hard = rule.gumbel_sigmoid(
+                logit.float(), s.tau, generator=rt.generator, clip=rt.logit_clip
+            )
         else:
             noisy = logit.float()
             hard = (noisy > 0).float()
@@ -278,21 +281,25 @@ def dms_mode(
     mode: Literal["train", "hard", "teacher"],
     generator: torch.Generator | None = None,
     use_flex: bool = False,
+    logit_clip: float | None = None,
 ) -> Iterator[DmsRecorder]:
     """Run the patched model's forwards in one mode; restores the previous mode on exit.
 
-    train: Gumbel-sigmoid noise, soft mask, straight-through hard decisions recorded;
+    train: Gumbel-sigmoid noise (on logits clipped to +-logit_clip when given), soft mask,
+    straight-through hard decisions recorded;
     hard: inference decisions (logit > 0), evicted keys beyond the window masked out;
     teacher: the base model (no eviction, borrowed channel NOT zeroed, adapters unused).
     """
     rt: _Runtime = model.dms_runtime
-    saved = (rt.mode, rt.generator, rt.recorder, rt.use_flex)
+    saved = (rt.mode, rt.generator, rt.recorder, rt.use_flex, rt.logit_clip)
     recorder = DmsRecorder()
-    rt.mode, rt.generator, rt.recorder, rt.use_flex = mode, generator, recorder, use_flex
+    rt.mode, rt.generator, rt.recorder, rt.use_flex, rt.logit_clip = (
+        mode, generator, recorder, use_flex, logit_clip
+    )
     try:
         yield recorder
     finally:
-        rt.mode, rt.generator, rt.recorder, rt.use_flex = saved
+        rt.mode, rt.generator, rt.recorder, rt.use_flex, rt.logit_clip = saved
 
 
 def dms_parameter_names(model: nn.Module) -> list[str]:

@@ -51,14 +51,25 @@ def zero_borrowed_channel(q: torch.Tensor, num_kv_heads: int, alpha_per: str) ->
 
 
 def gumbel_sigmoid(
-    logits: torch.Tensor, tau: float, generator: torch.Generator | None = None
+    logits: torch.Tensor,
+    tau: float,
+    generator: torch.Generator | None = None,
+    clip: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Noisy relaxed decisions for training.
 
     Returns (noisy_logit, hard): noisy_logit = (logit + G1 - G2) / tau, so the soft probability is
     sigmoid(noisy_logit) and log(1 - p) = logsigmoid(-noisy_logit) stays stable; hard is the 0/1
     decision with a straight-through gradient (forward: p > 0.5, backward: dp).
+
+    clip: the noise is added to logit clamped to [-clip, clip], with the clamp's gradient passed
+    straight through. Without it, a logit far past 0 (|logit| >> tau) has dp = 0 for every noise
+    sample, so neither loss can ever move that decision again (a "dead" head); with it, the noise
+    still flips a decision with probability sigmoid(-clip) and those samples carry gradient.
+    Inference is unchanged (it reads the sign of the raw logit).
     """
+    if clip is not None:
+        logits = logits + (logits.clamp(-clip, clip) - logits).detach()
     u = torch.rand((2, *logits.shape), generator=generator, device=logits.device, dtype=torch.float32)
     tiny = torch.finfo(torch.float32).tiny
     # Parenthesised: `-log(u).clamp_min(tiny)` would clamp the negative log(u) itself (NaN noise).

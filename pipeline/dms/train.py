@@ -50,6 +50,7 @@ class TrainConfig:
     state_every: int = 50  # steps between resumable training-state saves
     rank: int = 0
     pad_token_id: int | None = None  # rows padded with this id (synthetic data): those positions get no KL
+    logit_clip: float | None = None  # noise on logits clipped to +-this (rule.gumbel_sigmoid); None: spec
 
 
 def measure_cr(
@@ -180,7 +181,8 @@ def train_dms(
         t_logits = teacher_logits(model, x, frozen)
         gen = noise_generator(cfg.seed, cfg.rank, step, 0, device=x.device)
         # flex_attention (compiled) on GPUs; on CPU inductor cannot compile its backward: the reference.
-        with dms_mode(model, "train", generator=gen, use_flex=x.is_cuda) as rec:
+        train_mode = dms_mode(model, "train", generator=gen, use_flex=x.is_cuda, logit_clip=cfg.logit_clip)
+        with train_mode as rec:
             s_logits = model(x, use_cache=False).logits
         hard = rec.stacked()  # [L, B, H, T]
         kl = chunked_kl(s_logits, t_logits, None if cfg.pad_token_id is None else x != cfg.pad_token_id)

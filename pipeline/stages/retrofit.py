@@ -159,6 +159,7 @@ def retrofit(card: Card, model_dir: Path, out_dir: Path, state_dir: Path, d: Dis
         lr=r.lr,
         ramp_steps=r.ramp_steps,
         grad_clip=r.grad_clip,
+        logit_clip=r.logit_clip,
         seed=r.seed,
         rank=d.rank,
         # Synthetic rows end in padding; packed real data has none (and its pad id may be EOS).
