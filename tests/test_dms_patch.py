@@ -81,6 +81,21 @@ def test_straight_through_gradients_reach_decision_parameters(separate):
     assert grad is not None and grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("clip", [None, 5.0])
+def test_logit_clip_revives_a_saturated_adapter(clip):
+    """Adapter logits pushed to about -45 on every token: without the clip no gradient reaches the adapter
+    (the dead-head failure); dms_mode's logit_clip lets the noise flip some decisions, which carry it."""
+    # Zero-initialised adapters: the logit is -initial_alpha_offset on every token.
+    model = patch_model(tiny(), DmsSettings(window=2, separate_alpha=True, initial_alpha_offset=45.0))
+    gen = torch.Generator().manual_seed(0)
+    with dms_mode(model, "train", generator=gen, logit_clip=clip) as rec:
+        model(torch.randint(0, 50, (8, 256), generator=torch.Generator().manual_seed(1)), use_cache=False)
+    compression_loss(rec.stacked(), target_frac=0.9).backward()
+    grad = sum(float(layer.self_attn.dms_proj_alpha.weight.grad.abs().sum()) for layer in model.model.layers)
+    assert (grad > 0) == (clip is not None)
+    assert model.dms_runtime.logit_clip is None  # restored on exit
+
+
 def test_unsupported_architecture_is_a_clear_error():
     cfg = MistralConfig(**SHAPE, architectures=["MistralForCausalLM"])
     with pytest.raises(UnsupportedModelError, match="MistralForCausalLM.*supported are"):
