@@ -110,6 +110,14 @@ def test_prompts_have_the_requested_token_count(tmp_path):
     assert data["data"][0]["end_id"] == {"content": [-1], "shape": [1]}  # exactly output_tokens each
 
 
+def test_prompts_use_words_the_embedded_tokenizer_knows():
+    from pipeline.serve.text import load_tokenizer
+
+    tok = load_tokenizer(Path(perf.__file__).parents[1] / "assets" / "tiny-qwen3")
+    ids = tok.encode(perf.prompt_of_tokens(tok, 64, random.Random(0)), add_special_tokens=False)
+    assert len(ids) == 64 and tok.unk_token_id not in ids
+
+
 def test_plot_writes_a_png(tmp_path):
     perf.plot(rows(), tmp_path / "perf.png", title="t")
     assert (tmp_path / "perf.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -53,12 +53,16 @@ def perf_analyzer_binary() -> Path:
     )
 
 
+# Plain English words that the embedded model's word-level vocabulary also knows (others would be unk).
+PROMPT_WORDS = "the old farmer walks across the green field and the dog sleeps by the river".split()
+
+
 def prompt_of_tokens(tokenizer: Any, num_tokens: int, rng: random.Random) -> str:
     """A prompt that tokenizes to exactly `num_tokens` (without special tokens), made of real words."""
-    words = "the quick brown fox jumps over a lazy dog while seven tired cats count in the old barn".split()
     text = ""
     while len(tokenizer.encode(text, add_special_tokens=False)) < num_tokens + 8:
-        text += " ".join(rng.choice(words) for _ in range(16)) + ". "
+        # The stop is spaced: a word-level vocabulary has "." but not "river.".
+        text += " ".join(rng.choice(PROMPT_WORDS) for _ in range(16)) + " . "
     for _ in range(4):  # decode(encode(x)[:n]) can re-tokenize differently at the cut: converge
         ids = tokenizer.encode(text, add_special_tokens=False)[:num_tokens]
         text = tokenizer.decode(ids)
