@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Nightly GPU check on any H100 box: the TensorRT-LLM engine for a card, the GPU tests, the perf gates.
 #
-#   DMS_MODEL_DIR=/models/Qwen3-8B ci/h100_engine.sh [MODEL] [ARTIFACTS_DIR]
+#   DMS_MODEL_DIR=/models/Qwen3-8B DMS_RETROFIT_DATA=/data/traces.jsonl ci/h100_engine.sh [MODEL] [ARTIFACTS_DIR]
 #
 # Runs itself inside NVIDIA's TensorRT-LLM 1.2.1 container (tritonserver 25.12) with the repository and
 # the model directory mounted, unless it is already inside one (tensorrt_llm importable). Inside, the
@@ -20,10 +20,13 @@ if ! python3 -c "import tensorrt_llm" >/dev/null 2>&1; then
     command -v nvidia-smi >/dev/null || { echo "error: no nvidia-smi: this script needs an NVIDIA GPU" >&2; exit 2; }
     command -v docker >/dev/null || { echo "error: docker is needed to run the TensorRT-LLM container $IMAGE" >&2; exit 2; }
     : "${DMS_MODEL_DIR:?set DMS_MODEL_DIR to the Hugging Face directory of the base model}"
+    : "${DMS_RETROFIT_DATA:?set DMS_RETROFIT_DATA to the distillation traces (JSONL or datasets directory)}"
+    data_dir="$(cd "$(dirname "$DMS_RETROFIT_DATA")" && pwd)"
     docker pull "$IMAGE"
     exec docker run --rm --gpus all --ipc=host --ulimit memlock=-1 --ulimit stack=67108864 \
-        -v "$REPO:/workspace/dms" -v "$DMS_MODEL_DIR:/models/base:ro" -w /workspace/dms \
-        -e DMS_MODEL_DIR=/models/base -e DMS_TRTLLM_IMAGE="$IMAGE" -e HF_HUB_OFFLINE=1 \
+        -v "$REPO:/workspace/dms" -v "$DMS_MODEL_DIR:/models/base:ro" -v "$data_dir:/data:ro" \
+        -w /workspace/dms -e DMS_MODEL_DIR=/models/base -e DMS_RETROFIT_DATA="/data/$(basename "$DMS_RETROFIT_DATA")" \
+        -e DMS_TRTLLM_IMAGE="$IMAGE" -e HF_HUB_OFFLINE=1 \
         "$IMAGE" bash ci/h100_engine.sh "$MODEL" "$ARTIFACTS"
 fi
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -92,8 +93,11 @@ class RetrofitSpec:
     # None: the spec's plain Gumbel-sigmoid. Useful at high lr, where logits overshoot into the flat tails.
     logit_clip: float | None = None
     # synthetic: the project's task corpus; teacher-answers: the teacher's own completions of generated
-    # prompts; a path: a local JSONL of chat-formatted traces.
-    data: str = "synthetic"
+    # prompts; a path (relative: to the card's directory): a local JSONL of chat or text records, or a
+    # `datasets` directory. The environment variable named by `data_env` overrides it; null means the
+    # card has no default and the variable must be set (the GPU cards: traces are the user's to provide).
+    data: str | None = "synthetic"
+    data_env: str = "DMS_RETROFIT_DATA"
     seed: int = 0
     # Training processes on this machine: 1 trains in the stage's own process; more starts them with
     # `torchrun` and shards the model with FSDP2 (one per GPU; gloo processes on a CPU-only machine);
@@ -173,6 +177,54 @@ class Card:
             )
         return path
 
+    def retrofit_data(self) -> str | Path:
+        """'synthetic', 'teacher-answers' or the path of the distillation data, checked to exist."""
+        from_env = os.environ.get(self.retrofit.data_env)
+        value = from_env or self.retrofit.data
+        how = (
+            f"set {self.retrofit.data_env}=/path/to/traces.jsonl (one {{\"messages\": [...]}} chat record "
+            f"or {{\"text\": ...}} per line, or a `datasets` directory saved with save_to_disk; NVIDIA's "
+            f"recipe distils on OpenR1-Math reasoning traces) or `retrofit.data` in {self.path}; "
+            "`retrofit.data: teacher-answers` makes a small set offline from the base model itself"
+        )
+        if not value:
+            raise CardError(f"card {self.name} needs distillation data on disk: {how}")
+        if value in DATA_KEYWORDS:
+            return value
+        path = Path(value).expanduser()
+        if not path.is_absolute() and not from_env and self.path:
+            path = Path(self.path).parent / path
+        if not path.exists():
+            raise CardError(f"card {self.name}: retrofit.data {path} does not exist; {how}")
+        return path
+
+
+DATA_KEYWORDS = ("synthetic", "teacher-answers")
+NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]*")
+# Numbers with a floor: (key, floor, whether the floor itself is allowed).
+FLOORS = (
+    ("dms.window", 1, True),
+    ("dms.tau", 0, False),
+    ("dms.alpha_scale", 0, False),
+    ("retrofit.steps", 1, True),
+    ("retrofit.lr", 0, False),
+    ("retrofit.batch_size", 1, True),
+    ("retrofit.seq_len", 2, True),
+    ("retrofit.grad_clip", 0, False),
+    ("eval.max_accuracy_drop", 0, True),
+    ("eval.items_per_task", 1, True),
+    ("build.max_batch_size", 1, True),
+    ("build.max_input_len", 1, True),
+    ("build.max_output_len", 1, True),
+    ("build.kv_block_size", 1, True),
+    ("build.kv_pool_tokens", 1, True),
+    ("perf.input_tokens", 1, True),
+    ("perf.output_tokens", 1, True),
+    ("perf.measurement_ms", 1, True),
+)
+# Lists that need at least one entry, each >= 1.
+NON_EMPTY = ("retrofit.checkpoint_crs", "eval.lengths", "perf.concurrency")
+
 
 def available_cards() -> list[str]:
     return sorted(p.stem for p in CARDS_DIR.glob("*.yaml"))
@@ -201,8 +253,22 @@ def load_card(name_or_path: str) -> Card:
 
 
 def validate_card(card: Card) -> None:
-    """Cross-field rules, checked before any work starts."""
+    """Ranges and cross-field rules, checked before any work starts."""
     where = card.path or card.name
+    if not NAME_PATTERN.fullmatch(card.name):
+        raise CardError(
+            f"{where}: name {card.name!r} must be lower-case letters, digits, '.', '_' or '-' "
+            "(it names the build directory)"
+        )
+    for key, floor, inclusive in FLOORS:
+        value = _lookup(card, key)
+        if value < floor or (value == floor and not inclusive):
+            bound = f">= {floor}" if inclusive else f"> {floor}"
+            raise CardError(f"{where}: {key} must be {bound}, got {value}")
+    for key in NON_EMPTY:
+        values = _lookup(card, key)
+        if not values or min(values) < 1:
+            raise CardError(f"{where}: {key} needs at least one entry, each >= 1; got {list(values)}")
     if card.dms.target_cr < 1 or card.retrofit.schedule_cr < 1:
         raise CardError(f"{where}: dms.target_cr and retrofit.schedule_cr must be >= 1 (1 = no compression)")
     if card.retrofit.logit_clip is not None and card.retrofit.logit_clip <= 0:
@@ -210,8 +276,6 @@ def validate_card(card: Card) -> None:
             f"{where}: retrofit.logit_clip must be > 0 (about 5 keeps a flip chance of 0.7%), "
             f"or null for no clipping; got {card.retrofit.logit_clip}"
         )
-    if any(cr < 1 for cr in card.retrofit.checkpoint_crs):
-        raise CardError(f"{where}: retrofit.checkpoint_crs must all be >= 1")
     if card.build.kv_block_size >= card.dms.window:
         raise CardError(
             f"{where}: build.kv_block_size ({card.build.kv_block_size}) must be smaller than dms.window "
@@ -228,6 +292,11 @@ def validate_card(card: Card) -> None:
         raise CardError(f"{where}: source.kind gguf-package needs source.package and source.gguf_file")
     if card.build.tp_size not in (1, 2, 4, 8):
         raise CardError(f"{where}: build.tp_size must be 1, 2, 4 or 8, got {card.build.tp_size}")
+
+
+def _lookup(card: Card, dotted: str) -> Any:
+    section, name = dotted.split(".")
+    return getattr(getattr(card, section), name)
 
 
 def _build(cls: type, raw: dict[str, Any], path: str, prefix: str) -> Any:
@@ -272,6 +341,11 @@ def _convert(hint: Any, value: Any, path: str, key: str) -> Any:
         return _build(hint, value, path, f"{key}.")
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint in (int, float, str, bool) and (type(value) is not hint):
         raise CardError(f"{path}: '{key}' must be {hint.__name__}, got {type(value).__name__} {value!r}")
     return value

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -18,22 +19,29 @@ DEFAULT_MODEL = "tiny-qwen3"
 
 
 def _cmd_engine(args: argparse.Namespace) -> int:
-    from pipeline.runner import Options, StageFailed, run_pipeline
+    from pipeline.runner import GateFailed, Options, StageFailed, run_pipeline
 
     card = load_card(args.model)
     options = Options(from_scratch=args.from_scratch, no_gate=args.no_gate, backend=args.backend)
+    stop_on_sigterm()  # no half-written stage directory is left behind
     try:
         report = run_pipeline(
             card, Path(args.build_dir), until=args.until, force=tuple(args.force), options=options
         )
     except StageFailed as exc:
         print(f"\nerror: {exc}", file=sys.stderr)
-        print(
-            f"Outputs of the stages before '{exc.stage}' are kept under {args.build_dir}/{card.name}/; "
-            "fix the cause and run the same command again to resume from there "
-            "(DMS_DEBUG=1 prints the traceback).",
-            file=sys.stderr,
-        )
+        kept = f"{args.build_dir}/{card.name}/"
+        if isinstance(exc.cause, GateFailed):
+            advice = (
+                f"The measurement is kept ({kept}{exc.stage}); rerunning, with --no-gate or a changed limit, "
+                "judges it again without measuring again."
+            )
+        else:
+            advice = (
+                f"Outputs of the stages before '{exc.stage}' are kept under {kept}; fix the cause and run "
+                "the same command again to resume from there (DMS_DEBUG=1 prints the traceback)."
+            )
+        print(advice, file=sys.stderr)
         return 1
     root = Path(args.build_dir) / card.name
     print(f"\nreport: {root / 'report.json'}")
@@ -42,6 +50,15 @@ def _cmd_engine(args: argparse.Namespace) -> int:
     done = [s for s in STAGE_ORDER if s in report.get("stages", {})]
     print(f"stages run: {' -> '.join(done)}")
     return 0
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (a supervisor, a CI timeout, `kill`) stops like Ctrl-C, so the same cleanup runs."""
+
+    def interrupt(signum, frame) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def _cmd_cards(args: argparse.Namespace) -> int:

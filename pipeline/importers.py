@@ -114,6 +114,8 @@ def validate_local_dir(path: Path) -> dict[str, Any]:
             f"{path} has no *.safetensors weights (found: {found}); convert pickled .bin weights "
             "to safetensors first (we never load pickle)"
         )
+    for file in weights:
+        check_safetensors(file)
     if not any(path.glob("tokenizer*")):
         raise CardError(f"{path} has no tokenizer files (tokenizer.json / tokenizer_config.json)")
     config = load_config(path)
@@ -123,6 +125,28 @@ def validate_local_dir(path: Path) -> dict[str, Any]:
         "weight_files": [w.name for w in weights],
         "raw_config": json.loads((path / "config.json").read_text()),
     }
+
+
+def check_safetensors(file: Path) -> None:
+    """The header parses and the data is as long as the header says: a truncated or corrupted download
+    fails here, named, instead of minutes later in the middle of loading the model."""
+    size = file.stat().st_size
+    try:
+        with file.open("rb") as fh:
+            header_len = int.from_bytes(fh.read(8), "little")
+            if not 2 <= header_len <= size - 8:
+                raise ValueError(f"header length {header_len} does not fit a {size}-byte file")
+            header = json.loads(fh.read(header_len))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CardError(
+            f"{file} is not a readable safetensors file ({exc}); download or convert it again"
+        ) from None
+    if 8 + header_len + end != size:
+        raise CardError(
+            f"{file} is truncated or corrupted: its header describes {8 + header_len + end} bytes, the file "
+            f"has {size}; download or convert it again"
+        )
 
 
 def prepare_local(card: Card, model_dir: Path) -> dict[str, Any]:

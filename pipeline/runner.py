@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 import traceback
@@ -27,6 +28,10 @@ from pipeline.card import Card
 from pipeline.stages import STAGE_ORDER, load_stage
 
 MANIFEST = "manifest.json"
+
+
+class GateFailed(RuntimeError):
+    """A stage's measurement missed a limit in the card; the measurement itself is kept and linked."""
 
 
 class StageFailed(RuntimeError):
@@ -67,6 +72,19 @@ def hash_tree(path: Path) -> str:
     return digest.hexdigest()
 
 
+def fingerprint(path: Path) -> dict[str, Any]:
+    """Cheap identity of files the user keeps outside build/ (weights, traces): each file's name, size
+    and modification time. Hashing tens of GB on every run would cost minutes; a changed file changes
+    its size or time."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    rows = []
+    for file in files:
+        info = file.stat()
+        name = file.relative_to(path).as_posix() if file != path else file.name
+        rows.append([name, info.st_size, info.st_mtime_ns])
+    return {"path": str(path.resolve()), "files": rows}
+
+
 def stage_key(name: str, version: int, settings: dict[str, Any], input_hashes: dict[str, str]) -> str:
     blob = json.dumps(
         {"stage": name, "version": version, "settings": settings, "inputs": input_hashes},
@@ -95,50 +113,123 @@ def run_pipeline(
     for name in (*force, *([until] if until else [])):
         if name not in STAGE_ORDER:
             raise ValueError(f"unknown stage '{name}': stages are {', '.join(STAGE_ORDER)}")
+    planned = STAGE_ORDER[: STAGE_ORDER.index(until) + 1] if until else STAGE_ORDER
+    for name in planned:  # a card mistake in a late stage is found before hours of early ones
+        check = getattr(load(name), "check_card", None)
+        if check is not None:
+            check(card)
     model_root = build_root / card.name
     (model_root / "stages").mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(model_root / "stages", log)
     outputs: dict[str, Path] = {}
     manifests: dict[str, dict[str, Any]] = {}
     timings: dict[str, dict[str, Any]] = {}
 
-    for name in STAGE_ORDER:
-        stage = load(name)
-        if stage is None:
-            log(f"[{name}] not part of this build yet; stopping here")
-            break
-        missing = [d for d in stage.DEPENDS if d not in outputs]
-        if missing:
-            raise StageFailed(name, RuntimeError(f"needs stages {missing} first"))
-        settings = stage.settings(card, options)
-        input_hashes = {d: manifests[d]["output_hash"] for d in stage.DEPENDS}
-        key = stage_key(name, stage.VERSION, settings, input_hashes)
-        out_dir = model_root / "stages" / f"{name}-{key}"
-        manifest = read_manifest(out_dir)
-        cached = manifest is not None and name not in force
-        if cached:
-            log(f"[{name}] up to date ({out_dir.relative_to(build_root)})")
-        else:
-            ctx = StageContext(
-                card=card,
-                out_dir=out_dir,  # replaced by the temporary directory in _run_stage
-                inputs={d: outputs[d] for d in stage.DEPENDS},
-                reports={d: m["report"] for d, m in manifests.items()},
-                options=options,
-                build_root=build_root,
-            )
-            log(f"[{name}] running")
-            manifest = _run_stage(stage, ctx, settings, input_hashes, key)
-            log(f"[{name}] done in {manifest['seconds']:.1f} s")
-        outputs[name] = out_dir
-        manifests[name] = manifest
-        timings[name] = {"seconds": manifest["seconds"], "cached": cached}
-        _point_link(model_root / name, out_dir)
-        if (out_dir / "model_repo").is_dir():  # the product: build/<model>/model_repo
-            _point_link(model_root / "model_repo", out_dir / "model_repo")
-        write_report(model_root, card, manifests, timings)
-        if name == until:
-            break
+    try:
+        for name in STAGE_ORDER:
+            stage = load(name)
+            if stage is None:
+                log(f"[{name}] not part of this build yet; stopping here")
+                break
+            missing = [d for d in stage.DEPENDS if d not in outputs]
+            if missing:
+                raise StageFailed(name, RuntimeError(f"needs stages {missing} first"))
+            settings = stage.settings(card, options)
+            input_hashes = {d: manifests[d]["output_hash"] for d in stage.DEPENDS}
+            key = stage_key(name, stage.VERSION, settings, input_hashes)
+            out_dir = model_root / "stages" / f"{name}-{key}"
+            manifest = read_manifest(out_dir)
+            cached = manifest is not None and name not in force
+            if cached:
+                log(f"[{name}] up to date ({out_dir.relative_to(build_root)})")
+            else:
+                ctx = StageContext(
+                    card=card,
+                    out_dir=out_dir,  # replaced by the temporary directory in _run_stage
+                    inputs={d: outputs[d] for d in stage.DEPENDS},
+                    reports={d: m["report"] for d, m in manifests.items()},
+                    options=options,
+                    build_root=build_root,
+                )
+                log(f"[{name}] running")
+                manifest = _run_stage(stage, ctx, settings, input_hashes, key)
+                log(f"[{name}] done in {manifest['seconds']:.1f} s")
+            manifest, missed = _apply_gate(stage, manifest, card, options, log)
+            outputs[name] = out_dir
+            manifests[name] = manifest
+            timings[name] = {"seconds": manifest["seconds"], "cached": cached}
+            _point_link(model_root / name, out_dir)
+            if (out_dir / "model_repo").is_dir():  # the product: build/<model>/model_repo
+                _point_link(model_root / "model_repo", out_dir / "model_repo")
+            write_report(model_root, card, manifests, timings)
+            if missed:
+                raise StageFailed(name, GateFailed(missed))
+            if name == until:
+                break
+    finally:
+        # Links to stages this run did not reach (and the report) must not describe stale outputs.
+        current = _keep_current_links(model_root, card, options, manifests, load, log)
+        write_report(model_root, card, current, timings)
     return json.loads((model_root / "report.json").read_text())
+
+
+def _keep_current_links(model_root: Path, card: Card, options: Options, manifests, load, log) -> dict:
+    """This run's manifests plus those of stages it did not reach whose linked output is exactly what
+    the run would have made (same key: same settings, built on these outputs). Other links go: after
+    `--until retrofit` retrains, `build/<model>/model_repo` would otherwise still serve the old model."""
+    current = dict(manifests)
+    for name in STAGE_ORDER:
+        link = model_root / name
+        if name in current or not link.is_symlink():
+            continue
+        stage, manifest = load(name), read_manifest(link)
+        if stage is not None and manifest is not None and all(d in current for d in stage.DEPENDS):
+            hashes = {d: current[d]["output_hash"] for d in stage.DEPENDS}
+            if manifest["key"] == stage_key(name, stage.VERSION, stage.settings(card, options), hashes):
+                current[name] = _apply_gate(stage, manifest, card, options, log=lambda *_: None)[0]
+                continue
+        link.unlink()
+        log(f"[{name}] unlinked its last output: it no longer matches the card and the stages before it")
+    repo = model_root / "model_repo"
+    if repo.is_symlink() and not any((model_root / n).resolve() == repo.resolve().parent for n in current):
+        repo.unlink()
+        log("[model_repo] unlinked: the repository no longer matches the card and the stages before it")
+    return current
+
+
+def _remove_leftovers(stages_dir: Path, log) -> None:
+    """Temporary directories of runs that were killed (SIGKILL, power loss) before they could clean up;
+    those of a run still going (another process) are left alone. Resume state (`.*.resume`) stays."""
+    for path in stages_dir.glob(".*"):
+        owner = re.fullmatch(r"\..+\.(?:tmp|old)-(\d+)", path.name)
+        if owner and not _running(int(owner[1])):
+            shutil.rmtree(path, ignore_errors=True)
+            log(f"removed {path.name}, left by an interrupted run")
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _apply_gate(stage, manifest: dict, card: Card, options: Options, log) -> tuple[dict, str | None]:
+    """The manifest with the stage's verdict on the card's limits in its report (`gate`), and the message
+    that stops the build (None: passed, or --no-gate). Judged apart from the measurement, so a changed
+    limit or a rerun with --no-gate uses the cached measurement instead of measuring again."""
+    judge = getattr(stage, "gate", None)
+    if judge is None:
+        return manifest, None
+    verdict = judge(manifest["report"], card)
+    verdict["bypassed"] = not verdict["passed"] and options.no_gate
+    if verdict["bypassed"]:
+        log(f"[{stage.NAME}] {verdict['message']} (recorded: --no-gate)")
+    missed = None if verdict["passed"] or options.no_gate else verdict["message"]
+    return {**manifest, "report": {**manifest["report"], "gate": verdict}}, missed
 
 
 def _run_stage(stage, ctx: StageContext, settings, input_hashes, key: str) -> dict[str, Any]:

@@ -62,6 +62,19 @@ def test_valid_card_loads(tmp_path):
         ("retrofit", "checkpoint_crs", "2,4", "'retrofit.checkpoint_crs' must be a list"),
         ("build", "tp_size", 3, "tp_size must be 1, 2, 4 or 8"),
         ("retrofit", "logit_clip", 0, "retrofit.logit_clip must be > 0"),
+        (None, "name", "../../evil", "name '../../evil' must be lower-case letters"),
+        (None, "name", "", "name '' must be"),
+        ("eval", "items_per_task", 0, "eval.items_per_task must be >= 1, got 0"),
+        ("eval", "max_accuracy_drop", -5, "eval.max_accuracy_drop must be >= 0"),
+        ("eval", "lengths", [], "eval.lengths needs at least one entry"),
+        ("perf", "concurrency", [], "perf.concurrency needs at least one entry"),
+        ("perf", "concurrency", [0, 2], "perf.concurrency needs at least one entry, each >= 1"),
+        ("perf", "measurement_ms", 0, "perf.measurement_ms must be >= 1"),
+        ("build", "max_batch_size", -1, "build.max_batch_size must be >= 1"),
+        ("build", "kv_pool_tokens", 0, "build.kv_pool_tokens must be >= 1"),
+        ("retrofit", "batch_size", 0, "retrofit.batch_size must be >= 1"),
+        ("retrofit", "lr", "fast", "'retrofit.lr' must be float"),
+        ("dms", "tau", 0, "dms.tau must be > 0"),
     ],
 )
 def test_card_errors_name_file_key_and_allowed(tmp_path, section, key, value, message):
@@ -102,3 +115,35 @@ def test_unknown_model_lists_cards(capsys):
     assert main(["engine", "--model", "nope"]) == 2
     err = capsys.readouterr().err
     assert "unknown model 'nope'" in err and "tiny-qwen3" in err and "qwen3-8b" in err
+
+
+def test_exponent_without_a_dot_is_a_number(tmp_path):
+    # YAML 1.1 (PyYAML) reads 3e-4 as a string; a user writing it means the number.
+    card = load_card(str(write_card(tmp_path, with_change("retrofit", "lr", "3e-4"))))
+    assert card.retrofit.lr == 3e-4
+
+
+def test_gpu_cards_ask_for_distillation_data_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("DMS_RETROFIT_DATA", raising=False)
+    monkeypatch.setenv("DMS_MODEL_DIR", str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")
+    build = tmp_path / "build"
+    assert main(["engine", "--model", "qwen3-8b", "--build-dir", str(build)]) == 2
+    err = capsys.readouterr().err
+    assert "needs distillation data on disk: set DMS_RETROFIT_DATA=" in err and "teacher-answers" in err
+    assert not build.exists()  # refused before prepare
+
+
+def test_retrofit_data_keyword_env_and_card_relative_path(tmp_path, monkeypatch):
+    monkeypatch.delenv("DMS_RETROFIT_DATA", raising=False)
+    assert load_card(str(write_card(tmp_path, BASE))).retrofit_data() == "synthetic"
+    (tmp_path / "traces.jsonl").write_text('{"text": "hello"}\n')
+    card = load_card(str(write_card(tmp_path, with_change("retrofit", "data", "traces.jsonl"))))
+    assert card.retrofit_data() == tmp_path / "traces.jsonl"  # relative to the card, not the cwd
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"text": "hi"}\n')
+    monkeypatch.setenv("DMS_RETROFIT_DATA", str(other))
+    assert card.retrofit_data() == other
+    monkeypatch.setenv("DMS_RETROFIT_DATA", str(tmp_path / "missing.jsonl"))
+    with pytest.raises(CardError, match="missing.jsonl does not exist; set DMS_RETROFIT_DATA"):
+        card.retrofit_data()

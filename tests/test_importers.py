@@ -52,6 +52,26 @@ def test_local_directory_without_safetensors_is_refused(tmp_path):
         prepare_local(_local_card(src), tmp_path / "model")
 
 
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_damaged_safetensors_is_refused_naming_the_file(tmp_path, damage):
+    src = tmp_path / "src"
+    _write(src, LlamaForCausalLM(LlamaConfig(**SHAPE, architectures=["LlamaForCausalLM"])))
+    weights = src / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-100] if damage == "truncate" else b"not a safetensors file at all")
+    with pytest.raises(CardError, match="model.safetensors .*download or convert it again"):
+        prepare_local(_local_card(src), tmp_path / "model")
+    assert not (tmp_path / "model").exists()  # refused before anything was written
+
+
+def test_broken_config_json_names_the_file(tmp_path):
+    src = tmp_path / "src"
+    _write(src, LlamaForCausalLM(LlamaConfig(**SHAPE, architectures=["LlamaForCausalLM"])))
+    (src / "config.json").write_text('{"hidden_size": 32,')
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        prepare_local(_local_card(src), tmp_path / "model")
+
+
 def test_local_directory_with_unpatchable_architecture_is_refused(tmp_path):
     src = tmp_path / "src"
     _write(src, MistralForCausalLM(MistralConfig(**SHAPE, architectures=["MistralForCausalLM"])))

@@ -48,8 +48,9 @@ def test_package_and_perf_stages_write_the_gated_report(tmp_path):
     logs: list[str] = []
     report = run_pipeline(card, tmp_path, options=Options(no_gate=True), log=logs.append, load=_load)
     perf = report["perf"]
-    assert perf["gates"]["passed"] is False
-    checks = {c["name"]: c for c in perf["gates"]["checks"]}
+    assert perf["gate"]["passed"] is False and perf["gate"]["bypassed"] is True
+    assert any("perf gate missed: min_inferences_per_s" in line for line in logs)  # said, not raised
+    checks = {c["name"]: c for c in perf["gate"]["checks"]}
     assert set(checks) == {"min_inferences_per_s", "max_p99_latency_ms", "min_dms_over_vanilla"}
     assert checks["min_inferences_per_s"]["limit"] == 1e9 and not checks["min_inferences_per_s"]["passed"]
     assert all({"name", "limit", "measured"} <= set(c) for c in checks.values())
@@ -63,5 +64,5 @@ def test_package_and_perf_stages_write_the_gated_report(tmp_path):
     out = root / "perf"
     for name in ("summary.json", "perf.png", "dms_c2.csv", "vanilla_c1.csv", "input_data.json"):
         assert (out / name).is_file(), name
-    assert json.loads((out / "summary.json").read_text())["gates"] == perf["gates"]
+    assert json.loads((out / "summary.json").read_text())["rows"] == perf["rows"]
     assert report["package"]["models"] and report["package"]["backend"] == "torch"

@@ -115,6 +115,18 @@ def test_bad_cards_are_clear_errors(change, message):
         retrofit.check_card(card)
 
 
+def test_only_what_training_reads_is_in_the_cache_key():
+    card = _card()
+
+    def with_eval(**values):
+        changed = dataclasses.replace(card, eval=dataclasses.replace(card.eval, **values))
+        return retrofit.settings(changed, None)
+
+    base = retrofit.settings(card, None)
+    assert with_eval(max_accuracy_drop=9.0, items_per_task=3) == base  # gate and eval size: no retraining
+    assert with_eval(lengths=(64, 4096)) != base  # the synthetic held-out rows are this long
+
+
 def test_shipped_cards_pass_retrofit_checks():
     for name in ("tiny-qwen3", "smollm2-135m"):
         card = load_card(name)

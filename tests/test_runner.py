@@ -5,13 +5,15 @@ test is the real one.
 """
 
 import json
+import os
+import signal
 import types
 from pathlib import Path
 
 import pytest
 
 from pipeline.card import load_card
-from pipeline.runner import Options, StageFailed, run_pipeline
+from pipeline.runner import GateFailed, Options, StageFailed, fingerprint, run_pipeline
 from pipeline.stages import STAGE_ORDER, load_stage
 
 
@@ -22,6 +24,7 @@ class Recorder:
         self.calls: list[str] = []
         self.fail: set[str] = set()
         self.value = "v1"
+        self.limit = 0.0  # evaluate's gate: passes when its figure (1.0) is at least this
 
     def module(self, name: str, depends: tuple[str, ...]) -> types.ModuleType:
         mod = types.ModuleType(f"fake_{name}")
@@ -33,13 +36,21 @@ class Recorder:
         def run(ctx):
             self.calls.append(name)
             (ctx.out_dir / "out.txt").write_text(f"{name}:{self.value}")
+            if name == "evaluate":  # stands in for package: the runner links build/<model>/model_repo
+                (ctx.out_dir / "model_repo").mkdir()
             if name in self.fail:
                 raise RuntimeError(f"{name} broke")
             for dep in depends:
                 assert (ctx.inputs[dep] / "out.txt").is_file()
             return {"wrote": name}
 
+        def gate(report, card):
+            passed = 1.0 >= self.limit
+            return {"passed": passed, **({} if passed else {"message": f"1.0 is below {self.limit}"})}
+
         mod.settings, mod.run = settings, run
+        if name == "evaluate":
+            mod.gate = gate
         return mod
 
     def loader(self, stages=("prepare", "retrofit", "evaluate")):
@@ -119,6 +130,50 @@ def test_until_stops_early(card, tmp_path):
     assert "evaluate" not in report["stages"]
 
 
+def test_until_keeps_later_links_only_while_they_match(card, tmp_path):
+    rec = Recorder()
+    run(card, tmp_path, rec)
+    root = tmp_path / card.name
+    assert (root / "model_repo").is_dir()
+    report = run(card, tmp_path, rec, until="retrofit")  # same inputs: evaluate's output still matches
+    assert (root / "evaluate").is_symlink() and report["eval"]["wrote"] == "evaluate"
+    assert (root / "model_repo").is_dir()
+    rec.value = "v2"  # retrained: the old evaluate output (and its model_repo) describe the old model
+    report = run(card, tmp_path, rec, until="retrofit")
+    assert (root / "retrofit" / "out.txt").read_text() == "retrofit:v2"
+    assert not (root / "evaluate").exists() and not (root / "model_repo").exists() and "eval" not in report
+
+
+def test_failed_stage_unlinks_its_stale_output(card, tmp_path):
+    rec = Recorder()
+    run(card, tmp_path, rec)
+    rec.value, rec.fail = "v2", {"evaluate"}
+    with pytest.raises(StageFailed):
+        run(card, tmp_path, rec)
+    root = tmp_path / card.name
+    report = json.loads((root / "report.json").read_text())
+    assert not (root / "evaluate").exists() and "eval" not in report
+    assert (root / "retrofit" / "out.txt").read_text() == "retrofit:v2"
+
+
+def test_missed_gate_keeps_the_measurement_and_no_gate_reuses_it(card, tmp_path):
+    rec = Recorder()
+    rec.limit = 2.0
+    with pytest.raises(StageFailed, match="1.0 is below 2.0") as err:
+        run(card, tmp_path, rec)
+    assert isinstance(err.value.cause, GateFailed)
+    root = tmp_path / card.name
+    assert (root / "evaluate" / "out.txt").is_file()  # kept and linked
+    gate = json.loads((root / "report.json").read_text())["eval"]["gate"]
+    assert gate == {"passed": False, "message": "1.0 is below 2.0", "bypassed": False}
+    report = run(card, tmp_path, rec, options=Options(no_gate=True))
+    assert rec.calls == ["prepare", "retrofit", "evaluate"]  # judged again, not measured again
+    assert report["eval"]["gate"]["bypassed"] is True and report["stages"]["evaluate"]["cached"] is True
+    rec.limit = 0.5  # a looser limit in the card: passes on the same measurement
+    assert run(card, tmp_path, rec)["eval"]["gate"] == {"passed": True, "bypassed": False}
+    assert rec.calls == ["prepare", "retrofit", "evaluate"]
+
+
 def test_unknown_stage_name(card, tmp_path):
     with pytest.raises(ValueError, match="unknown stage 'retro'"):
         run(card, tmp_path, Recorder(), until="retro")
@@ -130,7 +185,7 @@ def test_report_gathers_figures(card, tmp_path):
     assert report["model"] == "tiny-qwen3"
     assert report["prepare"] == {"wrote": "prepare"}
     assert set(report["stages"]) == {"prepare", "retrofit", "evaluate"}
-    assert report["eval"] == {"wrote": "evaluate"} and "evaluate" not in report  # the issue's key
+    assert report["eval"]["wrote"] == "evaluate" and "evaluate" not in report  # the issue's key
 
 
 def test_every_shipped_stage_has_the_interface():
@@ -162,3 +217,36 @@ def test_interrupted_stage_leaves_no_temporary_directory(card, tmp_path):
         run_pipeline(card, tmp_path, load=interrupting, log=lambda *_: None)
     leftovers = [p.name for p in Path(tmp_path / card.name / "stages").iterdir()]
     assert all(name.startswith("prepare-") for name in leftovers), leftovers
+
+
+def test_fingerprint_notices_a_replaced_file(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 10)
+    before = fingerprint(tmp_path)
+    assert fingerprint(tmp_path) == before
+    (tmp_path / "model.safetensors").write_bytes(b"y" * 11)  # a re-download of a different size
+    assert fingerprint(tmp_path) != before
+    assert fingerprint(tmp_path / "model.safetensors")["files"][0][0] == "model.safetensors"
+
+
+def test_leftovers_of_killed_runs_are_removed(card, tmp_path):
+    stages = tmp_path / card.name / "stages"
+    stages.mkdir(parents=True)
+    dead = stages / ".retrofit-abc.tmp-999999999"  # no such process (above any pid_max)
+    alive = stages / f".retrofit-abc.tmp-{os.getppid()}"  # a run still going
+    resume = stages / ".retrofit-abc.resume"  # an interrupted retrofit's state: kept to resume
+    for path in (dead, alive, resume):
+        path.mkdir()
+    run(card, tmp_path, Recorder())
+    assert not dead.exists() and alive.exists() and resume.exists()
+
+
+def test_sigterm_stops_like_ctrl_c():
+    from pipeline.cli import stop_on_sigterm
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        stop_on_sigterm()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, before)

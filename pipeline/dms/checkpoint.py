@@ -44,7 +44,10 @@ def load_config(model_dir: str | Path):
     path = model_dir / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{model_dir} has no config.json: not a Hugging Face model directory")
-    raw = json.loads(path.read_text())
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); restore the model's config.json") from None
     family = _family(raw, model_dir)
     config_cls_name, model_cls_name = _FAMILIES[family]
     clean = {k: v for k, v in raw.items() if k not in ("model_type", "auto_map", "architectures")}

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.cli import stop_on_sigterm
+
 EXAMPLE = """\
 endpoints:
   HTTP    http://{http}  (generate: /v2/models/ensemble/generate, streaming: .../generate_stream)
@@ -20,10 +22,6 @@ try:
 vanilla (eviction off) for comparison: /v2/models/ensemble_vanilla/generate
 Ctrl-C stops the server.
 """
-
-
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
 
 
 def serve_command(args: argparse.Namespace) -> int:
@@ -64,7 +62,7 @@ def serve_command(args: argparse.Namespace) -> int:
     # Ctrl-C, and SIGTERM from a supervisor, stop cleanly (a shell's background job starts with SIGINT
     # ignored, so the handler is installed explicitly).
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _interrupt)
+    stop_on_sigterm()
     try:
         while server.process is not None and server.process.poll() is None:
             time.sleep(0.5)

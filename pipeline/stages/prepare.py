@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.card import Card, card_section
-from pipeline.runner import Options, StageContext
+from pipeline.runner import Options, StageContext, fingerprint
 
 NAME = "prepare"
 DEPENDS: tuple[str, ...] = ()
@@ -22,7 +22,7 @@ def settings(card: Card, options: Options) -> dict[str, Any]:
     out = card_section(card, "family", "source", "pretrain")
     out["from_scratch"] = options.from_scratch
     if card.source.kind == "local":
-        out["weights_dir"] = str(card.weights_dir())
+        out["weights_dir"] = fingerprint(card.weights_dir())  # a re-downloaded model is a new input
     return out
 
 

@@ -16,7 +16,7 @@ import torch
 
 from pipeline.card import Card, CardError, card_section, validate_card
 from pipeline.dms.distributed import SINGLE_PROCESS, Dist
-from pipeline.runner import Options, StageContext
+from pipeline.runner import Options, StageContext, fingerprint
 
 NAME = "retrofit"
 DEPENDS: tuple[str, ...] = ("prepare",)
@@ -31,7 +31,11 @@ HELDOUT_ROWS = 4
 
 
 def settings(card: Card, options: Options) -> dict[str, Any]:
-    return card_section(card, "family", "dms", "retrofit", "eval")
+    out = card_section(card, "family", "dms", "retrofit")
+    out["eval_lengths"] = card.eval.lengths  # the synthetic held-out rows are as long as the longest
+    data = card.retrofit_data()
+    out["data"] = fingerprint(data) if isinstance(data, Path) else data
+    return out
 
 
 def cr_label(cr: float) -> str:
@@ -40,8 +44,9 @@ def cr_label(cr: float) -> str:
 
 
 def check_card(card: Card) -> None:
-    """The card's retrofit settings, checked before any work."""
+    """The card's retrofit settings, checked before any stage runs (and again by the stage)."""
     validate_card(card)
+    card.retrofit_data()
     where = card.path or card.name
     if card.dms.target_cr not in card.retrofit.checkpoint_crs:
         raise CardError(
@@ -69,13 +74,14 @@ def _data(card: Card, model, tokenizer, out_dir: Path, state_dir: Path, d: Dist 
     from pipeline.dms import distill_data as dd
 
     r = card.retrofit
-    if r.data == "synthetic":
+    data = card.retrofit_data()
+    if data == "synthetic":
         length = max(r.seq_len, *card.eval.lengths)
         return (
             dd.synthetic_batches(tokenizer, r.batch_size, r.seq_len, r.seed),
             dd.synthetic_heldout(tokenizer, 8, length, seed=r.seed),
         )
-    if r.data == "teacher-answers":
+    if data == "teacher-answers":
         cached = state_dir / "teacher_answers.jsonl"
         if cached.is_file():  # an interrupted run already made them (greedy: the same answers)
             records = dd.read_records(cached)
@@ -91,13 +97,7 @@ def _data(card: Card, model, tokenizer, out_dir: Path, state_dir: Path, d: Dist 
             (out_dir / "distill").mkdir(parents=True, exist_ok=True)
             shutil.copy2(cached, out_dir / "distill" / "teacher_answers.jsonl")
     else:
-        path = Path(r.data).expanduser()
-        if not path.exists():
-            raise CardError(
-                f"{card.path}: retrofit.data {r.data!r} is not 'synthetic', 'teacher-answers' "
-                "or an existing JSONL file / datasets directory"
-            )
-        records = dd.read_records(path)
+        records = dd.read_records(Path(data))
     rows = dd.pack_records(tokenizer, records, r.seq_len)
     held = min(HELDOUT_ROWS, max(1, len(rows) // 5))
     return dd.row_batches(rows[:-held], r.batch_size, r.seed), rows[-held:]
@@ -163,7 +163,7 @@ def retrofit(card: Card, model_dir: Path, out_dir: Path, state_dir: Path, d: Dis
         seed=r.seed,
         rank=d.rank,
         # Synthetic rows end in padding; packed real data has none (and its pad id may be EOS).
-        pad_token_id=tokenizer.pad_token_id if r.data == "synthetic" else None,
+        pad_token_id=tokenizer.pad_token_id if card.retrofit_data() == "synthetic" else None,
     )
     real = card.source.kind != "embedded"
     result = train_dms(
