@@ -203,3 +203,26 @@ def test_ask_command(served, capsys):
     assert ask_command(argparse.Namespace(prompt="", url=served.grpc_url, protocol="grpc", stream=False,
                                           **base)) == 1  # fmt: skip
     assert "text_input is empty" in capsys.readouterr().err
+
+
+def test_serve_on_a_busy_port_names_the_port_and_the_flag(served):
+    cmd = [
+        sys.executable, "-m", "pipeline", "serve", "--model", "tiny-qwen3",
+        "--build-dir", str(served.model_repo.parent.parent), "--http-port", str(served.http_port),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert f"port {served.http_port} on 127.0.0.1 is already in use" in done.stderr
+    assert "--http-port" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_ask_without_a_server_says_so(protocol, capsys):
+    from pipeline.serve.cli import ask_command
+
+    url = f"127.0.0.1:{free_port()}"
+    args = argparse.Namespace(prompt="hi", url=url, protocol=protocol, stream=False, max_tokens=2,
+                              temperature=0.0)  # fmt: skip
+    assert ask_command(args) == 1
+    err = capsys.readouterr().err
+    assert "cannot reach" in err and url in err and "make serve" in err and "Traceback" not in err

@@ -162,8 +162,7 @@ def stream_grpc(
             except queue.Empty:
                 raise ClientError(f"no response from {url} within {timeout_s:.0f} s") from None
             if error is not None:
-                message = error.message() if isinstance(error, InferenceServerException) else str(error)
-                raise ClientError(message)
+                raise _grpc_error(url, error)
             final = result.get_response().parameters["triton_final_response"].bool_param
             text = result.as_numpy("text_output")
             if text is not None:
@@ -176,10 +175,23 @@ def stream_grpc(
             if final:
                 return
     except InferenceServerException as exc:
-        raise ClientError(exc.message()) from None
+        try:  # a broken stream says only that it broke; the callback has the cause
+            exc = results.get_nowait()[1] or exc
+        except queue.Empty:
+            pass
+        raise _grpc_error(url, exc) from None
     finally:
         client.stop_stream()
         client.close()
+
+
+def _grpc_error(url: str, error: Exception) -> ClientError:
+    from tritonclient.utils import InferenceServerException
+
+    message = error.message() if isinstance(error, InferenceServerException) else str(error)
+    if "failed to connect" in message:
+        return ClientError(f"cannot reach {url} over gRPC: {message} (is `make serve` running?)")
+    return ClientError(message)
 
 
 def generate_grpc(url: str, prompt: str, max_tokens: int, model: str = "ensemble", **params) -> Reply:

@@ -99,6 +99,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something listens on host:port (a TIME_WAIT leftover of a stopped server does not count)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 @dataclass
 class TritonServer:
     """One tritonserver process serving `model_repo`; use as a context manager or call start()/stop().
@@ -147,6 +158,14 @@ class TritonServer:
         repo = Path(self.model_repo)
         if not repo.is_dir():
             raise ServerError(f"model repository {repo} does not exist: run `make engine` first")
+        ports = {"--http-port": self.http_port, "--grpc-port": self.grpc_port}
+        ports["--metrics-port"] = self.metrics_port
+        for flag, port in ports.items():
+            if port and port_in_use(self.host, port):
+                raise ServerError(
+                    f"port {port} on {self.host} is already in use (another server still running?); stop it "
+                    f"or pick a free port with {flag}"
+                )
         self._workdir = Path(tempfile.mkdtemp(prefix="dms-triton-"))
         make_backend_dir(self._workdir / "backends")
         self.http_port = self.http_port or free_port(self.host)
