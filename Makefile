@@ -6,9 +6,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements/constraints.txt | sha1sum | cut -c1-12)
 ARGS ?=
 
-.PHONY: setup engine test test-fast serve perf bench lint clean
+.PHONY: help setup engine test test-fast serve perf bench lint clean
 
-setup: $(STAMP)
+help:  ## this list (the default)
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 12
+	@echo "variables: MODEL=$(MODEL) (cards: pipeline/cards/), ARGS='...' (flags for python -m pipeline)"
+
+setup: $(STAMP)  ## install everything into .venv (every target does this first)
 
 # torch goes in first and alone: an unpinned torch pulled in by another package means GBs of CUDA wheels.
 $(STAMP): pyproject.toml requirements/constraints.txt
@@ -19,26 +23,26 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	@bash scripts/install_system_deps.sh
 	@rm -f $(VENV)/.installed-* && touch $@
 
-engine: setup
+engine: setup  ## the whole pipeline for MODEL: retrofit ... Triton repository ... perf gates
 	$(BIN)/python -m pipeline engine --model $(MODEL) $(ARGS)
 
-serve: setup
+serve: setup  ## serve build/MODEL/model_repo with Triton on 127.0.0.1
 	$(BIN)/python -m pipeline serve --model $(MODEL) $(ARGS)
 
-perf: setup
+perf: setup  ## measure and gate the served model again (perf_analyzer)
 	$(BIN)/python -m pipeline engine --model $(MODEL) --until perf --force perf $(ARGS)
 
-bench: setup
+bench: setup  ## KV bytes and decode speed, DMS vs vanilla vs HF -> bench/RESULTS.md
 	$(BIN)/python -m pipeline bench $(ARGS)
 
-test: setup
+test: setup  ## the whole test suite (what CI runs)
 	$(BIN)/python -m pytest -q -ra $(ARGS)
 
-test-fast: setup
+test-fast: setup  ## tests without the slow and server ones
 	$(BIN)/python -m pytest -q -ra -m "not slow and not server" $(ARGS)
 
-lint: setup
+lint: setup  ## ruff
 	$(BIN)/ruff check pipeline plugins tests ci
 
-clean:
+clean:  ## remove build/
 	rm -rf build

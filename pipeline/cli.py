@@ -25,6 +25,12 @@ def _cmd_engine(args: argparse.Namespace) -> int:
     options = Options(from_scratch=args.from_scratch, no_gate=args.no_gate, backend=args.backend)
     stop_on_sigterm()  # no half-written stage directory is left behind
     try:
+        Path(args.build_dir, card.name).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"error: cannot use --build-dir {args.build_dir}: {exc.strerror}; name a writable directory",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    try:
         report = run_pipeline(
             card, Path(args.build_dir), until=args.until, force=tuple(args.force), options=options
         )
@@ -122,7 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     ask.set_defaults(func=_cmd_ask)
 
     bench = sub.add_parser("bench", help="KV memory and decode speed, DMS against vanilla and HF")
-    bench.add_argument("--out", default="build/bench")
+    bench.add_argument("--out", help="where bench.json goes (default build/bench)")
+    bench.add_argument(
+        "--markdown", help="the results table (default bench/RESULTS.md, or OUT/RESULTS.md with --out)"
+    )
     bench.add_argument("--context", type=int, default=4096)
     bench.add_argument("--batch", type=int, default=8)
     bench.set_defaults(func=_cmd_bench)

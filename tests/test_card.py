@@ -147,3 +147,9 @@ def test_retrofit_data_keyword_env_and_card_relative_path(tmp_path, monkeypatch)
     monkeypatch.setenv("DMS_RETROFIT_DATA", str(tmp_path / "missing.jsonl"))
     with pytest.raises(CardError, match="missing.jsonl does not exist; set DMS_RETROFIT_DATA"):
         card.retrofit_data()
+
+
+def test_unusable_build_dir_is_a_clear_error(capsys):
+    assert main(["engine", "--build-dir", "/dev/null/build"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot use --build-dir /dev/null/build: Not a directory" in err

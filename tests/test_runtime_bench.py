@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import pytest
 import torch
 
 from pipeline.runtime.bench import run_bench, write_results
@@ -48,3 +50,23 @@ def test_trained_checkpoint_is_benched_on_task_text(tmp_path):
     assert [len(p) for p in prompts] == [300] * 4 and all(p[0] == tok.bos_token_id for p in prompts)
     words = tok.convert_ids_to_tokens(prompts[0])
     assert tok.unk_token_id not in prompts[0] and "." in words and any(w.startswith("k") for w in words)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["--context", "10"], "--context more than 256"), (["--batch", "0"], "--batch must be >= 1")],
+)
+def test_bad_bench_arguments_are_clear_errors(argv, message, capsys):
+    from pipeline.cli import main
+
+    assert main(["bench", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_out_without_markdown_leaves_the_tracked_results_alone(tmp_path):
+    from pipeline.runtime.bench import RESULTS_MD, output_paths
+
+    assert output_paths(None, None) == (Path("build/bench"), RESULTS_MD)  # `make bench`
+    assert output_paths("exp", None) == (Path("exp"), Path("exp/RESULTS.md"))
+    assert output_paths("exp", "notes.md") == (Path("exp"), Path("notes.md"))

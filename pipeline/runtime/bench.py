@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -303,13 +304,33 @@ def write_results(report: dict[str, Any], out_dir: Path, md_path: Path = RESULTS
     md_path.write_text("\n".join(lines))
 
 
+def output_paths(out: str | None, markdown: str | None) -> tuple[Path, Path]:
+    """(directory for bench.json, Markdown table). The table is the tracked bench/RESULTS.md only when
+    neither is given: an experiment with --out elsewhere leaves the recorded results alone."""
+    out_dir = Path(out or "build/bench")
+    return out_dir, Path(markdown or (RESULTS_MD if out is None else out_dir / "RESULTS.md"))
+
+
 def bench_command(args: argparse.Namespace) -> int:
+    """`python -m pipeline bench`."""
+    out, markdown = output_paths(args.out, args.markdown)
+    if args.batch < 1 or args.context <= 2 * DECODE_TOKENS:
+        print(
+            f"error: --batch must be >= 1 and --context more than {2 * DECODE_TOKENS} tokens "
+            f"({DECODE_TOKENS} of them are generated); got --batch {args.batch} --context {args.context}",
+            file=sys.stderr,
+        )
+        return 2
     # On a shared, oversubscribed CPU, OpenMP spin-waits make multi-threaded small matmuls collapse;
     # DMS_BENCH_THREADS=1 gives stable numbers there (the thread count is recorded in `device`).
     if os.environ.get("DMS_BENCH_THREADS"):
         torch.set_num_threads(int(os.environ["DMS_BENCH_THREADS"]))
-    report = run_bench(args.context, args.batch)
-    write_results(report, Path(args.out))
+    try:
+        report = run_bench(args.context, args.batch)
+    except ValueError as exc:  # limits the engine refuses (pool too small for the batch, ...)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    write_results(report, out, markdown)
     print(json.dumps({k: v for k, v in report.items() if k != "details"}, indent=2))
-    print(f"wrote {Path(args.out) / 'bench.json'} and {RESULTS_MD}")
+    print(f"wrote {out / 'bench.json'} and {markdown}")
     return 0
