@@ -20,13 +20,15 @@ if ! python3 -c "import tensorrt_llm" >/dev/null 2>&1; then
     command -v nvidia-smi >/dev/null || { echo "error: no nvidia-smi: this script needs an NVIDIA GPU" >&2; exit 2; }
     command -v docker >/dev/null || { echo "error: docker is needed to run the TensorRT-LLM container $IMAGE" >&2; exit 2; }
     : "${DMS_MODEL_DIR:?set DMS_MODEL_DIR to the Hugging Face directory of the base model}"
-    : "${DMS_RETROFIT_DATA:?set DMS_RETROFIT_DATA to the distillation traces (JSONL or datasets directory)}"
-    data_dir="$(cd "$(dirname "$DMS_RETROFIT_DATA")" && pwd)"
+    data=()  # the distillation traces, for cards with retrofit.data: null (the GPU cards)
+    if [ -n "${DMS_RETROFIT_DATA:-}" ]; then
+        data_dir="$(cd "$(dirname "$DMS_RETROFIT_DATA")" && pwd)"
+        data=(-v "$data_dir:/data:ro" -e "DMS_RETROFIT_DATA=/data/$(basename "$DMS_RETROFIT_DATA")")
+    fi
     docker pull "$IMAGE"
     exec docker run --rm --gpus all --ipc=host --ulimit memlock=-1 --ulimit stack=67108864 \
-        -v "$REPO:/workspace/dms" -v "$DMS_MODEL_DIR:/models/base:ro" -v "$data_dir:/data:ro" \
-        -w /workspace/dms -e DMS_MODEL_DIR=/models/base -e DMS_RETROFIT_DATA="/data/$(basename "$DMS_RETROFIT_DATA")" \
-        -e DMS_TRTLLM_IMAGE="$IMAGE" -e HF_HUB_OFFLINE=1 \
+        -v "$REPO:/workspace/dms" -v "$DMS_MODEL_DIR:/models/base:ro" ${data[@]+"${data[@]}"} \
+        -w /workspace/dms -e DMS_MODEL_DIR=/models/base -e DMS_TRTLLM_IMAGE="$IMAGE" -e HF_HUB_OFFLINE=1 \
         "$IMAGE" bash ci/h100_engine.sh "$MODEL" "$ARTIFACTS"
 fi
 

@@ -7,6 +7,7 @@ error names the card file, the key and what is allowed, so a user can fix the YA
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -94,8 +95,8 @@ class RetrofitSpec:
     logit_clip: float | None = None
     # synthetic: the project's task corpus; teacher-answers: the teacher's own completions of generated
     # prompts; a path (relative: to the card's directory): a local JSONL of chat or text records, or a
-    # `datasets` directory. The environment variable named by `data_env` overrides it; null means the
-    # card has no default and the variable must be set (the GPU cards: traces are the user's to provide).
+    # `datasets` directory. null: the path comes from the environment variable named by `data_env` (the
+    # GPU cards: traces are the user's to provide).
     data: str | None = "synthetic"
     data_env: str = "DMS_RETROFIT_DATA"
     seed: int = 0
@@ -178,24 +179,31 @@ class Card:
         return path
 
     def retrofit_data(self) -> str | Path:
-        """'synthetic', 'teacher-answers' or the path of the distillation data, checked to exist."""
-        from_env = os.environ.get(self.retrofit.data_env)
-        value = from_env or self.retrofit.data
+        """'synthetic', 'teacher-answers' or the path of the distillation data, checked to exist.
+
+        `retrofit.data: null` (the GPU cards) reads the path from the variable named by `data_env`; a card
+        that names its data is never overridden (the tiny model cannot train on a user's traces)."""
+        env = self.retrofit.data_env
         how = (
-            f"set {self.retrofit.data_env}=/path/to/traces.jsonl (one {{\"messages\": [...]}} chat record "
-            f"or {{\"text\": ...}} per line, or a `datasets` directory saved with save_to_disk; NVIDIA's "
-            f"recipe distils on OpenR1-Math reasoning traces) or `retrofit.data` in {self.path}; "
-            "`retrofit.data: teacher-answers` makes a small set offline from the base model itself"
+            f"set {env}=/path/to/traces.jsonl (one {{\"messages\": [...]}} chat record or {{\"text\": ...}} "
+            "per line, or a `datasets` directory saved with save_to_disk; NVIDIA's recipe distils on "
+            f"OpenR1-Math reasoning traces), or set `retrofit.data` in {self.path or 'the card'} (a path, or "
+            "teacher-answers: a small set made offline from the base model itself)"
         )
-        if not value:
-            raise CardError(f"card {self.name} needs distillation data on disk: {how}")
+        if self.retrofit.data is None:
+            value = os.environ.get(env)
+            if not value:
+                raise CardError(f"card {self.name} needs distillation data on disk: {how}")
+            where = f"{env}={value}"
+        else:
+            value, where = self.retrofit.data, f"retrofit.data in {self.path or 'the card'}"
         if value in DATA_KEYWORDS:
             return value
         path = Path(value).expanduser()
-        if not path.is_absolute() and not from_env and self.path:
+        if not path.is_absolute() and self.retrofit.data is not None and self.path:
             path = Path(self.path).parent / path
         if not path.exists():
-            raise CardError(f"card {self.name}: retrofit.data {path} does not exist; {how}")
+            raise CardError(f"card {self.name}: {path} (from {where}) does not exist; {how}")
         return path
 
 
@@ -343,9 +351,11 @@ def _convert(hint: Any, value: Any, path: str, key: str) -> Any:
         return float(value)
     if hint is float and isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
+    if hint is float and isinstance(value, float) and not math.isfinite(value):
+        raise CardError(f"{path}: '{key}' must be a finite number, got {value!r}")
     if hint in (int, float, str, bool) and (type(value) is not hint):
         raise CardError(f"{path}: '{key}' must be {hint.__name__}, got {type(value).__name__} {value!r}")
     return value

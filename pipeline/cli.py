@@ -24,10 +24,9 @@ def _cmd_engine(args: argparse.Namespace) -> int:
     card = load_card(args.model)
     options = Options(from_scratch=args.from_scratch, no_gate=args.no_gate, backend=args.backend)
     stop_on_sigterm()  # no half-written stage directory is left behind
-    try:
-        Path(args.build_dir, card.name).mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        print(f"error: cannot use --build-dir {args.build_dir}: {exc.strerror}; name a writable directory",
+    problem = _unusable_dir(Path(args.build_dir))
+    if problem:
+        print(f"error: cannot use --build-dir {args.build_dir}: {problem}; name a writable directory",
               file=sys.stderr)  # fmt: skip
         return 2
     try:
@@ -39,8 +38,8 @@ def _cmd_engine(args: argparse.Namespace) -> int:
         kept = f"{args.build_dir}/{card.name}/"
         if isinstance(exc.cause, GateFailed):
             advice = (
-                f"The measurement is kept ({kept}{exc.stage}); rerunning, with --no-gate or a changed limit, "
-                "judges it again without measuring again."
+                f"The measurement is kept ({kept}{exc.stage}): the same command with --no-gate, or after a "
+                "change of the card's limit, judges it again instead of measuring again."
             )
         else:
             advice = (
@@ -56,6 +55,16 @@ def _cmd_engine(args: argparse.Namespace) -> int:
     done = [s for s in STAGE_ORDER if s in report.get("stages", {})]
     print(f"stages run: {' -> '.join(done)}")
     return 0
+
+
+def _unusable_dir(path: Path) -> str | None:
+    """Why `path` could not be created or written (checked without creating anything), or None."""
+    existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
 
 
 def stop_on_sigterm() -> None:

@@ -138,7 +138,7 @@ def check_safetensors(file: Path) -> None:
                 raise ValueError(f"header length {header_len} does not fit a {size}-byte file")
             header = json.loads(fh.read(header_len))
         end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
         raise CardError(
             f"{file} is not a readable safetensors file ({exc}); download or convert it again"
         ) from None

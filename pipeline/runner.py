@@ -3,12 +3,15 @@
 An output directory is keyed by a hash of the stage's settings and of its inputs' contents, written
 under a temporary name and renamed when complete, and carries a `manifest.json`. A stage whose key
 already has a complete directory is skipped. A failing or interrupted stage leaves nothing behind and
-never touches earlier outputs, so the next run resumes where this one stopped.
+never touches earlier outputs, so the next run resumes where this one stopped. A stage's `gate` is
+judged apart: a missed gate stops the build but keeps (and links) the complete measurement.
 
 Layout under build/<model>/:
     stages/<stage>-<key>/     complete outputs (manifest.json inside)
-    <stage> -> stages/...     a link to the output the last run used
-    report.json               every stage's figures, plus {"stages": {stage: {seconds, cached}}}
+    <stage> -> stages/...     a link to the output of the stage's current key: this run's, or an earlier
+                              run's for a stage this run did not reach (removed when no longer current)
+    report.json               those outputs' figures, plus {"stages": {stage: {seconds, cached}}} for the
+                              stages this run went through
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -28,6 +32,9 @@ from pipeline.card import Card
 from pipeline.stages import STAGE_ORDER, load_stage
 
 MANIFEST = "manifest.json"
+# Temporary directories are named after the process that writes them (host too: build/ may be shared
+# between containers), so leftovers of a killed run can be told from those of a run still going.
+OWNER = f"{socket.gethostname()}-{os.getpid()}"
 
 
 class GateFailed(RuntimeError):
@@ -154,7 +161,10 @@ def run_pipeline(
                 log(f"[{name}] running")
                 manifest = _run_stage(stage, ctx, settings, input_hashes, key)
                 log(f"[{name}] done in {manifest['seconds']:.1f} s")
-            manifest, missed = _apply_gate(stage, manifest, card, options, log)
+            try:
+                manifest, missed = _apply_gate(stage, manifest, card, options, log)
+            except Exception as exc:  # a broken or unjudgeable report: say which stage, as for run()
+                raise StageFailed(name, exc) from exc
             outputs[name] = out_dir
             manifests[name] = manifest
             timings[name] = {"seconds": manifest["seconds"], "cached": cached}
@@ -182,12 +192,13 @@ def _keep_current_links(model_root: Path, card: Card, options: Options, manifest
         link = model_root / name
         if name in current or not link.is_symlink():
             continue
-        stage, manifest = load(name), read_manifest(link)
-        if stage is not None and manifest is not None and all(d in current for d in stage.DEPENDS):
-            hashes = {d: current[d]["output_hash"] for d in stage.DEPENDS}
-            if manifest["key"] == stage_key(name, stage.VERSION, stage.settings(card, options), hashes):
-                current[name] = _apply_gate(stage, manifest, card, options, log=lambda *_: None)[0]
-                continue
+        try:
+            kept = _still_current(name, load(name), read_manifest(link), card, options, current)
+        except Exception:  # settings or gate that cannot be worked out now: not provably current
+            kept = None
+        if kept is not None:
+            current[name] = kept
+            continue
         link.unlink()
         log(f"[{name}] unlinked its last output: it no longer matches the card and the stages before it")
     repo = model_root / "model_repo"
@@ -197,12 +208,23 @@ def _keep_current_links(model_root: Path, card: Card, options: Options, manifest
     return current
 
 
+def _still_current(name: str, stage, manifest, card: Card, options: Options, current: dict) -> dict | None:
+    """The linked output's manifest (gate judged) when its key is what this run would compute, else None."""
+    if stage is None or manifest is None or any(d not in current for d in stage.DEPENDS):
+        return None
+    hashes = {d: current[d]["output_hash"] for d in stage.DEPENDS}
+    if manifest["key"] != stage_key(name, stage.VERSION, stage.settings(card, options), hashes):
+        return None
+    return _apply_gate(stage, manifest, card, options, log=lambda *_: None)[0]
+
+
 def _remove_leftovers(stages_dir: Path, log) -> None:
-    """Temporary directories of runs that were killed (SIGKILL, power loss) before they could clean up;
-    those of a run still going (another process) are left alone. Resume state (`.*.resume`) stays."""
+    """Temporary directories of runs on this host that were killed (SIGKILL, power loss) before they
+    could clean up. Those of a run still going, or of another host, stay; so does resume state."""
+    host = socket.gethostname()
     for path in stages_dir.glob(".*"):
-        owner = re.fullmatch(r"\..+\.(?:tmp|old)-(\d+)", path.name)
-        if owner and not _running(int(owner[1])):
+        owner = re.fullmatch(r"\..+\.(?:tmp|old)-(.+)-(\d+)", path.name)
+        if owner and owner[1] == host and (int(owner[2]) == os.getpid() or not _running(int(owner[2]))):
             shutil.rmtree(path, ignore_errors=True)
             log(f"removed {path.name}, left by an interrupted run")
 
@@ -234,7 +256,7 @@ def _apply_gate(stage, manifest: dict, card: Card, options: Options, log) -> tup
 
 def _run_stage(stage, ctx: StageContext, settings, input_hashes, key: str) -> dict[str, Any]:
     final_dir = ctx.out_dir
-    tmp_dir = final_dir.with_name(f".{final_dir.name}.tmp-{os.getpid()}")
+    tmp_dir = final_dir.with_name(f".{final_dir.name}.tmp-{OWNER}")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
     ctx.out_dir = tmp_dir
@@ -265,7 +287,7 @@ def _run_stage(stage, ctx: StageContext, settings, input_hashes, key: str) -> di
     (tmp_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     # Swap in atomically; an older output of the same key (a --force rerun) goes only once the new is whole.
     if final_dir.exists():
-        old = final_dir.with_name(f".{final_dir.name}.old-{os.getpid()}")
+        old = final_dir.with_name(f".{final_dir.name}.old-{OWNER}")
         final_dir.rename(old)
         tmp_dir.rename(final_dir)
         shutil.rmtree(old, ignore_errors=True)

@@ -134,22 +134,30 @@ def test_gpu_cards_ask_for_distillation_data_before_any_work(tmp_path, monkeypat
     assert not build.exists()  # refused before prepare
 
 
-def test_retrofit_data_keyword_env_and_card_relative_path(tmp_path, monkeypatch):
-    monkeypatch.delenv("DMS_RETROFIT_DATA", raising=False)
+def test_retrofit_data_keyword_card_relative_path_and_env(tmp_path, monkeypatch):
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"text": "hi"}\n')
+    monkeypatch.setenv("DMS_RETROFIT_DATA", str(other))  # only for cards that leave retrofit.data null
     assert load_card(str(write_card(tmp_path, BASE))).retrofit_data() == "synthetic"
     (tmp_path / "traces.jsonl").write_text('{"text": "hello"}\n')
     card = load_card(str(write_card(tmp_path, with_change("retrofit", "data", "traces.jsonl"))))
     assert card.retrofit_data() == tmp_path / "traces.jsonl"  # relative to the card, not the cwd
-    other = tmp_path / "other.jsonl"
-    other.write_text('{"text": "hi"}\n')
-    monkeypatch.setenv("DMS_RETROFIT_DATA", str(other))
+    card = load_card(str(write_card(tmp_path, with_change("retrofit", "data", None))))
     assert card.retrofit_data() == other
     monkeypatch.setenv("DMS_RETROFIT_DATA", str(tmp_path / "missing.jsonl"))
-    with pytest.raises(CardError, match="missing.jsonl does not exist; set DMS_RETROFIT_DATA"):
+    with pytest.raises(CardError, match="missing.jsonl \\(from DMS_RETROFIT_DATA=.*\\) does not exist"):
         card.retrofit_data()
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "nan"])
+def test_non_finite_numbers_are_refused(tmp_path, value):
+    path = tmp_path / "card.yaml"
+    path.write_text(yaml.safe_dump(with_change("retrofit", "lr", 1.0)).replace("lr: 1.0", f"lr: {value}"))
+    with pytest.raises(CardError, match="'retrofit.lr' must be a finite number"):
+        load_card(str(path))
 
 
 def test_unusable_build_dir_is_a_clear_error(capsys):
     assert main(["engine", "--build-dir", "/dev/null/build"]) == 2
     err = capsys.readouterr().err
-    assert "cannot use --build-dir /dev/null/build: Not a directory" in err
+    assert "cannot use --build-dir /dev/null/build: /dev/null is not a directory" in err

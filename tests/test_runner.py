@@ -7,6 +7,7 @@ test is the real one.
 import json
 import os
 import signal
+import socket
 import types
 from pathlib import Path
 
@@ -174,6 +175,38 @@ def test_missed_gate_keeps_the_measurement_and_no_gate_reuses_it(card, tmp_path)
     assert rec.calls == ["prepare", "retrofit", "evaluate"]
 
 
+def test_a_later_stage_whose_settings_fail_now_is_unlinked_not_raised(card, tmp_path):
+    rec = Recorder()
+    run(card, tmp_path, rec)
+    loader = rec.loader()
+
+    def settings_fail(card, options):  # e.g. a file the stage keys on is gone since the last build
+        raise OSError("traces are gone")
+
+    def broken_evaluate(name):
+        mod = loader(name)
+        if name == "evaluate":
+            mod.settings = settings_fail
+        return mod
+
+    report = run_pipeline(card, tmp_path, until="retrofit", load=broken_evaluate, log=lambda *_: None)
+    assert not (tmp_path / card.name / "evaluate").exists() and "eval" not in report
+
+
+def test_a_gate_that_cannot_judge_is_a_stage_failure(card, tmp_path):
+    rec = Recorder()
+    loader = rec.loader()
+
+    def unjudgeable(name):
+        mod = loader(name)
+        if name == "evaluate":
+            mod.gate = lambda report, card: report["accuracy"]  # the report has no such figure
+        return mod
+
+    with pytest.raises(StageFailed, match="stage 'evaluate' failed: 'accuracy'"):
+        run_pipeline(card, tmp_path, load=unjudgeable, log=lambda *_: None)
+
+
 def test_unknown_stage_name(card, tmp_path):
     with pytest.raises(ValueError, match="unknown stage 'retro'"):
         run(card, tmp_path, Recorder(), until="retro")
@@ -225,19 +258,25 @@ def test_fingerprint_notices_a_replaced_file(tmp_path):
     assert fingerprint(tmp_path) == before
     (tmp_path / "model.safetensors").write_bytes(b"y" * 11)  # a re-download of a different size
     assert fingerprint(tmp_path) != before
+    resized = fingerprint(tmp_path)
+    info = (tmp_path / "model.safetensors").stat()
+    os.utime(tmp_path / "model.safetensors", ns=(info.st_atime_ns, info.st_mtime_ns + 10**9))  # same size
+    assert fingerprint(tmp_path) != resized
     assert fingerprint(tmp_path / "model.safetensors")["files"][0][0] == "model.safetensors"
 
 
 def test_leftovers_of_killed_runs_are_removed(card, tmp_path):
     stages = tmp_path / card.name / "stages"
     stages.mkdir(parents=True)
-    dead = stages / ".retrofit-abc.tmp-999999999"  # no such process (above any pid_max)
-    alive = stages / f".retrofit-abc.tmp-{os.getppid()}"  # a run still going
+    host = socket.gethostname()
+    dead = stages / f".retrofit-abc.tmp-{host}-999999999"  # no such process (above any pid_max)
+    alive = stages / f".retrofit-abc.tmp-{host}-{os.getppid()}"  # a run still going
+    elsewhere = stages / ".retrofit-abc.tmp-other-host-999999999"  # another container's: not ours to judge
     resume = stages / ".retrofit-abc.resume"  # an interrupted retrofit's state: kept to resume
-    for path in (dead, alive, resume):
+    for path in (dead, alive, elsewhere, resume):
         path.mkdir()
     run(card, tmp_path, Recorder())
-    assert not dead.exists() and alive.exists() and resume.exists()
+    assert not dead.exists() and alive.exists() and elsewhere.exists() and resume.exists()
 
 
 def test_sigterm_stops_like_ctrl_c():

@@ -52,6 +52,5 @@ def gate_message(gate: dict[str, Any]) -> str:
         f"accuracy gate failed: DMS at CR {gate['target_cr']} averages {gate['dms']:.1f}% against "
         f"vanilla {gate['vanilla']:.1f}% (drop {gate['drop']:.1f} points, limit {gate['limit']:.1f}); "
         f"the largest loss is on task '{gate['worst_task']}' ({gate['worst_task_drop']:.1f} points). "
-        "Retrofit longer or at a lower CR, or rerun with --no-gate to build on anyway (recorded in the "
-        "report; the measurement is kept, so it is not repeated)"
+        "Retrofit longer or at a lower CR, or rerun with --no-gate to build anyway (recorded in the report)"
     )

@@ -9,6 +9,7 @@ the venv's site-packages and the repository root on PYTHONPATH (the stub's inter
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -99,15 +100,22 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def port_in_use(host: str, port: int) -> bool:
-    """Whether something listens on host:port (a TIME_WAIT leftover of a stopped server does not count)."""
+def check_port(host: str, port: int, flag: str) -> None:
+    """ServerError naming the port and the flag to change when host:port cannot be bound (a TIME_WAIT
+    leftover of a stopped server does not count: Triton reuses the address too)."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
-        except OSError:
-            return True
-    return False
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                message = f"cannot listen on {host}:{port} ({exc.strerror}); check --host and {flag}"
+            else:
+                message = (
+                    f"port {port} on {host} is already in use (another server still running?); stop it or "
+                    f"pick a free port with {flag}"
+                )
+            raise ServerError(message) from None
 
 
 @dataclass
@@ -161,11 +169,8 @@ class TritonServer:
         ports = {"--http-port": self.http_port, "--grpc-port": self.grpc_port}
         ports["--metrics-port"] = self.metrics_port
         for flag, port in ports.items():
-            if port and port_in_use(self.host, port):
-                raise ServerError(
-                    f"port {port} on {self.host} is already in use (another server still running?); stop it "
-                    f"or pick a free port with {flag}"
-                )
+            if port:
+                check_port(self.host, port, flag)
         self._workdir = Path(tempfile.mkdtemp(prefix="dms-triton-"))
         make_backend_dir(self._workdir / "backends")
         self.http_port = self.http_port or free_port(self.host)

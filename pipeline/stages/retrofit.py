@@ -182,6 +182,7 @@ def processes(card: Card) -> int:
 def _torchrun(ctx: StageContext, state_dir: Path, n: int) -> dict:
     """Run `retrofit` in n processes (`torch.distributed.run --standalone`, this machine only) and read
     the figures rank 0 left behind."""
+    import signal
     import subprocess
     import sys
 
@@ -195,10 +196,19 @@ def _torchrun(ctx: StageContext, state_dir: Path, n: int) -> dict:
         "--out", str(ctx.out_dir), "--state-dir", str(state_dir),
     ]
     print(f"[retrofit] {n} processes: {' '.join(cmd[2:6])} ...", flush=True)
-    done = subprocess.run(cmd, check=False)
-    if done.returncode != 0 or not result_file.is_file():
+    proc = subprocess.Popen(cmd)
+    try:
+        returncode = proc.wait()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: torchrun stops its workers before it exits
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
+    if returncode != 0 or not result_file.is_file():
         raise RuntimeError(
-            f"retrofit: the {n}-process torchrun exited with status {done.returncode} (its output is above); "
+            f"retrofit: the {n}-process torchrun exited with status {returncode} (its output is above); "
             f"set retrofit.nproc_per_node: 1 in {ctx.card.path} to train in one process"
         )
     result = json.loads(result_file.read_text())
