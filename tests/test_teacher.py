@@ -74,3 +74,17 @@ def test_committed_teacher_reaches_target_at_1024(tmp_path):
     assert config.num_attention_heads // config.num_key_value_heads >= 2 and config.head_dim >= 32
     for task in TASKS:
         assert report["accuracy"][task] >= 0.9, report["accuracy_by_length"]
+
+
+@pytest.mark.parametrize(
+    "prompt, answer",
+    [  # the README's and the serve banner's examples: they must stay right
+        ("k5 31 . the grass is green . k9 77 . ? k9", "77"),
+        ("k5 31 . the grass is green . k9 77 . ? k5", "31"),
+        ("v3 7 . v10 v3 . ? v10", "v3 7"),
+    ],
+)
+def test_committed_teacher_answers_the_documented_examples(prompt, answer):
+    tok = AutoTokenizer.from_pretrained(str(ASSETS_DIR))
+    model = Qwen3ForCausalLM.from_pretrained(str(ASSETS_DIR)).eval()
+    assert naive_greedy(model, tok, prompt, max_new=6) == answer

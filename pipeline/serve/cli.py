@@ -17,8 +17,8 @@ endpoints:
   metrics http://{metrics}/metrics  (dms_kv_pool_blocks_used, ...)
 try:
   curl -s -X POST http://{http}/v2/models/ensemble/generate \\
-       -d '{{"text_input": "What is 2+3?", "max_tokens": 32}}'
-  python -m pipeline ask "What is 2+3?" --url {http}
+       -d '{{"text_input": "k5 31 . the grass is green . k9 77 . ? k9", "max_tokens": 8}}'
+  python -m pipeline ask "k5 31 . the grass is green . k9 77 . ? k5" --url {http}
 vanilla (eviction off) for comparison: /v2/models/ensemble_vanilla/generate
 Ctrl-C stops the server.
 """
@@ -103,7 +103,8 @@ def ask_command(args: argparse.Namespace) -> int:
         return 1
     if reply.kv_live_tokens is not None:
         print(
-            f"[kv] live tokens {reply.kv_live_tokens}, compression {reply.kv_compression_ratio:.2f}x",
+            f"[kv] {reply.kv_live_tokens} live KV entries (tokens summed over layers and KV heads), "
+            f"compression {reply.kv_compression_ratio:.2f}x",
             file=sys.stderr,
         )
     return 0
