@@ -141,9 +141,7 @@ def run_pipeline(
             missing = [d for d in stage.DEPENDS if d not in outputs]
             if missing:
                 raise StageFailed(name, RuntimeError(f"needs stages {missing} first"))
-            settings = stage.settings(card, options)
-            input_hashes = {d: manifests[d]["output_hash"] for d in stage.DEPENDS}
-            key = stage_key(name, stage.VERSION, settings, input_hashes)
+            settings, input_hashes, key = _key_of(stage, card, options, manifests)
             out_dir = model_root / "stages" / f"{name}-{key}"
             manifest = read_manifest(out_dir)
             cached = manifest is not None and name not in force
@@ -183,6 +181,13 @@ def run_pipeline(
     return json.loads((model_root / "report.json").read_text())
 
 
+def _key_of(stage, card: Card, options: Options, manifests: dict) -> tuple[dict, dict[str, str], str]:
+    """(settings, input hashes, key) of `stage` on the outputs described by `manifests`."""
+    settings = stage.settings(card, options)
+    input_hashes = {d: manifests[d]["output_hash"] for d in stage.DEPENDS}
+    return settings, input_hashes, stage_key(stage.NAME, stage.VERSION, settings, input_hashes)
+
+
 def _keep_current_links(model_root: Path, card: Card, options: Options, manifests, load, log) -> dict:
     """This run's manifests plus those of stages it did not reach whose linked output is exactly what
     the run would have made (same key: same settings, built on these outputs). Other links go: after
@@ -193,7 +198,7 @@ def _keep_current_links(model_root: Path, card: Card, options: Options, manifest
         if name in current or not link.is_symlink():
             continue
         try:
-            kept = _still_current(name, load(name), read_manifest(link), card, options, current)
+            kept = _still_current(load(name), read_manifest(link), card, options, current)
         except Exception:  # settings or gate that cannot be worked out now: not provably current
             kept = None
         if kept is not None:
@@ -208,12 +213,11 @@ def _keep_current_links(model_root: Path, card: Card, options: Options, manifest
     return current
 
 
-def _still_current(name: str, stage, manifest, card: Card, options: Options, current: dict) -> dict | None:
+def _still_current(stage, manifest, card: Card, options: Options, current: dict) -> dict | None:
     """The linked output's manifest (gate judged) when its key is what this run would compute, else None."""
     if stage is None or manifest is None or any(d not in current for d in stage.DEPENDS):
         return None
-    hashes = {d: current[d]["output_hash"] for d in stage.DEPENDS}
-    if manifest["key"] != stage_key(name, stage.VERSION, stage.settings(card, options), hashes):
+    if manifest["key"] != _key_of(stage, card, options, current)[2]:
         return None
     return _apply_gate(stage, manifest, card, options, log=lambda *_: None)[0]
 

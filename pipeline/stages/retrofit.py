@@ -66,15 +66,16 @@ def check_card(card: Card) -> None:
         raise CardError(f"{where}: retrofit.nproc_per_node must be >= 1 (or 0: one per visible GPU)")
 
 
-def _data(card: Card, model, tokenizer, out_dir: Path, state_dir: Path, d: Dist = SINGLE_PROCESS):
-    """(next_batch(step) -> [B, T], heldout [N, T]) for the card's retrofit.data.
+def _data(
+    card: Card, data: str | Path, model, tokenizer, out_dir: Path, state_dir: Path, d: Dist = SINGLE_PROCESS
+):
+    """(next_batch(step) -> [B, T], heldout [N, T]) for `data` (the card's resolved retrofit.data).
 
     With several processes each makes the same data (teacher answers: the same greedy generation);
     only rank 0 writes files."""
     from pipeline.dms import distill_data as dd
 
     r = card.retrofit
-    data = card.retrofit_data()
     if data == "synthetic":
         length = max(r.seq_len, *card.eval.lengths)
         return (
@@ -127,7 +128,8 @@ def retrofit(card: Card, model_dir: Path, out_dir: Path, state_dir: Path, d: Dis
         model_dir, config=config, dtype=torch.float32
     ).to(d.device)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    next_batch, heldout = _data(card, model, tokenizer, out_dir, state_dir, d)
+    data = card.retrofit_data()
+    next_batch, heldout = _data(card, data, model, tokenizer, out_dir, state_dir, d)
 
     dms = card.dms
     patch_model(
@@ -163,7 +165,7 @@ def retrofit(card: Card, model_dir: Path, out_dir: Path, state_dir: Path, d: Dis
         seed=r.seed,
         rank=d.rank,
         # Synthetic rows end in padding; packed real data has none (and its pad id may be EOS).
-        pad_token_id=tokenizer.pad_token_id if card.retrofit_data() == "synthetic" else None,
+        pad_token_id=tokenizer.pad_token_id if data == "synthetic" else None,
     )
     real = card.source.kind != "embedded"
     result = train_dms(
