@@ -197,7 +197,7 @@ def test_ask_command(served, capsys):
     assert ask_command(argparse.Namespace(prompt=PROMPT, url=served.http_url, protocol="http", stream=False,
                                           **base)) == 0  # fmt: skip
     out = capsys.readouterr()
-    assert out.out.strip() and "[kv] live tokens" in out.err
+    assert out.out.strip() and "live KV entries (tokens summed over layers and KV heads)" in out.err
     assert ask_command(argparse.Namespace(prompt=PROMPT, url=served.grpc_url, protocol="grpc", stream=True,
                                           **base)) == 0  # fmt: skip
     assert ask_command(argparse.Namespace(prompt="", url=served.grpc_url, protocol="grpc", stream=False,
