@@ -76,9 +76,15 @@ def test_engine_from_checkpoint_matches_hf_dms_logits(qwen_dms, tmp_path, tp):
 
     convert_checkpoint(qwen_dms, tmp_path / "ckpt", tp_size=tp, dtype="float32", log=lambda *_: None)
     diff = roundtrip_max_abs_diff(qwen_dms, tmp_path / "ckpt", num_tokens=24, kv_block_size=4)
-    # ~40% of keys are evicted over 24 tokens with window 8, moving logits by ~0.08 against eviction off:
-    # a conversion that lost the DMS settings or the decision neuron fails this.
     assert diff < 1e-4
+    # ...and that agreement means evicting alike: over these 24 tokens (window 8) the same engine with
+    # eviction off is far away, so a conversion that lost the DMS settings could not have matched.
+    from pipeline.convert.roundtrip import engine_logits
+
+    ids = torch.randint(0, 64, (24,), generator=torch.Generator().manual_seed(0)).tolist()  # as above
+    dms = engine_logits(tmp_path / "ckpt", ids, 12, kv_block_size=4)
+    off = engine_logits(tmp_path / "ckpt", ids, 12, kv_block_size=4, policy="none")
+    assert (dms - off).abs().max() > 1e-2
 
 
 def test_converted_dir_loads_in_transformers(qwen_dms, tmp_path):

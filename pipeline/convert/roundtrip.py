@@ -49,9 +49,12 @@ def reference_logits(hf_dir: Path, ids: list[int]) -> torch.Tensor:
     return logits
 
 
-def engine_logits(ckpt_dir: Path, ids: list[int], prefill_tokens: int, kv_block_size: int) -> torch.Tensor:
+def engine_logits(
+    ckpt_dir: Path, ids: list[int], prefill_tokens: int, kv_block_size: int, policy: str | None = None
+) -> torch.Tensor:
     """[T - prefill_tokens + 1, V] float32 logits of the engine built from the converted checkpoint:
-    the prefill's last position, then one row per decoded token."""
+    the prefill's last position, then one row per decoded token. `policy`: the engine's eviction policy
+    (default: what the checkpoint's dms_* keys say; "none" runs it with eviction off)."""
     from pipeline.runtime.engine import Engine
     from pipeline.runtime.engine_dir import EngineLimits
     from pipeline.runtime.sampling import SamplingParams
@@ -63,7 +66,7 @@ def engine_logits(ckpt_dir: Path, ids: list[int], prefill_tokens: int, kv_block_
         max_batch_size=1, max_input_len=len(ids), max_output_len=len(ids),
         kv_block_size=kv_block_size, kv_pool_tokens=pool,
     )
-    engine = Engine.from_state(hf_cfg, state, limits, dtype="float32", device=_device())
+    engine = Engine.from_state(hf_cfg, state, limits, policy=policy, dtype="float32", device=_device())
     runner = engine.runner
     # Decode steps feed the rest of `ids` (teacher forcing): the streams never hold more than len(ids).
     seq = Sequence(request_id=0, prompt_ids=list(ids), params=SamplingParams(max_tokens=1))
