@@ -268,3 +268,20 @@ def test_engine_data_flow_emulated_matches_hf_dms(tmp_path):
     with torch.inference_mode(), dms_mode(model, "teacher"):
         base = model(ids).logits[0]
     assert (base - want).abs().max() > 1e-2  # evictions (and the zeroed channel) matter here
+
+
+def test_code_for_the_trtllm_environment_imports_nothing_from_our_stack():
+    """plugins/ and ci/gpu_check.py run inside TensorRT-LLM 1.2.1's environment (older torch and
+    transformers, no `pipeline` package): an import of `pipeline` there would fail only on the GPU box."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    files = [*sorted((root / "plugins").rglob("*.py")), root / "ci" / "gpu_check.py"]
+    assert len(files) > 8
+    for file in files:
+        for node in ast.walk(ast.parse(file.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            bad = [n for n in names if n == "pipeline" or n.startswith("pipeline.")]
+            assert not bad, f"{file.relative_to(root)}:{node.lineno} imports {bad[0]}"
