@@ -8,6 +8,7 @@ judged apart: a missed gate stops the build but keeps (and links) the complete m
 
 Layout under build/<model>/:
     stages/<stage>-<key>/     complete outputs (manifest.json inside)
+    failed/<stage>/           the *.log files of the last failed attempt at a stage
     <stage> -> stages/...     a link to the output of the stage's current key: this run's, or an earlier
                               run's for a stage this run did not reach (removed when no longer current)
     report.json               those outputs' figures, plus {"stages": {stage: {seconds, cached}}} for the
@@ -42,12 +43,14 @@ class GateFailed(RuntimeError):
 
 
 class StageFailed(RuntimeError):
-    """A stage raised; the message names the stage and what to do."""
+    """A stage raised; the message names the stage, what to do, and where its logs were kept."""
 
-    def __init__(self, stage: str, cause: BaseException):
+    def __init__(self, stage: str, cause: BaseException, logs: Path | None = None):
         self.stage = stage
         self.cause = cause
-        super().__init__(f"stage '{stage}' failed: {cause}")
+        self.logs = logs
+        kept = f" (its logs are kept in {logs})" if logs else ""
+        super().__init__(f"stage '{stage}' failed: {cause}{kept}")
 
 
 @dataclass(frozen=True)
@@ -268,12 +271,13 @@ def _run_stage(stage, ctx: StageContext, settings, input_hashes, key: str) -> di
     try:
         report = stage.run(ctx) or {}
     except BaseException as exc:
+        logs = _keep_logs(tmp_dir, final_dir.parent.parent / "failed" / stage.NAME)
         shutil.rmtree(tmp_dir, ignore_errors=True)
         if isinstance(exc, KeyboardInterrupt):
             raise
         if os.environ.get("DMS_DEBUG"):
             traceback.print_exc()
-        raise StageFailed(stage.NAME, exc) from exc
+        raise StageFailed(stage.NAME, exc, logs) from exc
     seconds = time.monotonic() - start
     manifest = {
         "stage": stage.NAME,
@@ -299,6 +303,20 @@ def _run_stage(stage, ctx: StageContext, settings, input_hashes, key: str) -> di
         tmp_dir.rename(final_dir)
     ctx.out_dir = final_dir
     return manifest
+
+
+def _keep_logs(tmp_dir: Path, dest: Path) -> Path | None:
+    """Copy a failed stage's *.log files (a trtllm-build log, say) to `dest` before its directory goes:
+    the log is what explains the failure. None when it wrote none."""
+    logs = sorted(tmp_dir.rglob("*.log"))
+    if not logs:
+        return None
+    shutil.rmtree(dest, ignore_errors=True)
+    for log in logs:
+        target = dest / log.relative_to(tmp_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(log, target)
+    return dest
 
 
 def _point_link(link: Path, target: Path) -> None:

@@ -107,6 +107,27 @@ def test_failed_stage_keeps_earlier_outputs_and_resumes(card, tmp_path):
     assert rec.calls == ["prepare", "retrofit", "retrofit", "evaluate"]  # prepare not rerun
 
 
+def test_failed_stage_keeps_its_logs(card, tmp_path):
+    loader = Recorder().loader()
+
+    def failing_with_a_log(name):
+        mod = loader(name)
+        if name == "retrofit":
+
+            def run_and_fail(ctx):  # like a trtllm-build that fails: the log explains why
+                (ctx.out_dir / "sub").mkdir()
+                (ctx.out_dir / "sub" / "train.log").write_text("step 1: loss nan")
+                raise RuntimeError("diverged")
+
+            mod.run = run_and_fail
+        return mod
+
+    with pytest.raises(StageFailed, match="diverged \\(its logs are kept in .*failed/retrofit\\)") as err:
+        run_pipeline(card, tmp_path, load=failing_with_a_log, log=lambda *_: None)
+    assert err.value.logs == tmp_path / card.name / "failed" / "retrofit"
+    assert (err.value.logs / "sub" / "train.log").read_text() == "step 1: loss nan"
+
+
 def test_force_reruns_one_stage_and_keeps_downstream_if_output_same(card, tmp_path):
     rec = Recorder()
     run(card, tmp_path, rec)

@@ -205,10 +205,12 @@ def build_trtllm(
     if proc.returncode != 0:
         tail = log_path.read_text().splitlines()[-20:]
         print("\n".join(tail), file=sys.stderr)
-        raise RuntimeError(f"trtllm-build failed (exit {proc.returncode}); the full log is {log_path}")
+        raise RuntimeError(
+            f"trtllm-build failed (exit {proc.returncode}); its last lines are above, all in {log_path.name}"
+        )
     manifest = engine / "dms_build.json"
     if not manifest.is_file():
-        raise RuntimeError(f"the build driver wrote no {manifest}; see {log_path}")
+        raise RuntimeError(f"the build driver wrote no {manifest.name}; see {log_path.name}")
     engines = sorted(json.loads(manifest.read_text())["engines"])
     return {
         "build_log": BUILD_LOG,
