@@ -61,4 +61,5 @@ for f in "$root/report.json" "$root/build/build.log" "$root/build/engine/dms_bui
     [ -f "$f" ] && cp "$f" "$ARTIFACTS/" || true
 done
 [ -d "$root/perf" ] && cp -r "$root/perf/." "$ARTIFACTS/perf/" 2>/dev/null || true
+[ -d "$root/failed" ] && cp -r "$root/failed" "$ARTIFACTS/failed" || true  # logs of a failed stage
 exit "$status"

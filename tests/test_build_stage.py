@@ -82,6 +82,32 @@ def test_failed_trtllm_build_falls_back_only_in_auto(tmp_path, monkeypatch):
         assert (out / "build.log").read_text().startswith("$ false ")
 
 
+def test_dms_trtllm_pair_comes_with_a_torch_engine_to_serve(tmp_path, monkeypatch):
+    """trtllm-build cannot run here: a stand-in interpreter writes the driver's manifest of a DMS pair.
+    The stage then builds the torch engine beside it, which the package stage serves."""
+    fake = tmp_path / "fake-python"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'while [ "$1" != "--output_dir" ]; do shift; done\n'
+        'mkdir -p "$2" && echo \'{"engines": {"context": {}, "generation": {}}}\' > "$2/dms_build.json"\n'
+    )
+    fake.chmod(0o755)
+    monkeypatch.setattr(build, "gpu_present", lambda: True)
+    monkeypatch.setattr(build, "find_trtllm_env", lambda: (build.TrtllmEnv(python=str(fake)), "test env"))
+    conv, report = _converted(tmp_path, 2)
+    card = dataclasses.replace(_card(), build=dataclasses.replace(_card().build, dtype="bfloat16"))
+    out = tmp_path / "build"
+    out.mkdir()
+    ctx = StageContext(card=card, out_dir=out, inputs={"convert": conv}, reports={"convert": report},
+                       options=Options(backend="trtllm"))  # fmt: skip
+    got = build.run(ctx)
+    assert got["backend"] == "trtllm" and not got["servable_by_tensorrtllm_backend"]
+    assert got["trtllm_engines"] == {"context": "engine/context", "generation": "engine/generation"}
+    assert got["serving"] == {"backend": "torch", "engine_dir": "torch_engine", "tp_size_merged": 2,
+                              "tokenizer_dir": "torch_engine"}  # fmt: skip
+    assert json.loads((out / "torch_engine" / "engine.json").read_text())["dtype"] == "bfloat16"
+
+
 def test_forced_trtllm_without_gpu_fails_clearly(tmp_path, no_trtllm):
     card = _card()
     with pytest.raises(build.BackendUnavailable, match="no NVIDIA GPU"):

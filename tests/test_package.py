@@ -159,3 +159,43 @@ def test_package_stage_points_at_the_build_engine(tmp_path):
     assert ((out / "model_repo") / report["engine_dir"] / "engine.json").is_file()
     settings = package.settings(ctx.card, None)
     assert settings["templates"] and settings["build"]["max_input_len"] == ctx.card.build.max_input_len
+
+
+def _trtllm_ctx(tmp_path, build_report: dict) -> StageContext:
+    build_dir = tmp_path / "stages" / "build-abc"
+    (build_dir / "engine").mkdir(parents=True)
+    (build_dir / "engine" / "tokenizer_config.json").write_text("{}")
+    out = tmp_path / "stages" / ".package-key.tmp-1"
+    out.mkdir(parents=True)
+    report = {"backend": "trtllm", "engine_dir": "engine", **build_report}
+    return StageContext(card=load_card("tiny-qwen3"), out_dir=out, inputs={"build": build_dir},
+                        reports={"build": report})  # fmt: skip
+
+
+def test_package_serves_a_stock_trtllm_engine_with_the_cpp_backend(tmp_path):
+    from pipeline.stages import package
+
+    ctx = _trtllm_ctx(tmp_path, {"servable_by_tensorrtllm_backend": True,
+                                 "trtllm_engines": {"engine": "engine/engine"}})  # fmt: skip
+    report = package.run(ctx)
+    assert report["backend"] == report["built_backend"] == "trtllm"
+    assert report["engine_dir"] == "../../build-abc/engine/engine"
+    assert "ensemble_vanilla" not in report["models"]  # the C++ backend has no eviction-off twin
+    config = (ctx.out_dir / "model_repo" / "tensorrt_llm" / "config.pbtxt").read_text()
+    assert 'backend: "tensorrtllm"' in config
+
+
+def test_package_serves_the_torch_engine_beside_a_dms_trtllm_pair(tmp_path, capsys):
+    from pipeline.stages import package
+
+    ctx = _trtllm_ctx(tmp_path, {
+        "servable_by_tensorrtllm_backend": False,
+        "trtllm_engines": {"context": "engine/context", "generation": "engine/generation"},
+        "serving": {"backend": "torch", "engine_dir": "torch_engine"},
+    })  # fmt: skip
+    make_engine_dir(ctx.inputs["build"] / "torch_engine", max_input_len=77, max_output_len=33)
+    report = package.run(ctx)
+    assert report["built_backend"] == "trtllm" and report["backend"] == "torch"
+    assert report["engine_dir"] == "../../build-abc/torch_engine" and report["max_input_len"] == 77
+    assert "ensemble_vanilla" in report["models"]  # a torch engine is measured against eviction off
+    assert "cannot drive its per-head KV pool" in capsys.readouterr().out

@@ -20,7 +20,7 @@ from pipeline.runner import Options, StageContext
 
 NAME = "package"
 DEPENDS: tuple[str, ...] = ("build",)
-VERSION = 1
+VERSION = 2  # 2: serves the torch engine beside a DMS TensorRT engine pair
 REPO_DIR = "model_repo"
 
 
@@ -57,17 +57,18 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
     build = ctx.reports["build"]
     build_dir = ctx.inputs["build"]
-    backend = build["backend"]
-    engine_dir = build_dir / build["engine_dir"]
+    backend, engine_dir = build["backend"], build_dir / build["engine_dir"]
     tokenizer_dir = _tokenizer_dir(engine_dir, build_dir, build)
-    if backend == "trtllm":
-        if not build.get("servable_by_tensorrtllm_backend"):
-            raise RuntimeError(
-                "the DMS TensorRT engine pair takes the per-head KV pool as I/O, which Triton's tensorrtllm "
-                "backend cannot drive (plugins/README.md); package the torch engine instead "
-                "(`make engine ARGS='--backend torch'`)"
-            )
+    if backend == "trtllm" and build.get("servable_by_tensorrtllm_backend"):
         engine_dir = build_dir / build["trtllm_engines"]["engine"]
+    elif backend == "trtllm":  # the DMS pair: Triton's tensorrtllm backend cannot drive its per-head pool
+        print(
+            "[package] the DMS TensorRT engine pair stays in the build output; Triton's tensorrtllm "
+            "backend cannot drive its per-head KV pool (plugins/README.md), so the repository serves the "
+            "torch engine built beside it from the same checkpoint"
+        )
+        backend, engine_dir = build["serving"]["backend"], build_dir / build["serving"]["engine_dir"]
+        tokenizer_dir = engine_dir
     limits = dict(card_section(ctx.card, "build")["build"])
     if backend == "torch":  # the engine's own limits are the truth for what it accepts
         limits.update(json.loads((engine_dir / "engine.json").read_text())["limits"])
@@ -88,7 +89,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     print(f"[package] {len(configs)} models in {REPO_DIR}/: {', '.join(sorted(configs))}")
     return {
         "model_repo": REPO_DIR,
-        "backend": backend,
+        "backend": backend,  # what the repository serves; `build.backend` says what was built
+        "built_backend": build["backend"],
         "models": sorted(configs),
         "engine_dir": spec.engine_dir,
         "max_input_len": spec.max_input_len,
