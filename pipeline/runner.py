@@ -82,17 +82,18 @@ def hash_tree(path: Path) -> str:
     return digest.hexdigest()
 
 
-def fingerprint(path: Path) -> dict[str, Any]:
+def fingerprint(path: Path) -> list[list[Any]]:
     """Cheap identity of files the user keeps outside build/ (weights, traces): each file's name, size
-    and modification time. Hashing tens of GB on every run would cost minutes; a changed file changes
-    its size or time."""
+    and modification time, as make and rsync judge files. Hashing tens of GB on every run would cost
+    minutes; a changed file changes its size or time. Not the location: a moved directory (or a copy
+    that keeps times, `cp -p`) is the same input and retrains nothing."""
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     rows = []
     for file in files:
         info = file.stat()
         name = file.relative_to(path).as_posix() if file != path else file.name
         rows.append([name, info.st_size, info.st_mtime_ns])
-    return {"path": str(path.resolve()), "files": rows}
+    return rows
 
 
 def stage_key(name: str, version: int, settings: dict[str, Any], input_hashes: dict[str, str]) -> str:

@@ -273,17 +273,23 @@ def test_interrupted_stage_leaves_no_temporary_directory(card, tmp_path):
     assert all(name.startswith("prepare-") for name in leftovers), leftovers
 
 
-def test_fingerprint_notices_a_replaced_file(tmp_path):
-    (tmp_path / "model.safetensors").write_bytes(b"x" * 10)
-    before = fingerprint(tmp_path)
-    assert fingerprint(tmp_path) == before
-    (tmp_path / "model.safetensors").write_bytes(b"y" * 11)  # a re-download of a different size
-    assert fingerprint(tmp_path) != before
-    resized = fingerprint(tmp_path)
-    info = (tmp_path / "model.safetensors").stat()
-    os.utime(tmp_path / "model.safetensors", ns=(info.st_atime_ns, info.st_mtime_ns + 10**9))  # same size
-    assert fingerprint(tmp_path) != resized
-    assert fingerprint(tmp_path / "model.safetensors")["files"][0][0] == "model.safetensors"
+def test_fingerprint_notices_a_replaced_file_but_not_a_move(tmp_path):
+    model = tmp_path / "a"
+    model.mkdir()
+    weights = model / "model.safetensors"
+    weights.write_bytes(b"x" * 10)
+    before = fingerprint(model)
+    assert fingerprint(model) == before
+    weights.write_bytes(b"y" * 11)  # a re-download of a different size
+    assert fingerprint(model) != before
+    resized = fingerprint(model)
+    info = weights.stat()
+    os.utime(weights, ns=(info.st_atime_ns, info.st_mtime_ns + 10**9))  # same size, newer
+    assert fingerprint(model) != resized
+    assert fingerprint(weights)[0][:2] == ["model.safetensors", 11]
+    here = fingerprint(model)
+    model.rename(tmp_path / "b")  # moved, times kept: the same input, nothing retrains
+    assert fingerprint(tmp_path / "b") == here
 
 
 def test_leftovers_of_killed_runs_are_removed(card, tmp_path):
