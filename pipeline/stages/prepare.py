@@ -22,7 +22,9 @@ def settings(card: Card, options: Options) -> dict[str, Any]:
     out = card_section(card, "family", "source", "pretrain")
     out["from_scratch"] = options.from_scratch
     if card.source.kind == "local":
-        out["weights_dir"] = fingerprint(card.weights_dir())  # a re-downloaded model is a new input
+        weights = card.weights_dir()
+        out["weights_dir"] = str(weights.resolve())  # the output links to the weights where they are
+        out["weights"] = fingerprint(weights)  # a re-downloaded model is a new input
     return out
 
 
