@@ -1,4 +1,4 @@
-"""Command line: `python -m pipeline engine --model NAME`, `serve`, `ask`, `bench`, `cards`.
+"""Command line: `python -m pipeline engine --model NAME`, `serve`, `ask`, `bench`, `prune`, `cards`.
 
 Flags map onto function arguments; nothing else overrides a card. Subcommands import their modules
 lazily so `--help` and card errors answer in well under a second.
@@ -76,6 +76,18 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from pipeline.runner import prune
+
+    card = load_card(args.model)
+    removed = prune(Path(args.build_dir) / card.name)
+    for path, size in removed.items():
+        print(f"removed {path} ({size / 2**20:.1f} MiB)")
+    freed = sum(removed.values()) / 2**30
+    print(f"{len(removed)} superseded stage outputs removed, {freed:.2f} GiB freed; linked outputs kept")
+    return 0
+
+
 def _cmd_cards(args: argparse.Namespace) -> int:
     for name in available_cards():
         card = load_card(name)
@@ -135,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--max-tokens", type=int, default=64)
     ask.add_argument("--temperature", type=float, default=0.0)
     ask.set_defaults(func=_cmd_ask)
+
+    prune = sub.add_parser("prune", help="remove stage outputs the last runs no longer use")
+    prune.add_argument("--model", default=os.environ.get("MODEL", DEFAULT_MODEL))
+    prune.add_argument("--build-dir", default="build")
+    prune.set_defaults(func=_cmd_prune)
 
     bench = sub.add_parser("bench", help="KV memory and decode speed, DMS against vanilla and HF")
     bench.add_argument("--out", help="where bench.json goes (default build/bench)")

@@ -185,6 +185,25 @@ def run_pipeline(
     return json.loads((model_root / "report.json").read_text())
 
 
+def prune(model_root: Path) -> dict[Path, int]:
+    """Remove stage outputs no link points at (superseded by a changed card or a retrain); returns what
+    went and its size in bytes. Linked outputs stay, so the next run finds every stage it uses cached;
+    so do the hidden directories (a running stage's temporary one, an interrupted retrofit's resume
+    state)."""
+    stages = model_root / "stages"
+    if not stages.is_dir():
+        return {}
+    linked = {link.resolve() for link in model_root.iterdir() if link.is_symlink()}
+    linked |= {path.parent for path in linked}  # model_repo links into the package output
+    removed = {}
+    for path in sorted(stages.iterdir()):
+        if path.resolve() not in linked and not path.name.startswith("."):
+            files = (f for f in path.rglob("*") if f.is_file() and not f.is_symlink())  # not linked weights
+            removed[path] = sum(f.stat().st_size for f in files)
+            shutil.rmtree(path)
+    return removed
+
+
 def _key_of(stage, card: Card, options: Options, manifests: dict) -> tuple[dict, dict[str, str], str]:
     """(settings, input hashes, key) of `stage` on the outputs described by `manifests`."""
     settings = stage.settings(card, options)

@@ -316,3 +316,22 @@ def test_sigterm_stops_like_ctrl_c():
             os.kill(os.getpid(), signal.SIGTERM)
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_prune_removes_only_what_no_link_uses(card, tmp_path):
+    from pipeline.runner import prune
+
+    rec = Recorder()
+    run(card, tmp_path, rec)
+    rec.value = "v2"  # a changed card: every stage gets a new output, the old ones are superseded
+    run(card, tmp_path, rec)
+    root = tmp_path / card.name
+    resume = root / "stages" / ".retrofit-old.resume"  # an interrupted retrofit: never pruned
+    resume.mkdir()
+    removed = prune(root)
+    assert sorted(p.name.split("-")[0] for p in removed) == ["evaluate", "prepare", "retrofit"]
+    assert all(size > 0 for size in removed.values())
+    assert resume.is_dir() and (root / "model_repo").is_dir()
+    assert rec.calls.count("evaluate") == 2
+    run(card, tmp_path, rec)  # everything the links name is still there: nothing reruns
+    assert rec.calls.count("evaluate") == 2
