@@ -18,6 +18,7 @@ from typing import Any
 
 from pipeline.card import Card, card_section
 from pipeline.runner import Options, StageContext
+from pipeline.stages.retrofit import cr_label  # the checkpoints' labels
 
 NAME = "evaluate"
 DEPENDS: tuple[str, ...] = ("prepare", "retrofit")
@@ -41,11 +42,6 @@ def gate(report: dict[str, Any], card: Card) -> dict[str, Any]:
     from pipeline.eval.gate import check_gate
 
     return check_gate(report["accuracy"], cr_label(card.dms.target_cr), card.eval.max_accuracy_drop)
-
-
-def cr_label(cr: float) -> str:
-    """2.0 -> "2", 2.5 -> "2.5" (the retrofit checkpoints' labels)."""
-    return f"{float(cr):g}"
 
 
 def build_items(card: Card, tokenizer) -> list[Any]:
