@@ -68,12 +68,22 @@ def _unusable_dir(path: Path) -> str | None:
 
 
 def stop_on_sigterm() -> None:
-    """SIGTERM (a supervisor, a CI timeout, `kill`) stops like Ctrl-C, so the same cleanup runs."""
+    """SIGTERM (a supervisor, a CI timeout, `kill`) and SIGHUP (the terminal closed) stop like Ctrl-C,
+    so the same cleanup runs."""
 
     def interrupt(signum, frame) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGHUP, interrupt)
+
+
+def port(text: str) -> int:
+    """argparse type: a TCP port (0: any free one)."""
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port (0-65535)")
+    return value
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
@@ -133,9 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve a built model repository with Triton")
     serve.add_argument("--model", default=os.environ.get("MODEL", DEFAULT_MODEL))
     serve.add_argument("--build-dir", default="build")
-    serve.add_argument("--http-port", type=int, default=8000)
-    serve.add_argument("--grpc-port", type=int, default=8001)
-    serve.add_argument("--metrics-port", type=int, default=8002)
+    serve.add_argument("--http-port", type=port, default=8000, help="default 8000")
+    serve.add_argument("--grpc-port", type=port, default=8001, help="default 8001")
+    serve.add_argument("--metrics-port", type=port, default=8002, help="default 8002")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     serve.set_defaults(func=_cmd_serve)
 
@@ -143,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("prompt")
     ask.add_argument("--url", default=None, help="host:port (default 127.0.0.1:8000 http, :8001 grpc)")
     ask.add_argument("--protocol", choices=("http", "grpc"), default="http")
-    ask.add_argument("--stream", action="store_true", help="stream tokens (gRPC)")
+    ask.add_argument("--stream", action="store_true", help="print tokens as they come (HTTP or gRPC)")
     ask.add_argument("--max-tokens", type=int, default=64)
     ask.add_argument("--temperature", type=float, default=0.0)
     ask.set_defaults(func=_cmd_ask)

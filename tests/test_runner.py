@@ -306,16 +306,18 @@ def test_leftovers_of_killed_runs_are_removed(card, tmp_path):
     assert not dead.exists() and alive.exists() and elsewhere.exists() and resume.exists()
 
 
-def test_sigterm_stops_like_ctrl_c():
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_stop_like_ctrl_c(signum):
     from pipeline.cli import stop_on_sigterm
 
-    before = signal.getsignal(signal.SIGTERM)
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
         stop_on_sigterm()
         with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signum)
     finally:
-        signal.signal(signal.SIGTERM, before)
+        for s, handler in before.items():
+            signal.signal(s, handler)
 
 
 def test_prune_removes_only_what_no_link_uses(card, tmp_path):

@@ -226,3 +226,21 @@ def test_ask_without_a_server_says_so(protocol, capsys):
     assert ask_command(args) == 1
     err = capsys.readouterr().err
     assert "cannot reach" in err and url in err and "make serve" in err and "Traceback" not in err
+
+
+def test_one_port_for_two_endpoints_is_refused_before_starting(tmp_path):
+    from pipeline.serve.server import ServerError, TritonServer
+
+    server = TritonServer(tmp_path, http_port=8123, grpc_port=8123)
+    with pytest.raises(ServerError, match="--http-port 8123, --grpc-port 8123, .*: each endpoint needs"):
+        server.start()
+    assert server.process is None
+
+
+@pytest.mark.parametrize("value", ["70000", "-1"])
+def test_a_port_out_of_range_is_an_argument_error(value, capsys):
+    from pipeline.cli import main
+
+    with pytest.raises(SystemExit) as err:
+        main(["serve", "--http-port", value])
+    assert err.value.code == 2 and f"{value} is not a port (0-65535)" in capsys.readouterr().err

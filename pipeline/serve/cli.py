@@ -13,12 +13,13 @@ from pipeline.cli import stop_on_sigterm
 EXAMPLE = """\
 endpoints:
   HTTP    http://{http}  (generate: /v2/models/ensemble/generate, streaming: .../generate_stream)
-  gRPC    {grpc}  (stream: tensorrt_llm_bls or ensemble, e.g. python -m pipeline ask --protocol grpc --stream)
+  gRPC    {grpc}  (streaming: the tensorrt_llm_bls or ensemble model)
   metrics http://{metrics}/metrics  (dms_kv_pool_blocks_used, ...)
 try:
   curl -s -X POST http://{http}/v2/models/ensemble/generate \\
        -d '{{"text_input": "k5 31 . the grass is green . k9 77 . ? k9", "max_tokens": 8}}'
   python -m pipeline ask "k5 31 . the grass is green . k9 77 . ? k5" --url {http}
+  python -m pipeline ask "v3 7 . v10 v3 . ? v10" --protocol grpc --stream --url {grpc}
 vanilla (eviction off) for comparison: /v2/models/ensemble_vanilla/generate
 Ctrl-C stops the server.
 """
@@ -33,12 +34,18 @@ def serve_command(args: argparse.Namespace) -> int:
     repo = root / "model_repo"
     if not (repo / "ensemble" / "config.pbtxt").is_file():
         print(
-            f"error: no model repository at {repo}: build it first with `make engine MODEL={card.name}`",
+            f"error: no model repository at {repo}: build it first with "
+            f"`python -m pipeline engine --model {card.name} --build-dir {args.build_dir}`",
             file=sys.stderr,
         )
         return 2
     if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: binding {args.host}: the server has no authentication", file=sys.stderr)
+        print(
+            f"warning: binding {args.host}: the server has no authentication, and the bundled Triton (2.51) "
+            "crashes on HTTP bodies of a few MB (CVE-2025-23310, fixed in 25.07): put a proxy that caps "
+            "request size in front of it",
+            file=sys.stderr,
+        )
     server = TritonServer(
         repo,
         host=args.host,
@@ -69,7 +76,7 @@ def serve_command(args: argparse.Namespace) -> int:
         print(f"error: the server exited; its log ends with:\n{server.log_tail()}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("\nstopping the server ...", flush=True)
+        print("\nstopping the server (requests in flight get up to 10 s) ...", flush=True)
         return 0
     finally:
         server.stop()

@@ -100,6 +100,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+EXIT_TIMEOUT_S = 10
+
+
 def check_port(host: str, port: int, flag: str) -> None:
     """ServerError naming the port and the flag to change when host:port cannot be bound (a TIME_WAIT
     leftover of a stopped server does not count: Triton reuses the address too)."""
@@ -135,6 +138,7 @@ class TritonServer:
     startup_timeout_s: float = 240.0
     log_verbose: int = 0
     process: subprocess.Popen | None = field(default=None, init=False)
+    _log_offset: int = field(default=0, init=False)
     _workdir: Path | None = field(default=None, init=False)
 
     @property
@@ -159,6 +163,7 @@ class TritonServer:
             f"--metrics-port={self.metrics_port}",
             "--disable-auto-complete-config",
             "--exit-on-error=true",
+            f"--exit-timeout-secs={EXIT_TIMEOUT_S}",  # requests in flight at Ctrl-C get this long
             f"--log-verbose={self.log_verbose}",
         ]
 
@@ -168,6 +173,10 @@ class TritonServer:
             raise ServerError(f"model repository {repo} does not exist: run `make engine` first")
         ports = {"--http-port": self.http_port, "--grpc-port": self.grpc_port}
         ports["--metrics-port"] = self.metrics_port
+        asked = [port for port in ports.values() if port]
+        if len(set(asked)) < len(asked):
+            given = ", ".join(f"{flag} {port}" for flag, port in ports.items())
+            raise ServerError(f"{given}: each endpoint needs its own port")
         for flag, port in ports.items():
             if port:
                 check_port(self.host, port, flag)
@@ -177,7 +186,12 @@ class TritonServer:
         self.grpc_port = self.grpc_port or free_port(self.host)
         self.metrics_port = self.metrics_port or free_port(self.host)
         self.log_path = Path(self.log_path or self._workdir / "server.log")
-        log = self.log_path.open("wb")
+        # Appended, never truncated: another server of the same build may be writing it. The tail shown
+        # on a failure starts where this one's part does.
+        log = self.log_path.open("ab")
+        log.write(f"=== tritonserver on {self.host}:{self.http_port} ({time.strftime('%F %T')})\n".encode())
+        log.flush()
+        self._log_offset = log.tell()
         self.process = subprocess.Popen(
             self.command(), stdout=log, stderr=subprocess.STDOUT, env=server_env(), start_new_session=True
         )
@@ -213,21 +227,30 @@ class TritonServer:
     def log_tail(self, lines: int = 40) -> str:
         if not self.log_path or not Path(self.log_path).is_file():
             return "(no log)"
-        text = Path(self.log_path).read_text(errors="replace").splitlines()
+        with Path(self.log_path).open("rb") as fh:
+            fh.seek(self._log_offset)
+            text = fh.read().decode(errors="replace").splitlines()
         return "\n".join(text[-lines:])
 
-    def stop(self, timeout_s: float = 30.0) -> None:
-        """SIGINT (Triton unloads models and exits), then SIGKILL of its process group if it hangs."""
+    def stop(self, timeout_s: float = EXIT_TIMEOUT_S + 15) -> None:
+        """SIGINT (Triton unloads models and exits), SIGKILL if it hangs; then SIGKILL to whatever is
+        left of its process group: a crashed Triton leaves its python-backend stubs (hundreds of MB each)
+        running otherwise."""
         proc, self.process = self.process, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
+        if proc is not None:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(timeout=timeout_s)
+                except subprocess.TimeoutExpired:
+                    pass
             try:
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+                os.killpg(proc.pid, signal.SIGKILL)  # its own session: the group is Triton's alone
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=10)
         if self._workdir is not None:
-            shutil.rmtree(self._workdir / "backends", ignore_errors=True)
+            shutil.rmtree(self._workdir, ignore_errors=True)
 
     def __enter__(self) -> TritonServer:
         return self.start()
