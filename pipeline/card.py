@@ -298,6 +298,23 @@ def validate_card(card: Card) -> None:
         raise CardError(f"{where}: an embedded model needs a `pretrain` section")
     if card.source.kind == "gguf-package" and not (card.source.package and card.source.gguf_file):
         raise CardError(f"{where}: source.kind gguf-package needs source.package and source.gguf_file")
+    b, pf = card.build, card.perf
+    if pf.input_tokens >= b.max_input_len or pf.output_tokens > b.max_output_len:
+        raise CardError(
+            f"{where}: the perf workload ({pf.input_tokens} tokens in, {pf.output_tokens} out) must fit the "
+            f"engine (build.max_input_len {b.max_input_len}, one token kept for BOS; build.max_output_len "
+            f"{b.max_output_len}): lower perf.input_tokens/output_tokens or raise the build limits"
+        )
+    # One request with eviction off (the vanilla twin, a plain model) holds every token, plus one block
+    # per stream for the next decode step; the pool is counted per (layer, KV head) stream.
+    blocks = -(-(b.max_input_len + b.max_output_len) // b.kv_block_size) + 1
+    if b.kv_pool_tokens < blocks * b.kv_block_size:
+        raise CardError(
+            f"{where}: build.kv_pool_tokens ({b.kv_pool_tokens}) cannot hold one request of "
+            f"build.max_input_len + max_output_len ({b.max_input_len} + {b.max_output_len}) tokens with "
+            f"eviction off; it needs at least {blocks * b.kv_block_size} ({blocks} blocks of "
+            f"{b.kv_block_size})"
+        )
     if card.build.tp_size not in (1, 2, 4, 8):
         raise CardError(f"{where}: build.tp_size must be 1, 2, 4 or 8, got {card.build.tp_size}")
 

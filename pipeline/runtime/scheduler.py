@@ -52,8 +52,9 @@ class Scheduler:
             if need + self._decode_blocks(1) > self.pool.num_blocks:
                 self.waiting.popleft()
                 seq.error = (
-                    f"request needs {need} KV blocks but the pool has {self.pool.num_blocks}; "
-                    "raise kv_pool_tokens in the engine limits or shorten the prompt"
+                    f"request needs {need} KV blocks for its prompt and {self._decode_blocks(1)} for its "
+                    f"first decode step, but the pool has {self.pool.num_blocks}; raise kv_pool_tokens in "
+                    "the engine limits or shorten the prompt"
                 )
                 failed.append(seq)
                 continue
