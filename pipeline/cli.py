@@ -156,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--stream", action="store_true", help="print tokens as they come (HTTP or gRPC)")
     ask.add_argument("--max-tokens", type=int, default=64)
     ask.add_argument("--temperature", type=float, default=0.0)
+    ask.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the answer")
     ask.set_defaults(func=_cmd_ask)
 
     prune = sub.add_parser("prune", help="remove stage outputs the last runs no longer use")

@@ -193,7 +193,7 @@ def test_perf_analyzer_rows_and_gates(served, tmp_path):
 def test_ask_command(served, capsys):
     from pipeline.serve.cli import ask_command
 
-    base = dict(max_tokens=6, temperature=0.0)
+    base = dict(max_tokens=6, temperature=0.0, timeout=120.0)
     assert ask_command(argparse.Namespace(prompt=PROMPT, url=served.http_url, protocol="http", stream=False,
                                           **base)) == 0  # fmt: skip
     out = capsys.readouterr()
@@ -222,7 +222,7 @@ def test_ask_without_a_server_says_so(protocol, capsys):
 
     url = f"127.0.0.1:{free_port()}"
     args = argparse.Namespace(prompt="hi", url=url, protocol=protocol, stream=False, max_tokens=2,
-                              temperature=0.0)  # fmt: skip
+                              temperature=0.0, timeout=60.0)  # fmt: skip
     assert ask_command(args) == 1
     err = capsys.readouterr().err
     assert "cannot reach" in err and url in err and "make serve" in err and "Traceback" not in err
@@ -244,3 +244,36 @@ def test_a_port_out_of_range_is_an_argument_error(value, capsys):
     with pytest.raises(SystemExit) as err:
         main(["serve", "--http-port", value])
     assert err.value.code == 2 and f"{value} is not a port (0-65535)" in capsys.readouterr().err
+
+
+def test_ask_names_a_wrong_port_or_protocol_and_a_timeout(capsys):
+    """Real sockets standing where the server should be: one answers something that is not HTTP (a gRPC
+    port asked over HTTP), one never answers."""
+    import socket
+    import threading
+
+    from pipeline.serve.cli import ask_command
+
+    def ask(url: str, timeout: float) -> str:
+        args = argparse.Namespace(prompt="hi", url=url, protocol="http", stream=False, max_tokens=2,
+                                  temperature=0.0, timeout=timeout)  # fmt: skip
+        assert ask_command(args) == 1
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        return err
+
+    with socket.socket() as other, socket.socket() as silent:
+        for sock in (other, silent):
+            sock.bind(("127.0.0.1", 0))
+            sock.listen(4)
+
+        def not_http():
+            conn, _ = other.accept()
+            conn.recv(4096)
+            conn.sendall(b"\x00\x00\x12\x04 not http\r\n\r\n")
+            conn.close()
+
+        threading.Thread(target=not_http, daemon=True).start()
+        url = f"http://127.0.0.1:{other.getsockname()[1]}/"  # a scheme and a slash are accepted too
+        assert "wrong port or protocol?" in ask(url, 10)
+        assert "within 1 s (--timeout)" in ask(f"127.0.0.1:{silent.getsockname()[1]}", 1)

@@ -86,7 +86,8 @@ def ask_command(args: argparse.Namespace) -> int:
     from pipeline.serve import client
 
     url = args.url or ("127.0.0.1:8001" if args.protocol == "grpc" else "127.0.0.1:8000")
-    params = {"temperature": args.temperature}
+    url = url.removeprefix("http://").removeprefix("https://").rstrip("/")  # the clients take host:port
+    params = {"temperature": args.temperature, "timeout_s": args.timeout}
     try:
         if args.stream:
             # the BLS model detokenizes incrementally (no split characters in the streamed pieces)

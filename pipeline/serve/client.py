@@ -7,6 +7,7 @@ the text models through `/v2/models/<m>/generate` and `/generate_stream` (HTTP) 
 
 from __future__ import annotations
 
+import http.client
 import json
 import queue
 import urllib.error
@@ -82,8 +83,15 @@ def _post(url: str, body: dict[str, Any], timeout_s: float):
         except (ValueError, KeyError, TypeError):
             pass
         raise ClientError(f"HTTP {exc.code}: {detail}") from None
+    except TimeoutError:
+        raise ClientError(f"no answer from {url} within {timeout_s:.0f} s (--timeout)") from None
     except urllib.error.URLError as exc:
         raise ClientError(f"cannot reach {url}: {exc.reason} (is `make serve` running?)") from None
+    except (http.client.HTTPException, ConnectionError) as exc:  # something else answered
+        raise ClientError(
+            f"{url} did not answer as Triton's HTTP endpoint does ({type(exc).__name__}: "
+            f"{str(exc).strip()}); wrong port or protocol? (HTTP is 8000 and gRPC 8001 by default)"
+        ) from None
 
 
 def generate_http(
@@ -189,8 +197,11 @@ def _grpc_error(url: str, error: Exception) -> ClientError:
     from tritonclient.utils import InferenceServerException
 
     message = error.message() if isinstance(error, InferenceServerException) else str(error)
-    if "failed to connect" in message:
-        return ClientError(f"cannot reach {url} over gRPC: {message} (is `make serve` running?)")
+    if "failed to connect" in message or "Socket closed" in message:
+        return ClientError(
+            f"cannot reach {url} over gRPC: {message} (is `make serve` running, and is this its gRPC port? "
+            "HTTP is 8000 and gRPC 8001 by default)"
+        )
     return ClientError(message)
 
 
