@@ -277,3 +277,20 @@ def test_ask_names_a_wrong_port_or_protocol_and_a_timeout(capsys):
         url = f"http://127.0.0.1:{other.getsockname()[1]}/"  # a scheme and a slash are accepted too
         assert "wrong port or protocol?" in ask(url, 10)
         assert "within 1 s (--timeout)" in ask(f"127.0.0.1:{silent.getsockname()[1]}", 1)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "nosuch"], "unknown model 'nosuch'"),
+        (["--build-dir", "/nonexistent-build"], "no model repository at /nonexistent-build/tiny-qwen3"),
+        (["--concurrency", "0"], "--concurrency must be >= 1"),
+    ],
+)
+def test_load_tool_bad_input_is_one_line(argv, message, capsys):
+    from pipeline.serve.load import main as load_main
+
+    with pytest.raises(SystemExit) as err:
+        load_main(argv)
+    out = capsys.readouterr().err
+    assert err.value.code == 2 and message in out and "Traceback" not in out

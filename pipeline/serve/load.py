@@ -9,6 +9,7 @@ models' `dms_kv_pool_blocks_used` gauges from Triton's metrics endpoint until th
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import threading
@@ -102,7 +103,7 @@ def run_load(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.card import load_card
+    from pipeline.card import CardError, load_card
     from pipeline.serve.perf import input_data, repo_tokenizer_dir
     from pipeline.serve.server import TritonServer
     from pipeline.serve.text import load_tokenizer
@@ -110,17 +111,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.serve.load", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--model", default="tiny-qwen3")
+    parser.add_argument("--model", default=os.environ.get("MODEL", "tiny-qwen3"))
     parser.add_argument("--build-dir", default="build")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--stream", action="store_true", help="stream tokens (one response per token)")
     args = parser.parse_args(argv)
-    card = load_card(args.model)
+    if args.concurrency < 1 or args.seconds <= 0:
+        parser.error(f"--concurrency must be >= 1 and --seconds > 0 (got {args.concurrency}, {args.seconds})")
+    try:
+        card = load_card(args.model)
+    except CardError as exc:
+        parser.exit(2, f"error: {exc}\n")
     repo = Path(args.build_dir) / card.name / "model_repo"
+    if not (repo / "ensemble" / "config.pbtxt").is_file():
+        parser.exit(2, f"error: no model repository at {repo}: build it (make engine MODEL={card.name})\n")
     tokenizer = load_tokenizer(repo_tokenizer_dir(repo))
     data = input_data(tokenizer, card.perf.input_tokens, card.perf.output_tokens, num_prompts=16)
     prompts = [d["text_input"]["content"][0] for d in data["data"]]
+    print(f"starting a server of its own on {repo} (free ports) ...", flush=True)
     with TritonServer(repo) as server:
         result = run_load(
             server.grpc_url,
