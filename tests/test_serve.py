@@ -294,3 +294,40 @@ def test_load_tool_bad_input_is_one_line(argv, message, capsys):
         load_main(argv)
     out = capsys.readouterr().err
     assert err.value.code == 2 and message in out and "Traceback" not in out
+
+
+def test_a_cancelled_request_frees_its_kv_blocks_at_the_next_token(tmp_path):
+    """4000 tokens take ~11 s here. A gRPC client calling the engine model directly (as TensorRT-LLM
+    backend clients do) that cancels after 1 s must not keep it generating, and its KV blocks held, that
+    long. (Triton 2.51 does not pass an ensemble request's cancellation on to the models inside it.)"""
+    import queue
+    import time
+
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    from pipeline.serve.server import TritonServer
+
+    def tensor(name, value):
+        t = grpcclient.InferInput(name, [1, len(value)], "INT32")
+        t.set_data_from_numpy(np.array([value], np.int32))
+        return t
+
+    make_engine_dir(tmp_path / "engine", max_input_len=64, max_output_len=4096)
+    repo = tmp_path / "repo"
+    write_repository(RepoSpec(engine_dir="../engine", tokenizer_dir="../engine", max_input_len=64,
+                              max_output_len=4096, kv_pool_tokens=65536), repo)  # fmt: skip
+    with TritonServer(repo) as server:
+        grpc = grpcclient.InferenceServerClient(server.grpc_url)
+        grpc.start_stream(callback=lambda result, error: queue.Queue().put(error))
+        inputs = [tensor("input_ids", [5, 6, 7, 8]), tensor("input_lengths", [4]),
+                  tensor("request_output_len", [4000]), tensor("end_id", [-1])]  # fmt: skip
+        grpc.async_stream_infer("tensorrt_llm", inputs)
+        time.sleep(1.0)
+        metrics = f"{server.host}:{server.metrics_port}"
+        assert kv_pool_metrics(metrics)["tensorrt_llm"]["running"] == 1  # still generating
+        cancelled = time.monotonic()
+        grpc.stop_stream(cancel_requests=True)
+        wait_pool_empty(metrics, timeout_s=30)
+        assert time.monotonic() - cancelled < 3.0
+        grpc.close()

@@ -160,6 +160,7 @@ def stream_grpc(
 
     body = request_body(prompt, max_tokens, stream=stream, **params)
     results: queue.Queue = queue.Queue()
+    finished = False
     client = grpcclient.InferenceServerClient(url)
     try:
         client.start_stream(callback=lambda result, error: results.put((result, error)))
@@ -181,6 +182,7 @@ def stream_grpc(
                 reply.kv_compression_ratio = None if ratio is None else float(ratio.reshape(-1)[0])
                 yield reply
             if final:
+                finished = True
                 return
     except InferenceServerException as exc:
         try:  # a broken stream says only that it broke; the callback has the cause
@@ -189,7 +191,9 @@ def stream_grpc(
             pass
         raise _grpc_error(url, exc) from None
     finally:
-        client.stop_stream()
+        # Leaving early (a timeout, an error, the caller stopped reading): cancel the request, so the
+        # server stops generating and frees its KV blocks; without it stop_stream waits for the end.
+        client.stop_stream(cancel_requests=not finished)
         client.close()
 
 

@@ -99,6 +99,10 @@ class TritonPythonModel:
         try:
             generated = []
             for event in handle:
+                if sender.is_cancelled():  # the client went away (or cancelled): free its KV blocks now
+                    handle.cancel()
+                    sender.send(flags=FINAL)
+                    return
                 generated.append(event.token_id)
                 end = stop_match(generated, [s for s in req.stop_sequences if len(s) > 1])
                 if end is not None:
