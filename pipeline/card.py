@@ -273,6 +273,16 @@ def validate_card(card: Card) -> None:
         if value < floor or (value == floor and not inclusive):
             bound = f">= {floor}" if inclusive else f"> {floor}"
             raise CardError(f"{where}: {key} must be {bound}, got {value}")
+    if card.pretrain is not None:
+        pt = card.pretrain
+        small = [f"pretrain.{k} {v}" for k, v in dataclasses.asdict(pt).items() if k != "seed" and v <= 0]
+        if small:
+            raise CardError(f"{where}: {', '.join(small)}: pretrain sizes, counts and lr must be positive")
+        if pt.num_heads % pt.num_kv_heads:
+            raise CardError(
+                f"{where}: pretrain.num_heads ({pt.num_heads}) must be a multiple of pretrain.num_kv_heads "
+                f"({pt.num_kv_heads})"
+            )
     for key in NON_EMPTY:
         values = _lookup(card, key)
         if not values or min(values) < 1:

@@ -165,3 +165,26 @@ def test_unusable_build_dir_is_a_clear_error(capsys):
     assert main(["engine", "--build-dir", "/dev/null/build"]) == 2
     err = capsys.readouterr().err
     assert "cannot use --build-dir /dev/null/build: /dev/null is not a directory" in err
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"hidden_size": 0}, "pretrain.hidden_size 0: pretrain sizes, counts and lr must be positive"),
+        ({"num_kv_heads": 3}, "pretrain.num_heads \\(8\\) must be a multiple of pretrain.num_kv_heads"),
+    ],
+)
+def test_pretrain_section_is_validated(tmp_path, change, message):
+    data = {**BASE, "source": {"kind": "embedded"}, "pretrain": change}
+    with pytest.raises(CardError, match=message):
+        load_card(str(write_card(tmp_path, data)))
+
+
+def test_a_pretrain_shape_other_than_the_committed_teacher_needs_from_scratch(tmp_path):
+    from pipeline.data.teacher import prepare_embedded
+
+    card = load_card(str(write_card(tmp_path, {**BASE, "source": {"kind": "embedded"},
+                                               "pretrain": {"hidden_size": 64}})))  # fmt: skip
+    with pytest.raises(CardError, match="pretrain.hidden_size 64 \\(committed: 128\\).*--from-scratch"):
+        prepare_embedded(card, tmp_path / "model", from_scratch=False)
+    assert not (tmp_path / "model").exists()

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 from transformers import Qwen3ForCausalLM
 
-from pipeline.card import Card, load_card
+from pipeline.card import Card, CardError, load_card
 from pipeline.data.pretrain import build_model, pretrain
 from pipeline.data.tasks import TASKS, Item, eval_items
 from pipeline.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
@@ -97,6 +97,30 @@ def _eval_lengths(card: Card) -> list[int]:
     return sorted(lengths)
 
 
+# The card's pretrain fields and the committed teacher's config.json keys they must equal.
+_SHAPE_KEYS = {
+    "hidden_size": "hidden_size", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads", "head_dim": "head_dim", "intermediate_size": "intermediate_size",
+    "vocab_size": "vocab_size",
+}  # fmt: skip
+
+
+def _check_committed_shape(card: Card) -> None:
+    """The committed teacher is one model: a card that describes another shape needs --from-scratch
+    (otherwise its `pretrain` section would be silently ignored)."""
+    committed = json.loads((ASSETS_DIR / "config.json").read_text())
+    differ = [
+        f"pretrain.{field} {getattr(card.pretrain, field)} (committed: {committed.get(key)})"
+        for field, key in _SHAPE_KEYS.items()
+        if committed.get(key) != getattr(card.pretrain, field)
+    ]
+    if differ:
+        raise CardError(
+            f"{card.path}: {', '.join(differ)}: the card describes another model than the committed "
+            "teacher; run with --from-scratch to pretrain it (about 20 minutes on 2 cores)"
+        )
+
+
 def prepare_embedded(card: Card, model_dir: Path, from_scratch: bool) -> dict[str, Any]:
     """Leave the teacher in model_dir (HF safetensors + tokenizer) and return its report figures."""
     report: dict[str, Any] = {"from_scratch": from_scratch}
@@ -111,6 +135,7 @@ def prepare_embedded(card: Card, model_dir: Path, from_scratch: bool) -> dict[st
                 f"the committed teacher in {ASSETS_DIR} lacks {', '.join(missing)}; rebuild it with "
                 f"`.venv/bin/python -m pipeline.data.teacher --out {ASSETS_DIR}` or run with --from-scratch"
             )
+        _check_committed_shape(card)
         model_dir.mkdir(parents=True, exist_ok=True)
         for name in _MODEL_FILES:
             if (ASSETS_DIR / name).is_file():
