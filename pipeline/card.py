@@ -241,6 +241,8 @@ def available_cards() -> list[str]:
 def load_card(name_or_path: str) -> Card:
     """Load and validate a card by name (pipeline/cards/NAME.yaml) or by path to a YAML file."""
     path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and not path.is_file():
+        raise CardError(f"card file {path} does not exist")
     if path.suffix not in (".yaml", ".yml"):
         path = CARDS_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
@@ -249,7 +251,7 @@ def load_card(name_or_path: str) -> Card:
             f"(in {CARDS_DIR}), or pass a path to a card YAML"
         )
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:
         raise CardError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
@@ -258,6 +260,21 @@ def load_card(name_or_path: str) -> Card:
     card = dataclasses.replace(card, path=str(path))
     validate_card(card)
     return card
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice (plain YAML keeps the last one, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def validate_card(card: Card) -> None:

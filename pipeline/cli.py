@@ -23,6 +23,11 @@ def _cmd_engine(args: argparse.Namespace) -> int:
 
     card = load_card(args.model)
     options = Options(from_scratch=args.from_scratch, no_gate=args.no_gate, backend=args.backend)
+    late = [f for f in args.force if args.until and STAGE_ORDER.index(f) > STAGE_ORDER.index(args.until)]
+    if late:
+        print(f"error: --force {late[0]} comes after --until {args.until}: nothing would run it",
+              file=sys.stderr)  # fmt: skip
+        return 2
     stop_on_sigterm()  # no half-written stage directory is left behind
     problem = _unusable_dir(Path(args.build_dir))
     if problem:
@@ -52,8 +57,9 @@ def _cmd_engine(args: argparse.Namespace) -> int:
     print(f"\nreport: {root / 'report.json'}")
     if (root / "model_repo").exists():
         print(f"Triton model repository: {root / 'model_repo'}")
-    done = [s for s in STAGE_ORDER if s in report.get("stages", {})]
-    print(f"stages run: {' -> '.join(done)}")
+    timings = report.get("stages", {})
+    done = [f"{s} (cached)" if timings[s]["cached"] else s for s in STAGE_ORDER if s in timings]
+    print(f"stages: {' -> '.join(done)}")
     return 0
 
 
@@ -90,7 +96,11 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     from pipeline.runner import prune
 
     card = load_card(args.model)
-    removed = prune(Path(args.build_dir) / card.name)
+    root = Path(args.build_dir) / card.name
+    if not (root / "stages").is_dir():
+        print(f"error: no build of {card.name} under {args.build_dir} (nothing to prune)", file=sys.stderr)
+        return 2
+    removed = prune(root)
     for path, size in removed.items():
         print(f"removed {path} ({size / 2**20:.1f} MiB)")
     freed = sum(removed.values()) / 2**30
@@ -185,3 +195,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted; completed stages are kept, run the command again to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `python -m pipeline cards | head -2`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

@@ -188,3 +188,24 @@ def test_a_pretrain_shape_other_than_the_committed_teacher_needs_from_scratch(tm
     with pytest.raises(CardError, match="pretrain.hidden_size 64 \\(committed: 128\\).*--from-scratch"):
         prepare_embedded(card, tmp_path / "model", from_scratch=False)
     assert not (tmp_path / "model").exists()
+
+
+def test_a_key_given_twice_is_refused(tmp_path):
+    path = tmp_path / "card.yaml"
+    path.write_text(yaml.safe_dump(BASE) + "family: llama\n")  # YAML alone would keep the last one
+    with pytest.raises(CardError, match="key 'family' is given twice"):
+        load_card(str(path))
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["engine", "--model", "/nonexistent/card.yaml"], "card file /nonexistent/card.yaml does not exist"),
+        (["engine", "--until", "prepare", "--force", "retrofit"], "--force retrofit comes after --until prepare"),
+        (["prune", "--build-dir", "/nonexistent-build"], "no build of tiny-qwen3 under /nonexistent-build"),
+    ],
+)
+def test_cli_mistakes_are_one_line_errors(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
