@@ -200,8 +200,8 @@ def test_a_key_given_twice_is_refused(tmp_path):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["engine", "--model", "/nonexistent/card.yaml"], "card file /nonexistent/card.yaml does not exist"),
-        (["engine", "--until", "prepare", "--force", "retrofit"], "--force retrofit comes after --until prepare"),
+        (["engine", "--model", "/nonexistent/card.yaml"], "card file /nonexistent/card.yaml does not"),
+        (["engine", "--until", "prepare", "--force", "retrofit"], "--force retrofit comes after --until"),
         (["prune", "--build-dir", "/nonexistent-build"], "no build of tiny-qwen3 under /nonexistent-build"),
     ],
 )
