@@ -115,3 +115,26 @@ def test_loglikelihood_matches_hf_without_eviction(tmp_path):
         with torch.no_grad():
             logits = hf(torch.tensor([ids])).logits[0, -2].float()
         assert logp == pytest.approx(float(torch.log_softmax(logits, -1)[ids[-1]]), abs=1e-3)
+
+
+def test_split_at_reads_the_question_through_the_compressed_cache():
+    """A fixed-budget baseline answers a needle item when the whole prompt is one full-attention prefill
+    (the question sees everything once) and fails when, as in the `evaluate` stage, the context is
+    compressed before the question is read (split_at)."""
+    from types import SimpleNamespace
+
+    from pipeline.data.teacher import ASSETS_DIR
+    from pipeline.eval.lm_eval_bridge import DmsEngineLM
+
+    items = eval_items("needle", 512, 8)
+    requests = [SimpleNamespace(args=(it.prompt, {"until": ["."], "max_gen_toks": 3})) for it in items]
+
+    def accuracy(**split) -> float:
+        lm = DmsEngineLM(pretrained=str(ASSETS_DIR), policy="h2o", cr=8, batch_size=8, max_length=600,
+                         **split)  # fmt: skip
+        answers = lm.generate_until(requests, disable_tqdm=True)
+        assert 4 < sum(lm.measured_crs) / len(lm.measured_crs)  # compressed either way
+        return sum(a.strip() == it.answer for a, it in zip(answers, items, strict=True)) / len(items)
+
+    assert accuracy() >= 0.75  # 8 of 8 here
+    assert accuracy(split_at="?") <= 0.25  # 1 of 8 here, at the same measured CR (7.9)

@@ -101,11 +101,12 @@ def generate_batch(
     """Greedy generation; prompts with a context length are prefilled context first, then the rest.
 
     prompts: token ids (BOS included). context_lens[i]: tokens of prompts[i] before its question (the
-    first prefill chunk), or None for one-chunk prefill. Requests sharing a split run as one batch.
+    first prefill chunk), or None (for all, or for one) for a one-chunk prefill. Requests sharing a split
+    run as one batch.
     """
     groups: dict[tuple[int, int] | None, list[int]] = defaultdict(list)
     for i, p in enumerate(prompts):
-        split = None if context_lens is None else (context_lens[i], len(p))
+        split = None if context_lens is None or context_lens[i] is None else (context_lens[i], len(p))
         groups[split].append(i)
     out: list[Generation | None] = [None] * len(prompts)
     for split, idx in groups.items():

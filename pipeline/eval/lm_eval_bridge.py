@@ -12,8 +12,11 @@ line to lm-eval's own CLI. Use it exactly like `lm_eval`:
 
 model_args: pretrained (an HF directory, DMS or plain), policy (none | dms | window | h2o | tova),
 cr (the baselines' target compression), max_length (prompt + generation cap, default 4096),
-batch_size. Requests go through the engine's paged per-head KV pool with the policy active, so
-loglikelihoods and generations are those of the compressed model. GSM8K / MMLU / RULER-style tasks run
+batch_size, max_gen_toks, split_at (a marker such as "Question:": the text before its last occurrence
+is prefilled and compressed before the rest is read, the `evaluate` stage's protocol; without it the
+whole prompt is one full-attention prefill, which lets fixed-budget baselines see everything once).
+Requests go through the engine's paged per-head KV pool with the policy active, so loglikelihoods and
+generations are those of the compressed model. GSM8K / MMLU / RULER-style tasks run
 from data the user has on disk: a task YAML with `dataset_path: json` and
 `dataset_kwargs: {data_files: {test: /path/file.jsonl}}` (docs/evaluation.md has a full example).
 """
@@ -43,6 +46,7 @@ class DmsEngineLM(LM):
         max_length: int | str = 4096,
         batch_size: int | str = 8,
         max_gen_toks: int | str = 256,
+        split_at: str | None = None,
         **_: Any,  # lm-eval passes device etc.; the engine picks its own device
     ) -> None:
         super().__init__()
@@ -60,6 +64,8 @@ class DmsEngineLM(LM):
         self.batch_size = int(batch_size)
         self.max_length = int(max_length)
         self.max_gen_toks = int(max_gen_toks)
+        self.split_at = split_at or None
+        self.measured_crs: list[float] = []
         self.engine = engine_for(
             path, policy, None if cr in (None, "", "None") else float(cr),
             max_batch_size=self.batch_size, max_len=self.max_length,
@@ -113,21 +119,41 @@ class DmsEngineLM(LM):
         out: list[str] = []
         for start in tqdm(range(0, len(requests), self.batch_size), disable=disable_tqdm, desc="generate"):
             chunk = requests[start : start + self.batch_size]
-            prompts, budgets, stops = [], [], []
+            prompts, budgets, stops, context_lens = [], [], [], []
             for req in chunk:
                 context, kwargs = req.args
                 kwargs = dict(kwargs or {})
                 until = kwargs.get("until") or []
                 stops.append([until] if isinstance(until, str) else list(until))
                 budgets.append(int(kwargs.get("max_gen_toks", self.max_gen_toks)))
-                ids = self._with_bos(self._encode(context))
-                prompts.append(ids[-(self.max_length - budgets[-1]) :])
-            gens = generate_batch(self.engine, prompts, budgets)
+                ids, context_len = self._prompt(context)
+                cut = max(0, len(ids) - (self.max_length - budgets[-1]))
+                if cut:
+                    print(f"[{MODEL_NAME}] a prompt of {len(ids)} tokens loses its first {cut} (max_length "
+                          f"{self.max_length} - max_gen_toks {budgets[-1]})", file=sys.stderr)  # fmt: skip
+                prompts.append(ids[cut:])
+                context_lens.append(context_len - cut if context_len and context_len > cut else None)
+            gens = generate_batch(self.engine, prompts, budgets, context_lens)
+            self.measured_crs += [gen.measured_cr for gen in gens]
             for gen, stop in zip(gens, stops, strict=True):
                 text = self.tokenizer.decode(gen.token_ids, skip_special_tokens=True)
                 cut = min((text.find(s) for s in stop if s and s in text), default=len(text))
                 out.append(text[:cut])
+        if self.measured_crs:
+            mean = sum(self.measured_crs) / len(self.measured_crs)
+            print(f"[{MODEL_NAME}] mean measured CR {mean:.2f} over {len(self.measured_crs)} generations",
+                  file=sys.stderr)  # fmt: skip
         return out
+
+    def _prompt(self, context: str) -> tuple[list[int], int | None]:
+        """(ids with BOS, tokens before the question or None). With split_at, the text up to its last
+        occurrence is prefilled and compressed first and the question is read through the compressed
+        cache, as the `evaluate` stage does; otherwise the whole prompt is one full-attention prefill."""
+        at = context.rfind(self.split_at) if self.split_at else -1
+        if at <= 0:
+            return self._with_bos(self._encode(context)), None
+        head = self._with_bos(self._encode(context[:at].rstrip()))
+        return head + self._encode(context[at:]), len(head)
 
 
 def main(argv: list[str] | None = None) -> None:
