@@ -84,6 +84,14 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGHUP, interrupt)
 
 
+def positive_int32(text: str) -> int:
+    """argparse type: a count the server's INT32 tensors can carry."""
+    value = int(text)
+    if not 1 <= value < 2**31:
+        raise argparse.ArgumentTypeError(f"{value} is not between 1 and {2**31 - 1}")
+    return value
+
+
 def port(text: str) -> int:
     """argparse type: a TCP port (0: any free one)."""
     value = int(text)
@@ -164,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--url", default=None, help="host:port (default 127.0.0.1:8000 http, :8001 grpc)")
     ask.add_argument("--protocol", choices=("http", "grpc"), default="http")
     ask.add_argument("--stream", action="store_true", help="print tokens as they come (HTTP or gRPC)")
-    ask.add_argument("--max-tokens", type=int, default=64)
+    ask.add_argument("--model", help="ensemble (default), ensemble_vanilla (eviction off), tensorrt_llm_bls")
+    ask.add_argument("--max-tokens", type=positive_int32, default=64)
     ask.add_argument("--temperature", type=float, default=0.0)
     ask.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the answer")
     ask.set_defaults(func=_cmd_ask)

@@ -209,3 +209,18 @@ def test_cli_mistakes_are_one_line_errors(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_a_missing_model_directory_stops_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DMS_MODEL_DIR", str(tmp_path / "no-such-model"))
+    monkeypatch.setenv("DMS_RETROFIT_DATA", str(tmp_path))
+    build = tmp_path / "build"
+    assert main(["engine", "--model", "qwen3-8b", "--build-dir", str(build)]) == 2
+    assert "is not a Hugging Face model directory" in capsys.readouterr().err
+    assert not build.exists()
+
+
+def test_ask_max_tokens_must_fit_int32(capsys):
+    with pytest.raises(SystemExit):
+        main(["ask", "hi", "--max-tokens", "3000000000"])
+    assert "3000000000 is not between 1 and 2147483647" in capsys.readouterr().err

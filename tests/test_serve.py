@@ -193,7 +193,7 @@ def test_perf_analyzer_rows_and_gates(served, tmp_path):
 def test_ask_command(served, capsys):
     from pipeline.serve.cli import ask_command
 
-    base = dict(max_tokens=6, temperature=0.0, timeout=120.0)
+    base = dict(max_tokens=6, temperature=0.0, timeout=120.0, model=None)
     assert ask_command(argparse.Namespace(prompt=PROMPT, url=served.http_url, protocol="http", stream=False,
                                           **base)) == 0  # fmt: skip
     out = capsys.readouterr()
@@ -203,6 +203,10 @@ def test_ask_command(served, capsys):
     assert ask_command(argparse.Namespace(prompt="", url=served.grpc_url, protocol="grpc", stream=False,
                                           **base)) == 1  # fmt: skip
     assert "text_input is empty" in capsys.readouterr().err
+    vanilla = {**base, "model": "ensemble_vanilla"}
+    assert ask_command(argparse.Namespace(prompt=PROMPT, url=served.http_url, protocol="http", stream=False,
+                                          **vanilla)) == 0  # fmt: skip
+    assert "compression 1.00x" in capsys.readouterr().err  # eviction off
 
 
 def test_serve_on_a_busy_port_names_the_port_and_the_flag(served):
@@ -222,7 +226,7 @@ def test_ask_without_a_server_says_so(protocol, capsys):
 
     url = f"127.0.0.1:{free_port()}"
     args = argparse.Namespace(prompt="hi", url=url, protocol=protocol, stream=False, max_tokens=2,
-                              temperature=0.0, timeout=60.0)  # fmt: skip
+                              temperature=0.0, timeout=60.0, model=None)  # fmt: skip
     assert ask_command(args) == 1
     err = capsys.readouterr().err
     assert "cannot reach" in err and url in err and "make serve" in err and "Traceback" not in err
@@ -256,7 +260,7 @@ def test_ask_names_a_wrong_port_or_protocol_and_a_timeout(capsys):
 
     def ask(url: str, timeout: float) -> str:
         args = argparse.Namespace(prompt="hi", url=url, protocol="http", stream=False, max_tokens=2,
-                                  temperature=0.0, timeout=timeout)  # fmt: skip
+                                  temperature=0.0, timeout=timeout, model=None)  # fmt: skip
         assert ask_command(args) == 1
         err = capsys.readouterr().err
         assert "Traceback" not in err

@@ -93,7 +93,8 @@ def ask_command(args: argparse.Namespace) -> int:
             # the BLS model detokenizes incrementally (no split characters in the streamed pieces)
             stream = client.stream_grpc if args.protocol == "grpc" else client.stream_http
             reply = client.Reply(text="")
-            for piece in stream(url, args.prompt, args.max_tokens, model="tensorrt_llm_bls", **params):
+            model = args.model or "tensorrt_llm_bls"
+            for piece in stream(url, args.prompt, args.max_tokens, model=model, **params):
                 print(piece.text, end="", flush=True)
                 reply.text += piece.text
                 if piece.kv_live_tokens is not None:
@@ -104,7 +105,7 @@ def ask_command(args: argparse.Namespace) -> int:
             print()
         else:
             generate = client.generate_grpc if args.protocol == "grpc" else client.generate_http
-            reply = generate(url, args.prompt, args.max_tokens, **params)
+            reply = generate(url, args.prompt, args.max_tokens, model=args.model or "ensemble", **params)
             print(reply.text)
     except client.ClientError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -28,6 +28,12 @@ def settings(card: Card, options: Options) -> dict[str, Any]:
     return out
 
 
+def check_card(card: Card) -> None:
+    """A local model's directory, checked before any stage writes anything."""
+    if card.source.kind == "local":
+        card.weights_dir()
+
+
 def run(ctx: StageContext) -> dict[str, Any]:
     model_dir = ctx.out_dir / "model"
     kind = ctx.card.source.kind
