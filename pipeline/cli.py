@@ -84,20 +84,19 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGHUP, interrupt)
 
 
-def positive_int32(text: str) -> int:
-    """argparse type: a count the server's INT32 tensors can carry."""
-    value = int(text)
-    if not 1 <= value < 2**31:
-        raise argparse.ArgumentTypeError(f"{value} is not between 1 and {2**31 - 1}")
-    return value
+def int_in(low: int, high: int, what: str):
+    """argparse type: an int from `low` to `high` (a port, a count the server's INT32 tensors carry)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not {what} ({low}-{high})")
+        return value
+
+    return parse
 
 
-def port(text: str) -> int:
-    """argparse type: a TCP port (0: any free one)."""
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{value} is not a port (0-65535)")
-    return value
+port = int_in(0, 65535, "a port")  # 0: any free one
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
@@ -173,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--protocol", choices=("http", "grpc"), default="http")
     ask.add_argument("--stream", action="store_true", help="print tokens as they come (HTTP or gRPC)")
     ask.add_argument("--model", help="ensemble (default), ensemble_vanilla (eviction off), tensorrt_llm_bls")
-    ask.add_argument("--max-tokens", type=positive_int32, default=64)
+    ask.add_argument("--max-tokens", type=int_in(1, 2**31 - 1, "a token count"), default=64)
     ask.add_argument("--temperature", type=float, default=0.0)
     ask.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the answer")
     ask.set_defaults(func=_cmd_ask)

@@ -223,4 +223,4 @@ def test_a_missing_model_directory_stops_before_anything_is_written(tmp_path, mo
 def test_ask_max_tokens_must_fit_int32(capsys):
     with pytest.raises(SystemExit):
         main(["ask", "hi", "--max-tokens", "3000000000"])
-    assert "3000000000 is not between 1 and 2147483647" in capsys.readouterr().err
+    assert "3000000000 is not a token count (1-2147483647)" in capsys.readouterr().err
