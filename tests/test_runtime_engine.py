@@ -151,3 +151,31 @@ def test_cuda_engine_with_triton_kernel_matches_cpu(dms_dir):
     gpu = gpu_engine.generate(prompts, max_tokens=24)
     assert [c.token_ids for c in gpu] == [c.token_ids for c in cpu]
     assert gpu_engine.pool_stats()["blocks_used"] == 0
+
+
+def test_emitting_a_token_costs_the_same_at_token_10_and_4000():
+    """Incremental detokenisation: each push decodes a few tokens, never the whole output (which made
+    a long reasoning trace quadratic), and the pieces add up to the full text."""
+    from pathlib import Path
+
+    from pipeline.runtime.detokenize import IncrementalDecoder
+    from pipeline.serve.text import load_tokenizer
+
+    tok = load_tokenizer(Path(__file__).resolve().parents[1] / "pipeline" / "assets" / "tiny-qwen3")
+    ids = tok.encode(" ".join(f"k{i % 40} {i % 97} ." for i in range(1400)), add_special_tokens=False)[:4000]
+    assert len(ids) == 4000
+    decoded_lengths: list[int] = []
+
+    def decode(chunk: list[int]) -> str:
+        decoded_lengths.append(len(chunk))
+        return tok.decode(chunk, skip_special_tokens=True)
+
+    stream = IncrementalDecoder(decode)
+    pieces, work = [], []
+    for token in ids:
+        decoded_lengths.clear()
+        pieces.append(stream.push([token]))
+        work.append(sum(decoded_lengths))
+    pieces.append(stream.flush())
+    assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True)
+    assert max(work[3990:]) <= max(work[5:15]) <= 8  # tokens decoded per push: flat, and small

@@ -17,7 +17,7 @@ import torch
 
 from dms_core import rule
 from dms_core.streams import StreamTable
-from pipeline.runtime.policies.base import Candidates, EvictionPolicy
+from pipeline.runtime.policies.base import Candidates, DecodeStep, EvictionPolicy
 
 
 @dataclass
@@ -83,14 +83,16 @@ class DMSPolicy(EvictionPolicy):
 
     def load(self, st: StreamTable, layer: int, row: int, rows: torch.Tensor, pos: torch.Tensor,
              flag: torch.Tensor, score: torch.Tensor, seen: int) -> None:
-        rule.ring_load_(st.ring_slot[layer], st.ring_flag[layer], row, pos, flag, seen)
+        rule.ring_load_(st.ring_row[layer], st.ring_flag[layer], row, pos, flag, rows, seen)
 
     # -- decode ----------------------------------------------------------------------------------
-    def place(self, st: StreamTable, layer: int, n: int, width: int, pos: torch.Tensor,
-              evict_prev: torch.Tensor | None) -> torch.Tensor:
+    def place(
+        self, st: StreamTable, layer: int, step: DecodeStep, evict_prev: torch.Tensor | None
+    ) -> torch.Tensor:
         return rule.ring_place_(
-            st.ring_slot[layer], st.ring_flag[layer], st.lens[layer], st.row_index[:n], pos, evict_prev
+            st.ring_row[layer], st.ring_flag[layer], st.lens[layer], step.ring, step.append_rows[layer],
+            evict_prev,
         )
 
-    def appends(self, st: StreamTable, layer: int, n: int, pos: torch.Tensor) -> torch.Tensor:
-        return rule.ring_appends(st.ring_flag[layer], st.row_index[:n], pos)
+    def appends(self, st: StreamTable, n: int, pos: torch.Tensor) -> torch.Tensor:
+        return rule.ring_appends(st.ring_flag, rule.RingStep.at(st.row_index[:n], pos, st.ring_size))
