@@ -32,7 +32,7 @@ Completion.stats: prompt_tokens, generated_tokens, live_kv_tokens (over all laye
 end), live_tokens_per_stream ([layers][kv_heads]), kv_bytes (bytes of the blocks it held),
 compression_ratio (1 / mean(kept / length) over layers and heads), preemptions. Every TokenEvent carries
 the request's live KV tokens and compression ratio after that token.
-`engine.pool_stats()`: blocks used / free, bytes, running / waiting requests.
+`engine.pool_stats()`: blocks used / free, bytes, running / waiting requests, preemptions so far.
 """
 
 from __future__ import annotations
@@ -478,6 +478,7 @@ class Engine:
                 "bytes_total": self.pool.num_blocks * self.cache.bytes_per_block,
                 "running": len(self.scheduler.running),
                 "waiting": len(self.scheduler.waiting),
+                "preemptions": self.scheduler.num_preemptions,  # since the engine started
             }
 
     def start(self) -> None:

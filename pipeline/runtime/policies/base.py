@@ -92,9 +92,15 @@ class EvictionPolicy(ABC):
         return None
 
     def max_live_tokens(self, total_tokens: int) -> int:
-        """Worst-case live tokens per stream (the scheduler's reservation)."""
+        """Worst-case live tokens per stream for a request of `total_tokens`."""
         b = self.budget(total_tokens)
         return total_tokens if b is None else min(b, total_tokens)
+
+    def expected_live_tokens(self, total_tokens: int, kept_fraction: float) -> int:
+        """Live tokens a stream will hold at the end of a request of `total_tokens` (the scheduler's
+        admission). kept_fraction: the share of tokens beyond the ring (ring_size) that running streams
+        keep, as observed; fixed-size policies know their answer without it."""
+        return self.max_live_tokens(total_tokens)
 
     # -- prefill (one stream) ----------------------------------------------------------------------
     def stored_flags(

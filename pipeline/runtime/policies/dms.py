@@ -10,6 +10,7 @@ window, and if it is flagged the new token takes its slot in place, otherwise th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -69,6 +70,11 @@ class DMSPolicy(EvictionPolicy):
 
     def ring_size(self) -> int:
         return self._window() + 1
+
+    def expected_live_tokens(self, total_tokens: int, kept_fraction: float) -> int:
+        # the ring of window + 1 tokens always stays; of the older ones, what streams keep so far
+        ring = self.ring_size()
+        return min(total_tokens, ring + math.ceil(max(0, total_tokens - ring) * kept_fraction))
 
     # -- prefill ---------------------------------------------------------------------------------
     def stored_flags(
