@@ -84,15 +84,21 @@ def shape_config(name: str, tiny_widths: bool) -> dict[str, Any]:
     }
 
 
-def random_state(config: dict[str, Any], seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random weights for the config (adapters scaled so their logits are about N(0, 1))."""
+def random_state(
+    config: dict[str, Any], seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """Random weights for the config, made where they will run (an 8B model at real widths is 16 GB in
+    bf16); adapters scaled so their logits are about N(0, 1)."""
     torch.manual_seed(seed)
     with torch.device("meta"):
         model = Transformer(ModelArgs.from_hf_config(config))
     state = {}
     for name, p in model.state_dict().items():
         std = 1.0 / config["hidden_size"] ** 0.5 if "dms_proj_alpha.weight" in name else 0.02
-        state[name] = torch.ones(p.shape) if "norm" in name else torch.randn(p.shape) * std
+        if "norm" in name:
+            state[name] = torch.ones(p.shape, device=device, dtype=dtype)
+        else:
+            state[name] = (torch.randn(p.shape, device=device, dtype=torch.float32) * std).to(dtype)
     return state
 
 
@@ -169,7 +175,7 @@ def run_shape(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = "bfloat16" if device.startswith("cuda") else "float32"
     config = shape_config(name, tiny_widths)
-    state = random_state(config)
+    state = random_state(config, device=device, dtype=getattr(torch, dtype))
     out: dict[str, Any] = {
         "name": name, "tiny_widths": tiny_widths, "device": device, "dtype": dtype,
         "prompt_tokens": prompt_tokens, "timed_steps": steps, "window": WINDOW, "block_size": BLOCK,
