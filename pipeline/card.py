@@ -63,7 +63,7 @@ class PretrainSpec:
 @dataclass(frozen=True)
 class DmsSpec:
     """The card's DMS section, in the card's own words; `Card.dms_config()` turns it into the checkpoint
-    keys (dms_core.config.DmsConfig, docs/dms.md section 6)."""
+    keys (dms_core.config.DmsConfig, docs/dms.md section 7)."""
 
     window: int = 512  # dms_window_size
     target_cr: float = 8.0  # dms_cr
