@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from pipeline.runtime.engine import Engine
-from pipeline.runtime.engine_dir import EngineLimits
+from pipeline.runtime.limits import EngineLimits
 from pipeline.runtime.model import ModelArgs, Transformer
 
 # aten ops that only describe a tensor (no data touched): their time is host work

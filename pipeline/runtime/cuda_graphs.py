@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.runtime.runner import ModelRunner
+from pipeline.runtime.model_runner import ModelRunner
 
 
 def batch_buckets(max_batch_size: int) -> list[int]:
