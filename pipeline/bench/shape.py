@@ -105,7 +105,7 @@ def random_state(
 def _host_fraction(engine: Engine, steps: int) -> float:
     from torch.profiler import ProfilerActivity, profile
 
-    cuda = engine.runner.device.type == "cuda"
+    cuda = engine.cache.k.device.type == "cuda"
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
     start = time.perf_counter()
     with profile(activities=activities) as prof:

@@ -52,6 +52,7 @@ import torch
 from dms_core import rule
 from dms_core.streams import BlockPool, StreamTable
 from pipeline.hf_files import has_tokenizer, load_tokenizer, read_eos_ids
+from pipeline.runtime.cuda_graphs import capture_decode
 from pipeline.runtime.detokenize import IncrementalDecoder
 from pipeline.runtime.engine_dir import (
     DTYPES,
@@ -186,7 +187,7 @@ class Engine:
         self.runner = ModelRunner(model, self.policy, self.cache, self.streams, attention)
         self.scheduler = Scheduler(self.runner, limits.max_batch_size, prefill_chunk_tokens)
         # On a GPU the decode step replays from CUDA graphs (one launch a step); elsewhere it runs eagerly.
-        self.cuda_graphs = cuda_graphs and attention is None and self.runner.use_cuda_graphs()
+        self.cuda_graphs = cuda_graphs and attention is None and capture_decode(self.runner)
         self._ids = itertools.count()
         self._inbox: list[RequestHandle] = []
         self._cancelled: set[int] = set()

@@ -175,7 +175,7 @@ class ModelRunner:
         self.scale = self.args.head_dim**-0.5
         self.slots: list[Sequence] = []  # slots[i]: the sequence in batch slot i
         self._pending: tuple[torch.Tensor, torch.Tensor, int] | None = None  # a decode not yet synced
-        self.graphs = None  # a CudaGraphDecoder once `use_cuda_graphs` captured one
+        self.graphs = None  # a CudaGraphDecoder (pipeline.runtime.cuda_graphs) replaying decode steps
 
     # -- stream lifetime ---------------------------------------------------------------------------
     def attach(self, seq: Sequence) -> None:
@@ -349,20 +349,6 @@ class ModelRunner:
                 )
             x = layer.finish(x, out[:, None])
         return self.model.logits(x[:, 0]), policy.appends(st, n, pos_rows + 1)
-
-    def use_cuda_graphs(self) -> bool:
-        """Capture the decode step in CUDA graphs (pipeline.runtime.cuda_graphs) when the engine is on a
-        GPU and the policy's decode needs no attention probabilities. Returns whether it did."""
-        if self.device.type != "cuda" or self.policy.needs_probs:
-            return False
-        from pipeline.runtime.cuda_graphs import CudaGraphDecoder
-
-        self.sync()
-        assert self.streams.num_active == 0, "capture before any request is attached"
-        graphs = CudaGraphDecoder(self)
-        graphs.capture()
-        self.graphs = graphs
-        return True
 
     def finish_step(self, tokens: torch.Tensor | None = None) -> list[int]:
         """End a step: the sampled tokens [S] (device) and, after a decode, the new lengths and next
