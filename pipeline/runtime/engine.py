@@ -204,6 +204,7 @@ class Engine:
         device: str | torch.device | None = None,
         **kwargs: Any,
     ) -> Engine:
+        _check_finite(state)
         args = ModelArgs.from_hf_config(config)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch_dtype = DTYPES[dtype or "float32"]
@@ -342,7 +343,11 @@ class Engine:
                     self._complete(seq, "error")
                 return len(seqs)
             for seq, row in zip(seqs, logits, strict=False):
-                self._postprocess(seq, row)
+                try:
+                    self._postprocess(seq, row)
+                except Exception as exc:  # sampling, a stop check, emitting: this sequence's fault alone
+                    detail = "".join(traceback.format_exception_only(exc)).strip()
+                    self._fail(seq, f"engine failed this request: {detail}")
             return len(seqs)
 
     def _postprocess(self, seq: Sequence, logits: torch.Tensor) -> None:
@@ -354,6 +359,20 @@ class Engine:
             self._complete(seq, "stop")
         elif seq.num_generated >= p.max_tokens:
             self._complete(seq, "length")
+
+    def _fail(self, seq: Sequence, message: str) -> None:
+        """Finish `seq` with an error and free its blocks; the rest of the batch goes on."""
+        seq.error = message
+        if seq.request_id not in self._handles:  # it had already finished
+            return
+        try:
+            self._complete(seq, "error")
+        except Exception:  # _complete itself failed (stats, detokenising): free and finish by hand
+            self.scheduler.finish(seq)
+            handle = self._handles.pop(seq.request_id, None)
+            if handle is not None and not handle.done:
+                prompt = list(seq.prompt_ids)
+                handle._finish(Completion(seq.request_id, prompt, [], "", "error", message, {}))
 
     def _cancel_now(self, request_id: int) -> None:
         handle = self._handles.get(request_id)
@@ -429,6 +448,23 @@ class Engine:
             if ran == 0 and not self.has_work():
                 self._wake.wait(0.05)
                 self._wake.clear()
+
+
+def _check_finite(state: dict[str, torch.Tensor]) -> None:
+    """EngineDirError for weights holding NaN or inf: such an engine answers with garbage while its
+    server reports ready, so it is refused at load, once, naming the tensors."""
+    bad = {}
+    for name, tensor in state.items():
+        if tensor.is_floating_point():
+            count = int((~torch.isfinite(tensor)).sum())
+            if count:
+                bad[name] = count
+    if bad:
+        names = ", ".join(f"{n} ({c})" for n, c in list(bad.items())[:3]) + (", ..." if len(bad) > 3 else "")
+        raise EngineDirError(
+            f"the weights hold {sum(bad.values())} non-finite values (NaN or inf) in {len(bad)} tensors: "
+            f"{names}; the checkpoint or engine is corrupt: rebuild it (`python -m pipeline engine --verify`)"
+        )
 
 
 def _load_tokenizer(path: str | Path) -> Any:
