@@ -251,7 +251,15 @@ def load_card(name_or_path: str) -> Card:
             f"(in {CARDS_DIR}), or pass a path to a card YAML"
         )
     try:
-        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        bad = exc.object[exc.start : exc.start + 1]
+        where = f"byte {exc.start}: {bad!r}"
+        raise CardError(f"card file {path} is not UTF-8 text ({where}); save it as UTF-8") from None
+    except OSError as exc:
+        raise CardError(f"cannot read card file {path}: {exc.strerror}") from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:
         raise CardError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):

@@ -7,9 +7,11 @@ lazily so `--help` and card errors answer in well under a second.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 from pipeline.card import CardError, available_cards, load_card
@@ -64,12 +66,19 @@ def _cmd_engine(args: argparse.Namespace) -> int:
 
 
 def _unusable_dir(path: Path) -> str | None:
-    """Why `path` could not be created or written (checked without creating anything), or None."""
+    """Why `path` could not be created or written, or None. Tried for real (made, and a file written in
+    it): permission bits do not tell for root, /proc or /sys, or a read-only mount."""
     existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
     if not existing.is_dir():
         return f"{existing} is not a directory"
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"{existing} is not writable"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        return f"{exc.filename or path} cannot be written ({exc.strerror})"
     return None
 
 
@@ -97,6 +106,26 @@ def int_in(low: int, high: int, what: str):
 
 
 port = int_in(0, 65535, "a port")  # 0: any free one
+
+
+def finite_float(low: float, what: str, low_allowed: bool = True):
+    """argparse type: a finite number from `low` up (not NaN or inf: `--timeout nan` must not pass)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        above = value >= low if low_allowed else value > low
+        if not math.isfinite(value) or not above:
+            bound = f">= {low:g}" if low_allowed else f"> {low:g}"
+            raise argparse.ArgumentTypeError(f"{text} is not {what} (a finite number {bound})")
+        return value
+
+    return parse
+
+
+seconds = finite_float(0, "a duration in seconds", low_allowed=False)
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
@@ -173,8 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--stream", action="store_true", help="print tokens as they come (HTTP or gRPC)")
     ask.add_argument("--model", help="ensemble (default), ensemble_vanilla (eviction off), tensorrt_llm_bls")
     ask.add_argument("--max-tokens", type=int_in(1, 2**31 - 1, "a token count"), default=64)
-    ask.add_argument("--temperature", type=float, default=0.0)
-    ask.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the answer")
+    ask.add_argument("--temperature", type=finite_float(0, "a temperature"), default=0.0)
+    ask.add_argument("--timeout", type=seconds, default=600.0, help="seconds to wait for the answer")
     ask.set_defaults(func=_cmd_ask)
 
     prune = sub.add_parser("prune", help="remove stage outputs the last runs no longer use")
