@@ -66,19 +66,26 @@ def _cmd_engine(args: argparse.Namespace) -> int:
 
 
 def _unusable_dir(path: Path) -> str | None:
-    """Why `path` could not be created or written, or None. Tried for real (made, and a file written in
-    it): permission bits do not tell for root, /proc or /sys, or a read-only mount."""
-    existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+    """Why `path` could not be created or written, or None. Tried for real (made, a file written in it,
+    and what was made removed again): permission bits do not tell for root, /proc or /sys, or a
+    read-only mount."""
+    path = path.absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
         return f"{existing} is not a directory"
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"{existing} is not writable"
+    made = [p for p in (path, *path.parents) if not p.exists()]
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as exc:
         return f"{exc.filename or path} cannot be written ({exc.strerror})"
+    finally:
+        for directory in made:  # deepest first
+            if directory.is_dir():
+                directory.rmdir()
     return None
 
 
