@@ -38,8 +38,9 @@ def _cmd_engine(args: argparse.Namespace) -> int:
         return 2
     try:
         report = run_pipeline(
-            card, Path(args.build_dir), until=args.until, force=tuple(args.force), options=options
-        )
+            card, Path(args.build_dir), until=args.until, force=tuple(args.force), options=options,
+            verify=args.verify,
+        )  # fmt: skip
     except StageFailed as exc:
         print(f"\nerror: {exc}", file=sys.stderr)
         kept = f"{args.build_dir}/{card.name}/"
@@ -188,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--no-gate", action="store_true", help="record failed gates but keep building")
     engine.add_argument("--backend", choices=("torch", "trtllm"), help="engine backend (default: card)")
     engine.add_argument("--build-dir", default="build")
+    engine.add_argument("--verify", action="store_true", help="hash cached outputs against their manifests")
     engine.set_defaults(func=_cmd_engine)
 
     cards = sub.add_parser("cards", help="list the model cards")
