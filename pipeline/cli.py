@@ -202,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--grpc-port", type=port, default=8001, help="default 8001")
     serve.add_argument("--metrics-port", type=port, default=8002, help="default 8002")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    serve.add_argument("--admin-key-file", help="open the administration APIs to clients sending this key")
+    serve.add_argument(
+        "--max-restarts", type=int_in(0, 100, "a restart count"), default=3,
+        help="restarts of a failed Triton within 10 minutes before serve exits 1 (default 3)",
+    )  # fmt: skip
     serve.set_defaults(func=_cmd_serve)
 
     ask = sub.add_parser("ask", help="send a prompt to a running server")

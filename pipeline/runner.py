@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.card import Card
+from pipeline.processes import pid_alive
 from pipeline.stages import STAGE_ORDER, load_stage
 
 MANIFEST = "manifest.json"
@@ -323,19 +324,9 @@ def _remove_leftovers(stages_dir: Path, log) -> None:
     host = socket.gethostname()
     for path in stages_dir.glob(".*"):
         owner = re.fullmatch(r"\..+\.(?:tmp|old)-(.+)-(\d+)", path.name)
-        if owner and owner[1] == host and (int(owner[2]) == os.getpid() or not _running(int(owner[2]))):
+        if owner and owner[1] == host and (int(owner[2]) == os.getpid() or not pid_alive(int(owner[2]))):
             shutil.rmtree(path, ignore_errors=True)
             log(f"removed {path.name}, left by an interrupted run")
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def _apply_gate(stage, manifest: dict, card: Card, options: Options, log) -> tuple[dict, str | None]:

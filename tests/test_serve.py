@@ -81,7 +81,7 @@ def served(tmp_path_factory):
     proc.send_signal(signal.SIGINT)
     rest = proc.communicate(timeout=60)[0]
     assert proc.returncode == 0, rest
-    assert "stopping the server" in rest
+    assert "stopped the server" in rest
     with pytest.raises(client.ClientError):  # nothing listens any more
         client.generate_http(f"127.0.0.1:{ports[0]}", "hi", 1)
 
