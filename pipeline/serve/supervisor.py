@@ -65,7 +65,7 @@ class Supervisor:
                     reason = self._watch(server)
                     tail = server.log_tail(15)
                     reason = f"{reason}; its log ends with:\n{tail}"
-                server.stop()
+                server.stop(timeout_s=5)  # a failed server: no long goodbye
                 server = None
                 now = time.monotonic()
                 restarts = [t for t in restarts if now - t < RESTART_WINDOW_S]
