@@ -4,8 +4,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, Qwen3Config, Qwen3ForCausalLM
 
+from dms_core.config import DmsConfig
 from pipeline.dms.losses import compression_loss
-from pipeline.dms.patch import DmsSettings, UnsupportedModelError, check_architecture, dms_mode, patch_model
+from pipeline.dms.patch import UnsupportedModelError, check_architecture, dms_mode, patch_model
 
 SHAPE = dict(
     hidden_size=32,
@@ -34,12 +35,12 @@ def test_no_eviction_reproduces_base_logits(family):
     base = tiny(family)
     x = ids()
     want = base(x, use_cache=False).logits
-    adapter = patch_model(tiny(family), DmsSettings(window=4, separate_alpha=True))
+    adapter = patch_model(tiny(family), DmsConfig(window_size=4, separate_alpha=True))
     with dms_mode(adapter, "hard") as rec:  # zero-initialised adapter: logit -5, nothing evicted
         got = adapter(x, use_cache=False).logits
     assert rec.stacked().sum() == 0
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    borrowed = patch_model(tiny(family), DmsSettings(window=4, separate_alpha=False))
+    borrowed = patch_model(tiny(family), DmsConfig(window_size=4, separate_alpha=False))
     with dms_mode(borrowed, "teacher"):
         torch.testing.assert_close(borrowed(x, use_cache=False).logits, want, atol=1e-5, rtol=1e-5)
     with dms_mode(borrowed, "hard"):  # channel zeroed: the borrowed model is no longer the base model
@@ -47,7 +48,7 @@ def test_no_eviction_reproduces_base_logits(family):
 
 
 def test_shift_by_one_decision_at_t_evicts_key_t_minus_1():
-    model = patch_model(tiny(), DmsSettings(window=2, separate_alpha=True, alpha_per="head"))
+    model = patch_model(tiny(), DmsConfig(window_size=2, separate_alpha=True, alpha_per="head"))
     attn = model.model.layers[0].self_attn
     torch.nn.init.normal_(attn.dms_proj_alpha.weight, std=0.2)
     seen = {}
@@ -62,7 +63,7 @@ def test_shift_by_one_decision_at_t_evicts_key_t_minus_1():
 
 
 def test_per_layer_decisions_shared_by_heads():
-    model = patch_model(tiny(), DmsSettings(window=2, separate_alpha=False, alpha_per="layer"))
+    model = patch_model(tiny(), DmsConfig(window_size=2, separate_alpha=False, alpha_per="layer"))
     with dms_mode(model, "hard") as rec:
         model(ids(), use_cache=False)
     for hard in rec.hard:
@@ -71,7 +72,7 @@ def test_per_layer_decisions_shared_by_heads():
 
 @pytest.mark.parametrize("separate", [True, False])
 def test_straight_through_gradients_reach_decision_parameters(separate):
-    model = patch_model(tiny(), DmsSettings(window=2, separate_alpha=separate))
+    model = patch_model(tiny(), DmsConfig(window_size=2, separate_alpha=separate))
     gen = torch.Generator().manual_seed(0)
     with dms_mode(model, "train", generator=gen) as rec:
         model(ids(), use_cache=False)
@@ -86,7 +87,7 @@ def test_logit_clip_revives_a_saturated_adapter(clip):
     """Adapter logits pushed to about -45 on every token: without the clip no gradient reaches the adapter
     (the dead-head failure); dms_mode's logit_clip lets the noise flip some decisions, which carry it."""
     # Zero-initialised adapters: the logit is -initial_alpha_offset on every token.
-    model = patch_model(tiny(), DmsSettings(window=2, separate_alpha=True, initial_alpha_offset=45.0))
+    model = patch_model(tiny(), DmsConfig(window_size=2, separate_alpha=True, initial_alpha_offset=45.0))
     gen = torch.Generator().manual_seed(0)
     with dms_mode(model, "train", generator=gen, logit_clip=clip) as rec:
         model(torch.randint(0, 50, (8, 256), generator=torch.Generator().manual_seed(1)), use_cache=False)

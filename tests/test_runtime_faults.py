@@ -58,14 +58,23 @@ def test_edge_values_that_sample_fine_are_accepted():
     SamplingParams(temperature=1e30, top_k=10**9).validate()
 
 
-def _poison(handle) -> None:
-    """What a request that slipped past validation does to the sampler: a NaN temperature makes
-    torch.multinomial raise inside the step (the failure reported against the served engine)."""
+def _poison_sampling(handle) -> None:
+    """Sampling values that slipped past validation and make the sampler raise."""
     seq = handle.seq
-    seq.params = dataclasses.replace(seq.params, temperature=math.nan)
+    seq.params = dataclasses.replace(seq.params, temperature=1.0, top_k="poison")
 
 
-def test_a_poisoned_sequence_fails_alone_and_the_batch_finishes_right(dms_dir):
+def _poison_postprocess(handle) -> None:
+    """A sequence whose postprocessing raises (forced tokens run out: IndexError, the error reported
+    against the served engine)."""
+    handle.seq.forced_ids = []
+
+
+POISONS = [(_poison_sampling, "sampling"), (_poison_postprocess, "IndexError")]
+
+
+@pytest.mark.parametrize("poison, said", POISONS, ids=["sampling", "postprocess"])
+def test_a_poisoned_sequence_fails_alone_and_the_batch_finishes_right(dms_dir, poison, said):
     prompts = [[(7 * i + j) % 90 + 1 for j in range(12)] for i in range(4)]
     engine = Engine.from_hf(dms_dir, limits=LIMITS)
     expected = [engine.generate(p, max_tokens=24, ignore_eos=True)[0].token_ids for p in prompts]
@@ -75,20 +84,21 @@ def test_a_poisoned_sequence_fails_alone_and_the_batch_finishes_right(dms_dir):
     for _ in range(3):  # all five prefilled and decoding together before the poison lands
         engine.step()
     assert engine.pool_stats()["running"] == 5
-    _poison(bad)
+    poison(bad)
     failed = bad.result()
-    assert failed.finish_reason == "error" and "probability tensor" in failed.error
+    assert failed.finish_reason == "error" and said in failed.error
     assert [h.result().token_ids for h in good] == expected
     assert all(h.result().finish_reason == "length" for h in good)
     assert engine.pool_stats()["blocks_used"] == 0
 
 
-def test_a_poisoned_sequence_in_the_background_loop_leaves_the_loop_serving(dms_dir):
+@pytest.mark.parametrize("poison", [p[0] for p in POISONS], ids=["sampling", "postprocess"])
+def test_a_poisoned_sequence_in_the_background_loop_leaves_the_loop_serving(dms_dir, poison):
     engine = Engine.from_hf(dms_dir, limits=LIMITS)
     prompt = list(range(1, 13))
     expected = engine.generate(prompt, max_tokens=16, ignore_eos=True)[0].token_ids
     bad = engine.submit(prompt, max_tokens=16, ignore_eos=True)
-    _poison(bad)  # poisoned before its first sample: it fails at its prefill
+    poison(bad)  # poisoned before its first token: it fails at its prefill
     engine.start()
     try:
         assert bad.result(timeout=60).finish_reason == "error"

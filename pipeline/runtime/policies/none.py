@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.runtime.policies.base import Candidates, EvictionPolicy, Stream
+from dms_core.streams import StreamTable
+from pipeline.runtime.policies.base import Candidates, DecodeStep, EvictionPolicy
 
 
 @dataclass
@@ -16,5 +17,10 @@ class NoEviction(EvictionPolicy):
     def prefill_keep(self, c: Candidates) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.ones_like(c.flag), c.score
 
-    def place(self, stream: Stream, new_pos: int, evict_prev: bool) -> int:
-        return -1
+    def place(
+        self, st: StreamTable, layer: int, step: DecodeStep, evict_prev: torch.Tensor | None
+    ) -> torch.Tensor:
+        return st.place(layer, step.n, step.append_rows[layer], None)
+
+    def appends(self, st: StreamTable, n: int, pos: torch.Tensor) -> torch.Tensor:
+        return torch.ones((st.num_layers, n), dtype=torch.bool, device=pos.device)
