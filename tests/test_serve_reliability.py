@@ -262,12 +262,20 @@ def test_mixed_load_at_concurrency_32_for_60_s(served, build):
 
     long_prompt = prompt_of_tokens(load_tokenizer(build / "engine"), MAX_INPUT - 16, random.Random(1))
     result = run_mixed_load(served.grpc, served.http, PROMPT, long_prompt, 32, 60.0, 16, 600, LIMIT,
-                            progress=False)  # fmt: skip
+                            progress=False, timeout_s=120)  # fmt: skip
     print("\n" + result.summary())
     assert result.failed == 0, result.errors
     assert all(result.counts[k] > 0 for k in MIXED_KINDS), result.counts
     pool = wait_pool_empty(served.metrics, 60)
     assert pool["tensorrt_llm"]["blocks_used"] == 0 and pool["tensorrt_llm_vanilla"]["blocks_used"] == 0
+
+
+def test_streaming_bls_requests_beyond_the_backend_thread_pool_complete(served):
+    """40 streaming BLS requests at once once hung every one of them (the python backend serves BLS
+    calls from 32 threads); the BLS model now queues what it cannot run."""
+    result = run_mixed_load(served.grpc, served.http, PROMPT, PROMPT, 40, 8.0, 16, 600, LIMIT,
+                            progress=False, timeout_s=60, only=("stream_grpc",))  # fmt: skip
+    assert result.failed == 0 and result.counts["stream_grpc"] >= 40, result.errors
 
 
 def test_serving_writes_nothing_into_the_packaged_repository(served, build):

@@ -66,6 +66,11 @@ class TritonPythonModel:
             tokenizer_dir = Path(args["model_repository"]).resolve().parent / tokenizer_dir
         self.codec = TextCodec.from_dir(tokenizer_dir, max_input_len=1, max_output_len=1)
         self.kv_outputs = any(o["name"] == "kv_live_tokens" for o in config["output"])
+        # Requests beyond this wait here before any BLS call. The python backend serves a model's BLS
+        # calls and responses from a pool of threads (Triton's default 32, `thread-pool-size`); a
+        # streaming call holds one for its whole life, so 32 at once left none to deliver responses
+        # and every request hung.
+        self._active = threading.BoundedSemaphore(int(params["max_active_requests"]))
 
     def execute(self, requests):
         for request in requests:
@@ -79,6 +84,13 @@ class TritonPythonModel:
         return None
 
     def _serve(self, inputs, sender):
+        with self._active:
+            if sender.is_cancelled():  # gave up while it waited
+                sender.send(flags=FINAL)
+                return
+            self._generate(inputs, sender)
+
+    def _generate(self, inputs, sender):
         try:
             stream = bool(inputs["stream"].reshape(-1)[0]) if "stream" in inputs else False
             pre = pb_utils.InferenceRequest(
