@@ -62,6 +62,17 @@ def wait_pool_empty(metrics_url: str, timeout_s: float = 60.0) -> dict[str, dict
         time.sleep(0.5)
 
 
+def _run_workers(worker: Callable[[int], None], concurrency: int) -> float:
+    """Run `worker(i)` in `concurrency` threads until all return; the seconds it took."""
+    start = time.monotonic()
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.monotonic() - start
+
+
 def run_load(
     grpc_url: str,
     prompts: list[str],
@@ -97,14 +108,8 @@ def run_load(
                     if len(result.errors) < 10:
                         result.errors.append(error)
 
-    start = time.monotonic()
-    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    result.seconds = _run_workers(worker, concurrency)
     bar.close()
-    result.seconds = time.monotonic() - start
     return result
 
 
@@ -220,14 +225,8 @@ def run_mixed_load(
                     if len(result.errors) < 10:
                         result.errors.append(f"{kind}: {error}")
 
-    start = time.monotonic()
-    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    result.seconds = _run_workers(worker, concurrency)
     bar.close()
-    result.seconds = time.monotonic() - start
     return result
 
 
