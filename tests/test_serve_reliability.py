@@ -257,8 +257,8 @@ def test_bodies_over_the_limit_are_refused_before_triton_reads_them(served):
 
 def test_mixed_load_at_concurrency_32_for_60_s(served, build):
     """The reliability load: 0 failed good requests, bad ones all refused, the pool back to zero."""
+    from pipeline.hf_files import load_tokenizer
     from pipeline.serve.perf import prompt_of_tokens
-    from pipeline.serve.text import load_tokenizer
 
     long_prompt = prompt_of_tokens(load_tokenizer(build / "engine"), MAX_INPUT - 16, random.Random(1))
     result = run_mixed_load(served.grpc, served.http, PROMPT, long_prompt, 32, 60.0, 16, 600, LIMIT,

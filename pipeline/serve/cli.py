@@ -7,7 +7,7 @@ import signal
 import sys
 from pathlib import Path
 
-from pipeline.cli import stop_on_sigterm
+from pipeline.signals import stop_on_sigterm
 
 EXAMPLE = """\
 endpoints:
