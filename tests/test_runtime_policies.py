@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from runtime_models import make_tiny_hf
+from tiny_models import make_tiny_hf
 
 from pipeline.runtime.engine import Engine
 from pipeline.runtime.model_runner import gathered_attention
