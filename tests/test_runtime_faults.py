@@ -7,8 +7,8 @@ import dataclasses
 import math
 
 import pytest
-from runtime_models import make_tiny_hf
 from safetensors.torch import load_file, save_file
+from tiny_models import make_tiny_hf
 
 from pipeline.runtime.engine import Engine
 from pipeline.runtime.engine_dir import EngineDirError
