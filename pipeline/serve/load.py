@@ -152,10 +152,15 @@ def run_mixed_load(
     progress: bool = True,
     timeout_s: float = 120.0,
     only: tuple[str, ...] = MIXED_KINDS,
+    streaming_model: str = "ensemble",
 ) -> MixedResult:
     """The `--mixed` workload (module docstring): `concurrency` threads, each cycling through the kinds
     from its own offset, for `seconds`. `http_url` is the proxy's (bodies over `max_request_bytes` must
-    come back 413). `timeout_s` bounds each wait for a response; `only` picks some of the kinds."""
+    come back 413). `timeout_s` bounds each wait for a response; `only` picks some of the kinds.
+    `streaming_model`: what the streaming and cancelled requests call. `ensemble` streams one response per
+    token (checked: max_tokens of them); `tensorrt_llm_bls` streams text (checked against the answer
+    alone) and passes cancellations on, but Triton 2.51's python backend can deadlock under many
+    concurrent decoupled BLS calls (README, Reliability)."""
     from pipeline.serve import client
 
     wait_s = timeout_s
@@ -172,11 +177,20 @@ def run_mixed_load(
 
     def cancel() -> str | None:
         pieces = client.stream_grpc(
-            grpc_url, long_prompt, cancel_tokens, model="tensorrt_llm_bls", end_id=-1, timeout_s=wait_s
+            grpc_url, long_prompt, cancel_tokens, model=streaming_model, end_id=-1, timeout_s=wait_s
         )
         got = [next(pieces) for _ in range(3)]
-        pieces.close()  # leaves early: the client cancels, the BLS model stops the engine request
+        pieces.close()  # leaves early: the client cancels its request
         return None if got else "no pieces before the cancel"
+
+    def streamed(reply, prompt: str) -> str | None:
+        if streaming_model != "ensemble":
+            return check(reply, prompt)
+        if reply.kv_live_tokens is None:
+            return "response without KV statistics"
+        tokens = len([p for p in reply.pieces if p])
+        return None if tokens <= max_tokens and len(reply.pieces) == max_tokens + 1 else (
+            f"{len(reply.pieces)} streamed responses for {max_tokens} tokens")
 
     def refused(call: Callable[[], object], needle: str) -> str | None:
         try:
@@ -186,16 +200,18 @@ def run_mixed_load(
         return f"a bad request was not refused (expected {needle!r})"
 
     big = "x" * (max_request_bytes + 1)
-    bls = "tensorrt_llm_bls"
+    exact = {"end_id": -1} if streaming_model == "ensemble" else {}  # ensemble: exactly max_tokens tokens
     kinds: dict[str, Callable[[], str | None]] = {
         "short": lambda: check(grpc(short_prompt), short_prompt),
         "long": lambda: check(grpc(long_prompt), long_prompt),
         "http": lambda: check(client.generate_http(
             http_url, short_prompt, max_tokens, timeout_s=wait_s), short_prompt),
-        "stream_grpc": lambda: check(client.join(client.stream_grpc(
-            grpc_url, long_prompt, max_tokens, model=bls, timeout_s=wait_s)), long_prompt),
-        "stream_http": lambda: check(client.join(client.stream_http(
-            http_url, short_prompt, max_tokens, model=bls, timeout_s=wait_s)), short_prompt),
+        "stream_grpc": lambda: streamed(client.join(client.stream_grpc(
+            grpc_url, long_prompt, max_tokens, model=streaming_model, timeout_s=wait_s, **exact)),
+            long_prompt),
+        "stream_http": lambda: streamed(client.join(client.stream_http(
+            http_url, short_prompt, max_tokens, model=streaming_model, timeout_s=wait_s, **exact)),
+            short_prompt),
         "cancel": cancel,
         "bad_value": lambda: refused(lambda: grpc(short_prompt, temperature=float("nan")), "temperature"),
         "bad_body": lambda: refused(
