@@ -340,11 +340,16 @@ def test_serve_killed_by_sigkill_leaves_no_triton_and_no_shared_memory(build, tm
     key = "s3cret-admin-key-0123456789"
     (tmp_path / "key").write_text(key + "\n")
     serve = _start_serve(build / "build", "--admin-key-file", str(tmp_path / "key"))
-    assert "open to clients sending the `admin-key` header" in serve.output()
-    assert _http(serve.http, "/v2/logging", headers={"admin-key": key})[0] == 200
-    assert _http(serve.http, "/v2/logging", headers={"admin-key": key[:-1]})[0] == 403
-    triton = _processes_with(serve.prefix)
-    assert len(triton) == 7 and len(_shm(serve.prefix)) == 5  # tritonserver, its 5 stubs, the watchdog
+    try:
+        assert "open to clients sending the `admin-key` header" in serve.output()
+        assert _http(serve.http, "/v2/logging", headers={"admin-key": key})[0] == 200
+        assert _http(serve.http, "/v2/logging", headers={"admin-key": key[:-1]})[0] == 403
+        triton = _processes_with(serve.prefix)
+        assert len(triton) == 7 and len(_shm(serve.prefix)) == 5  # tritonserver, its 5 stubs, the watchdog
+    except BaseException:
+        serve.proc.terminate()  # a failed check must not leave this server running
+        serve.proc.wait(60)
+        raise
     serve.proc.kill()
     serve.proc.wait()
     deadline = time.monotonic() + 10
