@@ -88,7 +88,12 @@ def _start_serve(build: Path, *extra: str) -> Serve:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     serve = Serve(proc, f"127.0.0.1:{ports[0]}", f"127.0.0.1:{ports[1]}", f"127.0.0.1:{ports[2]}")
     threading.Thread(target=lambda: serve.lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
-    serve.wait_for("Ctrl-C stops the server", 240)
+    try:
+        serve.wait_for("Ctrl-C stops the server", 240)
+    except BaseException:
+        proc.terminate()
+        proc.wait(60)
+        raise
     serve.upstream = serve.output().split("Triton's own HTTP endpoint: ")[1].split(")")[0]
     return serve
 
