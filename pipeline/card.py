@@ -149,6 +149,19 @@ class PerfSpec:
 
 
 @dataclass(frozen=True)
+class ServeSpec:
+    """What `serve` accepts from clients."""
+
+    # HTTP bodies over this many bytes are refused (413) by the proxy in front of Triton's HTTP endpoint,
+    # before Triton reads them: the bundled Triton 2.51 crashes on bodies of about 4 MiB (CVE-2025-23310).
+    max_request_bytes: int = 1 << 20
+
+
+# Half the body size that crashed the bundled Triton 2.51 here (4 MiB; 3.9 MiB was refused cleanly).
+MAX_REQUEST_BYTES_CEILING = 2 << 20
+
+
+@dataclass(frozen=True)
 class Card:
     name: str
     family: Literal["qwen3", "llama"]
@@ -159,6 +172,7 @@ class Card:
     eval: EvalSpec = field(default_factory=EvalSpec)
     build: BuildSpec = field(default_factory=BuildSpec)
     perf: PerfSpec = field(default_factory=PerfSpec)
+    serve: ServeSpec = field(default_factory=ServeSpec)
     pretrain: PretrainSpec | None = None
     path: str = ""  # the YAML it came from (set by load_card, not by the YAML)
 
@@ -268,7 +282,15 @@ def load_card(name_or_path: str) -> Card:
             f"(in {CARDS_DIR}), or pass a path to a card YAML"
         )
     try:
-        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        bad = exc.object[exc.start : exc.start + 1]
+        where = f"byte {exc.start}: {bad!r}"
+        raise CardError(f"card file {path} is not UTF-8 text ({where}); save it as UTF-8") from None
+    except OSError as exc:
+        raise CardError(f"cannot read card file {path}: {exc.strerror}") from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:
         raise CardError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
@@ -358,6 +380,11 @@ def validate_card(card: Card) -> None:
             f"build.max_input_len + max_output_len ({b.max_input_len} + {b.max_output_len}) tokens with "
             f"eviction off; it needs at least {blocks * b.kv_block_size} ({blocks} blocks of "
             f"{b.kv_block_size})"
+        )
+    if not 1024 <= card.serve.max_request_bytes <= MAX_REQUEST_BYTES_CEILING:
+        raise CardError(
+            f"{where}: serve.max_request_bytes must be between 1024 and {MAX_REQUEST_BYTES_CEILING}, got "
+            f"{card.serve.max_request_bytes}: the bundled Triton 2.51 crashes on HTTP bodies of about 4 MiB"
         )
     if card.build.tp_size not in (1, 2, 4, 8):
         raise CardError(f"{where}: build.tp_size must be 1, 2, 4 or 8, got {card.build.tp_size}")
