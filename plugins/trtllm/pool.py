@@ -35,6 +35,12 @@ class PoolPlan:
         return -(-self.pool_tokens // self.block_size) * self.kv_heads_per_rank
 
     @property
+    def total_blocks(self) -> int:
+        """Blocks of every layer: one pool tensor holds them all (plus one scratch block), and each layer's
+        streams draw from it as their compression asks (dms_core.streams.BlockPool)."""
+        return self.blocks_per_layer * self.num_layers
+
+    @property
     def pool_bytes(self) -> int:
         """K and V of every layer on one rank."""
         per_layer = self.blocks_per_layer * self.block_size * self.head_dim * 2 * DTYPE_BYTES[self.dtype]
