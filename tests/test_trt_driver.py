@@ -1,7 +1,8 @@
 """The host driver of the DMS TensorRT engine pair (plugins/trtllm/driver.py) on CPU, over emulated
-sessions: the engines' computation in torch with our kernels (the prefill and pool-write kernels under
-Triton's interpreter, paged decode through its torch reference), on a build directory laid out like the
-pair's (tests/trt_pair.py). Only the TensorRT binding itself (TrtllmSession) cannot run here.
+sessions: the engines' computation in torch, attention through the kernels' torch references (Qwen3
+borrowed: through the prefill and pool-write kernels themselves, under Triton's interpreter), on a build
+directory laid out like the pair's (tests/trt_pair.py). Only the TensorRT binding itself
+(TrtllmSession) cannot run here.
 
 Reference: the HF DMS model in hard mode over the prompt and the driver's own tokens. Tolerance: logits
 within 1e-4 (float32; observed <= 2.1e-5 with logits of magnitude ~10), and every greedy token equal to
@@ -76,7 +77,7 @@ class _Recorder:
 @pytest.mark.parametrize("family,mode", CASES, ids=[f"{f}-{m}" for f, m in CASES])
 def test_driver_matches_hf_dms_with_chunked_prefill_and_concurrent_requests(pairs, family, mode):
     hf, engine = pairs[family, mode]
-    driver = load_driver(engine, session="emulated")
+    driver = load_driver(engine, session="emulated", kernels=(family, mode) == ("qwen3", "borrowed"))
     context = driver.context = _Recorder(driver.context)
     prompts = _prompts(30, 13, 22)
     handles = [driver.submit(p, GREEDY, keep_logits=True) for p in prompts]  # all in flight together

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from plugins.dms_attention.prefill import dms_prefill_attention, reference_prefill_attention
+from plugins.dms_attention.reference import reference_pool_write
 from plugins.dms_attention.trt_plugin import (
     compile_decode_aot,
     compile_pool_write_aot,
@@ -44,6 +45,30 @@ def test_prefill_kernel_matches_reference_with_evictions():
     assert (plain - want).abs().max() > 1e-2  # the evictions beyond the window changed the result
 
 
+def test_prefill_kernel_reads_the_past_of_a_chunk():
+    """Chunked prefill: each sequence's chunk also attends to its streams' stored tokens (paged, in any
+    slot order), hidden from queries at or after their expiry."""
+    from plugins.dms_attention.prefill import NEVER, PrefillPast
+
+    torch.manual_seed(0)
+    lens, starts, hkv, hq, d, bs, nb = [5, 37, 20], [0, 30, 12], 2, 4, 16, 4, 40
+    n = sum(lens)
+    q, k, v = torch.randn(n, hq, d), torch.randn(n, hkv, d), torch.randn(n, hkv, d)
+    evicted = (torch.rand(n, hkv) > 0.5).int()
+    cu = torch.tensor([0, 5, 42, 62], dtype=torch.int32)
+    positions = torch.cat([torch.arange(s, s + t) for s, t in zip(starts, lens, strict=True)]).int()
+    stored = torch.tensor([0, 0, 9, 3, 17, 12], dtype=torch.int32)  # the first sequence has no past
+    expiry = torch.full((6, 20), NEVER, dtype=torch.int32)
+    expiry[2:] = torch.randint(0, 60, (4, 20)).int()
+    tables = torch.randperm(nb)[:30].view(6, 5).int().contiguous()
+    past = PrefillPast(positions, torch.randn(nb, bs, d), torch.randn(nb, bs, d), tables, stored, expiry)
+    got = dms_prefill_attention(q, k, v, evicted, cu, window=4, scale=0.25, past=past, block_m=16, block_n=16)
+    want = reference_prefill_attention(q, k, v, evicted, cu, 4, 0.25, past)
+    assert (got.double() - want).abs().max() < 1e-5
+    assert (reference_prefill_attention(q, k, v, evicted, cu, 4, 0.25) - want)[5:].abs().max() > 1e-1
+    assert (reference_prefill_attention(q, k, v, evicted, cu, 4, 0.25) - want)[:5].abs().max() == 0
+
+
 def test_decode_plugin_kernel_matches_reference():
     """The AOT plugin's kernel (the runtime kernel, single split) through the interpreter; it calls the
     runtime kernel as a function, which needs TRITON_INTERPRET=1 before import: a fresh process."""
@@ -71,7 +96,10 @@ def test_pool_write_puts_each_stream_in_its_row():
     k_pool, v_pool = torch.zeros(5, 4, 16), torch.zeros(5, 4, 16)
     k_new, v_new = torch.randn(2, 3, 16), torch.randn(2, 3, 16)
     rows = torch.tensor([0, 7, 19, 3, 12, 5], dtype=torch.int32)
+    k_ref, v_ref = torch.zeros(5, 4, 16), torch.zeros(5, 4, 16)
+    reference_pool_write(k_ref, v_ref, k_new, v_new, rows)
     trt_pool_write(k_pool, v_pool, k_new, v_new, rows)
+    assert torch.equal(k_pool, k_ref) and torch.equal(v_pool, v_ref)
     assert torch.equal(k_pool.view(-1, 16)[rows.long()], k_new.reshape(-1, 16))
     assert torch.equal(v_pool.view(-1, 16)[rows.long()], v_new.reshape(-1, 16))
     assert int(k_pool.abs().sum(-1).ne(0).sum()) == 6  # nothing else touched

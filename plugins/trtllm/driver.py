@@ -654,11 +654,13 @@ def load_driver(
     eviction: bool = True,
     pool_tokens: int | None = None,
     device: str | None = None,
+    kernels: bool | None = None,
 ) -> PairDriver:
     """The driver of a built pair (`engine/` of the build stage: context/, generation/, dms_build.json,
     tokenizer/). session "trtllm" runs the engines (GPU, TensorRT-LLM 1.2.1); "emulated" runs the same
     computation from the converted checkpoint named by the manifest (any device; CPU by default).
-    pool_tokens overrides the manifest's kv_pool_tokens (smaller only: the engines' profiles cap it)."""
+    pool_tokens overrides the manifest's kv_pool_tokens (smaller only: the engines' profiles cap it);
+    kernels: the emulated session's choice of kernels or their references (sessions.EmulatedSession)."""
     engine_dir = Path(engine_dir)
     manifest = read_manifest(engine_dir)
     limits = dict(manifest["limits"])
@@ -675,7 +677,7 @@ def load_driver(
         device = device or "cpu"
         dtype = torch.float32 if torch.device(device).type == "cpu" else DTYPES[plan.dtype]
         plan = replace(plan, dtype=str(dtype).removeprefix("torch."))
-        phases = [EmulatedSession(p, config, weights, device, dtype) for p in engine_io.PHASES]
+        phases = [EmulatedSession(p, config, weights, device, dtype, kernels) for p in engine_io.PHASES]
     elif session == "trtllm":
         config = json.loads((engine_dir / "context" / "config.json").read_text())["pretrained_config"]
         plan = PairPlan.from_config(config, limits, eos)

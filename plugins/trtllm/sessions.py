@@ -4,10 +4,11 @@
 - `TrtllmSession`: the built TensorRT engine through `tensorrt_llm.runtime.Session` (TensorRT-LLM 1.2.1,
   on the GPU). NEVER RUN: written against TensorRT-LLM's runtime/session.py; plugins/README.md lists it.
 - `EmulatedSession`: the same computation on the converted checkpoint's weights in torch, attention
-  through this repository's kernels (the prefill and pool-write kernels the plugins launch, under
-  Triton's interpreter on CPU; paged decode through the plugin's kernel on CUDA or its torch reference
-  on CPU). The tests and the CPU Triton server run the driver on it; it is also how to check a driver
-  change without a GPU.
+  through the kernels the plugins launch (prefill, pool write, paged decode) on CUDA, and on CPU through
+  their torch references, or the kernels themselves under Triton's interpreter with `kernels=True`
+  (exact but slow: its reductions run element by element). tests/test_trt_plugin.py holds each kernel
+  to its reference. The tests and the CPU Triton server run the driver on it; it is also how to check
+  a driver change without a GPU.
 
 Both take the pool tensors as inputs and write the generation phase's new K/V into them in place.
 """
@@ -110,10 +111,12 @@ class EmulatedSession:
         weights: dict[str, torch.Tensor],
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
+        kernels: bool | None = None,
     ):
         if phase not in engine_io.PHASES:
             raise ValueError(f"phase must be one of {engine_io.PHASES}, got {phase!r}")
         self.phase = phase
+        self.kernels = torch.device(device).type == "cuda" if kernels is None else kernels
         self.w = {k: v.to(device, dtype) for k, v in weights.items()}
         c = config
         self.num_layers = c["num_hidden_layers"]
@@ -173,8 +176,7 @@ class EmulatedSession:
 
     @torch.inference_mode()
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        from plugins.dms_attention.prefill import PrefillPast, dms_prefill_attention
-        from plugins.dms_attention.trt_plugin import trt_pool_write
+        from plugins.dms_attention.prefill import PrefillPast
 
         pos = inputs[engine_io.POSITIONS]
         x = self.w["transformer.vocab_embedding.weight"][inputs["input_ids"].long()]
@@ -187,35 +189,40 @@ class EmulatedSession:
                 later = rule.shift_by_one(rule.evicts(logit).T, False).T
                 evicted = (later & inputs[engine_io.EVICTABLE].bool()[:, None]).int()
                 past = PrefillPast(pos, k_pool, v_pool, tables, lens, inputs[engine_io.expiry(li)])
-                attn = dms_prefill_attention(
-                    q.contiguous(),
-                    k.contiguous(),
-                    v.contiguous(),
-                    evicted.contiguous(),
-                    inputs[engine_io.CU_SEQLENS],
-                    self.dms.window_size,
-                    self.scale,
-                    past,
-                    block_m=16,
-                    block_n=16,
-                )
+                cu = inputs[engine_io.CU_SEQLENS]
+                qkv = (t.contiguous() for t in (q, k, v))
+                attn = self._prefill(*qkv, evicted.contiguous(), cu, past)
                 out[engine_io.keys(li)], out[engine_io.values(li)] = k, v
             else:
-                trt_pool_write(k_pool, v_pool, k, v, inputs[engine_io.write_rows(li)])
-                attn = _paged_decode(q.contiguous(), k_pool, v_pool, tables, lens, self.scale, self.hkv)
+                self._pool_write(k_pool, v_pool, k, v, inputs[engine_io.write_rows(li)])
+                attn = self._paged_decode(q.contiguous(), k_pool, v_pool, tables, lens, self.scale, self.hkv)
             out[engine_io.logits(li)] = logit
             x = self._finish(li, x, attn)
         last = inputs["last_token_ids"].long() - 1
         out["logits"] = (self._norm(x[last], "transformer.ln_f.weight") @ self.lm_head.T).float()
         return out
 
+    # The plugins' kernels, or their torch references (see the module docstring).
+    def _prefill(self, q, k, v, evicted, cu_seqlens, past):
+        from plugins.dms_attention.prefill import dms_prefill_attention, reference_prefill_attention
 
-def _paged_decode(q, k_pool, v_pool, tables, lens, scale, num_kv_heads):
-    """The plugin's decode kernel on CUDA (or under TRITON_INTERPRET=1); its torch reference otherwise."""
-    if q.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        window = self.dms.window_size
+        if self.kernels:
+            return dms_prefill_attention(q, k, v, evicted, cu_seqlens, window, self.scale, past, 16, 16)
+        return reference_prefill_attention(q, k, v, evicted, cu_seqlens, window, self.scale, past).to(q.dtype)
+
+    def _pool_write(self, k_pool, v_pool, k, v, rows):
+        from plugins.dms_attention.reference import reference_pool_write
+        from plugins.dms_attention.trt_plugin import trt_pool_write
+
+        (trt_pool_write if self.kernels else reference_pool_write)(k_pool, v_pool, k, v, rows)
+
+    def _paged_decode(self, q, k_pool, v_pool, tables, lens, scale, num_kv_heads):
+        from plugins.dms_attention.reference import reference_paged_decode_attention
         from plugins.dms_attention.trt_plugin import trt_paged_decode
 
-        return trt_paged_decode(q, k_pool, v_pool, tables, lens, scale, num_kv_heads)
-    from plugins.dms_attention.reference import reference_paged_decode_attention
-
-    return reference_paged_decode_attention(q, k_pool, v_pool, tables, lens, scale, num_kv_heads)
+        # the plugin's wrapper calls the runtime's kernel, which the interpreter follows only under
+        # TRITON_INTERPRET=1 (set before triton is imported)
+        if self.kernels and (q.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+            return trt_paged_decode(q, k_pool, v_pool, tables, lens, scale, num_kv_heads)
+        return reference_paged_decode_attention(q, k_pool, v_pool, tables, lens, scale, num_kv_heads)
