@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from pathlib import Path
 
 from pipeline.card import CardError, available_cards, load_card
+from pipeline.signals import stop_on_sigterm
 from pipeline.stages import STAGE_ORDER
 
 DEFAULT_MODEL = "tiny-qwen3"
@@ -73,17 +73,6 @@ def _unusable_dir(path: Path) -> str | None:
     return None
 
 
-def stop_on_sigterm() -> None:
-    """SIGTERM (a supervisor, a CI timeout, `kill`) and SIGHUP (the terminal closed) stop like Ctrl-C,
-    so the same cleanup runs."""
-
-    def interrupt(signum, frame) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupt)
-    signal.signal(signal.SIGHUP, interrupt)
-
-
 def int_in(low: int, high: int, what: str):
     """argparse type: an int from `low` to `high` (a port, a count the server's INT32 tensors carry)."""
 
@@ -135,7 +124,7 @@ def _cmd_ask(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from pipeline.runtime.bench import bench_command
+    from pipeline.bench import bench_command
 
     return bench_command(args)
 
@@ -182,13 +171,22 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--build-dir", default="build")
     prune.set_defaults(func=_cmd_prune)
 
-    bench = sub.add_parser("bench", help="KV memory and decode speed, DMS against vanilla and HF")
+    bench = sub.add_parser(
+        "bench", help="KV memory, decode speed, real-shape step time and equal-memory throughput"
+    )
     bench.add_argument("--out", help="where bench.json goes (default build/bench)")
     bench.add_argument(
         "--markdown", help="the results table (default bench/RESULTS.md, or OUT/RESULTS.md with --out)"
     )
     bench.add_argument("--context", type=int, default=4096)
     bench.add_argument("--batch", type=int, default=8)
+    bench.add_argument("--sections", help="comma-separated: decode,shape,equal_memory (default: all)")
+    bench.add_argument("--shape", default="qwen3-8b", help="the real model shape of the shape section")
+    widths = bench.add_mutually_exclusive_group()
+    widths.add_argument("--tiny-widths", dest="tiny_widths", action="store_true", default=None,
+                        help="shape section at tiny widths (the default without a GPU)")
+    widths.add_argument("--real-widths", dest="tiny_widths", action="store_false",
+                        help="shape section at the model's real widths (the default on a GPU)")
     bench.set_defaults(func=_cmd_bench)
     return parser
 

@@ -189,7 +189,7 @@ def test_package_serves_a_dms_trtllm_pair_with_its_driver(tmp_path, capsys):
     """A build directory laid out like the pair's (tests/trt_pair.py): the engine model runs the host
     driver (the torch engine's model.py, the pair's config), the vanilla twin forwards to it."""
     from pipeline.stages import package
-    from tests.runtime_models import make_tiny_hf
+    from tests.tiny_models import make_tiny_hf
     from tests.trt_pair import make_pair_dir
 
     build_dir = tmp_path / "stages" / "build-abc"

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from runtime_models import make_tiny_hf  # noqa: E402
+from tiny_models import make_tiny_hf  # noqa: E402
 from trt_pair import make_pair_dir  # noqa: E402
 
 from dms_core import rule  # noqa: E402

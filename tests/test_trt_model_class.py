@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from runtime_models import make_tiny_hf  # noqa: E402
+from tiny_models import make_tiny_hf  # noqa: E402
 from trt_pair import trtllm_checkpoint  # noqa: E402
 from trtllm_standin import Module, RmsNorm, standin_modules  # noqa: E402
 

@@ -231,7 +231,7 @@ class PairDriver:
         self._cancelled: set[int] = set()
         self._live: dict[int, _Request] = {}
         self._lock = threading.Lock()  # guards _inbox and _cancelled
-        self._step_lock = threading.Lock()
+        self._one_step = threading.Lock()
         self._loop: threading.Thread | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -314,7 +314,7 @@ class PairDriver:
     def step(self) -> int:
         """One step: a prefill of newly admitted sequences, or a decode step of every running one.
         Returns how many sequences ran (0: idle)."""
-        with self._step_lock:
+        with self._one_step:
             with self._lock:
                 inbox, self._inbox = self._inbox, []
                 cancelled, self._cancelled = self._cancelled, set()
@@ -385,7 +385,7 @@ class PairDriver:
         )
 
     def pool_stats(self) -> dict[str, Any]:
-        with self._step_lock:
+        with self._one_step:
             used = self.pool.num_used_blocks
             return {
                 "blocks_total": self.pool.num_blocks,
