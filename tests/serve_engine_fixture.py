@@ -48,9 +48,9 @@ def make_engine_dir(
 ) -> Path:
     """A 2-layer DMS Qwen3 (hidden 64, 4 query / 2 KV heads) engine dir; about half the tokens evicted."""
     from safetensors.torch import load_file
-    from tests.tiny_models import make_tiny_hf
 
     from pipeline.runtime.engine_dir import EngineLimits, write_engine_dir
+    from tests.tiny_models import make_tiny_hf
 
     tok_dir = make_tokenizer(path.parent / f"{path.name}-tokenizer")
     vocab = len(json.loads((tok_dir / "tokenizer.json").read_text())["model"]["vocab"]) + 1

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_models import make_tiny_hf  # noqa: E402
 from serve_engine_fixture import make_tokenizer  # noqa: E402
+from tiny_models import make_tiny_hf  # noqa: E402
 from trt_pair import make_pair_dir  # noqa: E402
 
 from pipeline.serve import client  # noqa: E402
