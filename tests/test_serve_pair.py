@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import queue
 import sys
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -127,16 +127,8 @@ def test_streaming_bls_and_concurrent_requests_then_the_pool_drains(served):
     )
     prompts = [f"{PROMPT} {i} {'hello ' * i}" for i in range(4)]
     expected = [client.generate_grpc(server.grpc_url, p, 8).text for p in prompts]
-    got: list[str | None] = [None] * len(prompts)
-
-    def one(i: int) -> None:
-        got[i] = client.generate_http(server.http_url, prompts[i], 8).text
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with ThreadPoolExecutor(len(prompts)) as clients:  # all in flight at once
+        got = list(clients.map(lambda p: client.generate_http(server.http_url, p, 8).text, prompts))
     assert got == expected  # greedy results do not depend on who else is in the batch
     pool = wait_pool_empty(f"{server.host}:{server.metrics_port}", timeout_s=30)
     assert pool["tensorrt_llm"]["blocks_used"] == 0 and pool["tensorrt_llm"]["blocks_total"] > 0

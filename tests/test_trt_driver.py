@@ -228,3 +228,19 @@ def test_bookkeeping_follows_the_dms_rule_under_random_decisions(pairs):
     assert reused > 0 and handle.result().finish_reason == "length"
     assert driver.pool_stats()["blocks_used"] == 0
     assert rule.survivors  # the rule the expectation above restates (docs/dms.md section 5)
+
+
+def test_visible_until_and_stored_evicted_restate_the_rule():
+    """The two dms_core functions the driver hands the prefill kernel a stored past with."""
+    g = torch.Generator().manual_seed(4)
+    window, seen = 5, 30
+    pos = torch.arange(seen)
+    evicted = torch.rand(seen, generator=g) > 0.5  # the decision about each token (shifted by one)
+    queries = torch.arange(seen, seen + 12)
+    until = rule.visible_until(pos, evicted, window, never=1 << 30)
+    assert torch.equal(rule.hard_visibility(evicted, queries, pos, window), queries[:, None] < until[None, :])
+    ring = torch.zeros(window + 1, dtype=torch.bool)
+    ring[pos[-window - 1 :] % (window + 1)] = evicted[-window - 1 :]  # the ring: the last window + 1 tokens
+    stored = rule.survivors(pos, evicted, seen, window)
+    want = evicted[stored] & (pos[stored] >= seen - window - 1)  # older stored tokens were kept
+    assert torch.equal(rule.stored_evicted(ring, pos[stored], seen), want)

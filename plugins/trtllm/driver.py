@@ -4,8 +4,8 @@ per-(layer, sequence, KV head) pool, talking to the engines through sessions (pl
     driver = load_driver("build/qwen3-8b/build/engine")               # TensorRT-LLM sessions, on the GPU
     driver = load_driver(engine_dir, session="emulated")              # the same computation on CPU
     handle = driver.submit(prompt_ids, SamplingParams(max_tokens=32))  # thread-safe; returns at once
-    for event in handle: ...                                           # DriverEvent per token
-    handle.result()                                                    # DriverCompletion; handle.cancel()
+    for event in handle: ...                                           # TokenEvent per token
+    handle.result()                                                    # Completion; handle.cancel()
 
 The request interface is the torch engine's (pipeline.runtime.engine: submit / handle / start / stop /
 pool_stats, events carrying the request's live KV tokens and compression ratio), so the Triton engine
@@ -32,11 +32,10 @@ from __future__ import annotations
 
 import itertools
 import json
-import queue
 import threading
 import traceback
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -47,6 +46,7 @@ import torch
 from dms_core import rule
 from dms_core.config import DmsConfig
 from dms_core.sampling import sample_batch
+from dms_core.serving import Completion, RequestHandle, StepLoop
 from dms_core.streams import BlockPool, StreamTable
 from plugins.dms_attention.prefill import NEVER
 from plugins.trtllm import engine_io
@@ -107,24 +107,6 @@ class PairPlan:
         )
 
 
-@dataclass(frozen=True)
-class DriverEvent:
-    token_id: int
-    live_kv_tokens: int = 0  # the request's live KV entries (tokens summed over layers and KV heads)
-    compression_ratio: float = 1.0
-
-
-@dataclass
-class DriverCompletion:
-    request_id: int
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    finish_reason: str  # "stop" | "length" | "cancelled" | "error"
-    error: str | None = None
-    stats: dict[str, Any] = field(default_factory=dict)
-    logits: torch.Tensor | None = None  # [generated, V] float32 on CPU, when asked for (keep_logits)
-
-
 @dataclass
 class _Request:
     request_id: int
@@ -138,62 +120,14 @@ class _Request:
     generator: torch.Generator | None = None
     preemptions: int = 0
     logits: list[torch.Tensor] = field(default_factory=list)
-    handle: DriverHandle | None = None
+    handle: RequestHandle | None = None
 
     @property
     def num_generated(self) -> int:
         return len(self.token_ids) - len(self.prompt_ids)
 
 
-_DONE = object()
-
-
-class DriverHandle:
-    """A submitted request: iterate for DriverEvents as they are produced; `result()` when done."""
-
-    def __init__(self, driver: PairDriver, request: _Request):
-        self._driver, self.request_id = driver, request.request_id
-        self._events: queue.Queue = queue.Queue()
-        self._done = threading.Event()
-        self._completion: DriverCompletion | None = None
-
-    def _finish(self, completion: DriverCompletion) -> None:
-        self._completion = completion
-        self._done.set()
-        self._events.put(_DONE)
-
-    def __iter__(self) -> Iterator[DriverEvent]:
-        while True:
-            try:
-                item = (
-                    self._events.get(timeout=None) if self._driver.loop_running else self._events.get_nowait()
-                )
-            except queue.Empty:
-                self._driver.step()
-                continue
-            if item is _DONE:
-                return
-            yield item
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def result(self, timeout: float | None = None) -> DriverCompletion:
-        while not self._done.is_set():
-            if self._driver.loop_running:
-                if not self._done.wait(timeout):
-                    raise TimeoutError(f"request {self.request_id} not finished after {timeout} s")
-            else:
-                self._driver.step()
-        assert self._completion is not None
-        return self._completion
-
-    def cancel(self) -> None:
-        self._driver._cancel(self.request_id)
-
-
-class PairDriver:
+class PairDriver(StepLoop):
     def __init__(
         self,
         plan: PairPlan,
@@ -202,6 +136,7 @@ class PairDriver:
         device: str | torch.device = "cpu",
         eviction: bool = True,
     ):
+        super().__init__("dms-pair-driver")
         self.plan, self.context, self.generation = plan, context, generation
         self.device = torch.device(device)
         self.eviction = eviction and not plan.dms.disable_eviction
@@ -227,14 +162,8 @@ class PairDriver:
         self.running: list[_Request] = []  # prefilled, in slot order
         self.num_preemptions = 0
         self._ids = itertools.count()
-        self._inbox: list[_Request] = []
-        self._cancelled: set[int] = set()
         self._live: dict[int, _Request] = {}
-        self._lock = threading.Lock()  # guards _inbox and _cancelled
         self._one_step = threading.Lock()
-        self._loop: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._wake = threading.Event()
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -252,7 +181,7 @@ class PairDriver:
         *,
         keep_logits: bool = False,
         eviction: bool | None = None,
-    ) -> DriverHandle:
+    ) -> RequestHandle:
         """Queue a request of token ids (thread-safe). Raises ValueError for one the engines cannot take.
         eviction: None follows the driver; False serves this request with eviction off."""
         p = self.plan
@@ -286,39 +215,23 @@ class PairDriver:
         )
         if params.seed is not None:
             req.generator = torch.Generator().manual_seed(int(params.seed))
-        req.handle = DriverHandle(self, req)
-        with self._lock:
-            self._inbox.append(req)
-        self._wake.set()
-        return req.handle
+        req.handle = RequestHandle(self, req.request_id, req)
+        return self._enqueue(req.handle)
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: Any, **kw: Any) -> list[DriverCompletion]:
+    def generate(self, prompts: Sequence[Sequence[int]], params: Any, **kw: Any) -> list[Completion]:
         handles = [self.submit(p, params, **kw) for p in prompts]
         return [h.result() for h in handles]
 
-    def _cancel(self, request_id: int) -> None:
-        with self._lock:
-            self._cancelled.add(request_id)
-        self._wake.set()
-
-    # -- the step loop -------------------------------------------------------------------------
-    @property
-    def loop_running(self) -> bool:
-        return self._loop is not None and self._loop.is_alive()
-
-    def has_work(self) -> bool:
-        with self._lock:
-            pending = bool(self._inbox or self._cancelled)
-        return pending or bool(self.waiting or self.running)
+    # -- the step loop (start / stop / has_work: dms_core.serving.StepLoop) ----------------------
+    def _busy(self) -> bool:
+        return bool(self.waiting or self.running)
 
     def step(self) -> int:
         """One step: a prefill of newly admitted sequences, or a decode step of every running one.
         Returns how many sequences ran (0: idle)."""
         with self._one_step:
-            with self._lock:
-                inbox, self._inbox = self._inbox, []
-                cancelled, self._cancelled = self._cancelled, set()
-            for req in inbox:
+            inbox, cancelled = self._take_inbox()
+            for req in (handle.request for handle in inbox):
                 self._live[req.request_id] = req
                 self.waiting.append(req)
             for rid in cancelled:
@@ -348,7 +261,7 @@ class PairDriver:
     def _postprocess(self, req: _Request, token: int) -> None:
         req.token_ids.append(token)
         live, ratio = self._kv_figures(req)
-        req.handle._events.put(DriverEvent(token, live, ratio))
+        req.handle._emit(token, live, ratio)
         p = req.params
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
             self._complete(req, "stop")
@@ -381,47 +294,16 @@ class PairDriver:
         logits = torch.stack(req.logits) if req.keep_logits and req.logits else None
         gen = req.token_ids[len(req.prompt_ids) :]
         req.handle._finish(
-            DriverCompletion(req.request_id, list(req.prompt_ids), gen, reason, error, stats, logits)
+            Completion(req.request_id, list(req.prompt_ids), gen, "", reason, error, stats, logits)
         )
 
     def pool_stats(self) -> dict[str, Any]:
         with self._one_step:
-            used = self.pool.num_used_blocks
-            return {
-                "blocks_total": self.pool.num_blocks,
-                "blocks_used": used,
-                "blocks_free": self.pool.num_free_blocks,
-                "block_size": self.pool.block_size,
+            return self.pool.stats() | {
                 "running": len(self.running),
                 "waiting": len(self.waiting),
                 "preemptions": self.num_preemptions,
             }
-
-    def start(self) -> None:
-        """Run the step loop in a background daemon thread."""
-        if self.loop_running:
-            return
-        self._stop.clear()
-        self._loop = threading.Thread(target=self._run_loop, name="dms-pair-driver", daemon=True)
-        self._loop.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._loop is not None:
-            self._loop.join()
-            self._loop = None
-
-    def _run_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                ran = self.step()
-            except Exception:  # never let one bad step kill the server's loop
-                traceback.print_exc()
-                ran = 0
-            if ran == 0 and not self.has_work():
-                self._wake.wait(0.05)
-                self._wake.clear()
 
     # -- scheduling ----------------------------------------------------------------------------
     def _streams_per_seq(self) -> int:
