@@ -11,6 +11,7 @@ the reference's argmax.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -244,3 +245,10 @@ def test_visible_until_and_stored_evicted_restate_the_rule():
     stored = rule.survivors(pos, evicted, seen, window)
     want = evicted[stored] & (pos[stored] >= seen - window - 1)  # older stored tokens were kept
     assert torch.equal(rule.stored_evicted(ring, pos[stored], seen), want)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt_llm") is not None, reason="TensorRT-LLM is installed")
+def test_the_tensorrt_session_without_tensorrt_llm_says_where_to_serve(pairs):
+    _, engine = pairs["qwen3", "borrowed"]
+    with pytest.raises(RuntimeError, match="needs TensorRT-LLM 1.2.1 in this Python .* 'emulated'"):
+        load_driver(engine, session="trtllm")

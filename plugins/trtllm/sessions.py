@@ -37,8 +37,14 @@ class TrtllmSession:
     """One engine directory (`config.json`, `rank0.engine`) run by TensorRT-LLM's runtime Session."""
 
     def __init__(self, engine_dir: Path, plugin_library: str | None = None):
-        import tensorrt as trt
-        from tensorrt_llm.runtime import Session
+        try:
+            import tensorrt as trt
+            from tensorrt_llm.runtime import Session
+        except ImportError as exc:
+            raise RuntimeError(
+                f"the DMS engine pair needs TensorRT-LLM 1.2.1 in this Python ({exc}): serve the repository "
+                "with the tritonserver of NVIDIA's 25.12 TRT-LLM container, or use dms_session 'emulated'"
+            ) from None
 
         from plugins.dms_attention.trt_plugin import register_plugins
 
