@@ -242,3 +242,26 @@ def test_code_for_the_trtllm_environment_imports_nothing_from_our_stack():
                 names = [node.module or ""]
             bad = [n for n in names if n == "pipeline" or n.startswith("pipeline.")]
             assert not bad, f"{file.relative_to(root)}:{node.lineno} imports {bad[0]}"
+
+
+def test_engine_io_of_each_phase_from_the_build_drivers_environment(tmp_path):
+    """What model.py declares at trtllm-build time: the sizes build_engine.py passes in the environment,
+    one pool tensor for every layer, per-layer tables and lengths, the context's past, the generation's
+    write rows."""
+    from plugins.trtllm import engine_io
+    from plugins.trtllm.build_engine import build_commands, parse_args
+
+    args = parse_args(["--checkpoint_dir", "C", "--output_dir", str(tmp_path), "--max_batch_size", "8",
+                       "--max_input_len", "1024", "--max_output_len", "512", "--tokens_per_block", "64",
+                       "--kv_pool_tokens", "4096"])  # fmt: skip
+    for phase, (_, env) in build_commands(args, _trt_config(True, tp=1)).items():
+        shapes = engine_io.Shapes.from_env(env, num_layers=36, kv_heads=8, head_dim=128, max_batch=8,
+                                           max_tokens=1024 if phase == "context" else 8)  # fmt: skip
+        declared = engine_io.inputs(phase, shapes)
+        kind, pool = declared[engine_io.K_POOL]
+        assert kind == "pool" and pool["pool_blocks"] == [(1, 36 * 8 * 64 + 1, 36 * 8 * 64 + 1)]
+        assert declared[engine_io.tables(35)][1]["max_blocks"][0][2] == 24  # (1024 + 512) / 64
+        assert (engine_io.expiry(0) in declared) == (phase == "context")
+        assert (engine_io.write_rows(0) in declared) == (phase == "generation")
+    with pytest.raises(RuntimeError, match="build the DMS engines with plugins/trtllm/build_engine.py"):
+        engine_io.Shapes.from_env({}, num_layers=1, kv_heads=1, head_dim=8, max_batch=1, max_tokens=1)
