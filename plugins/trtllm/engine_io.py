@@ -104,7 +104,8 @@ def inputs(phase: str, s: Shapes) -> dict[str, tuple[str, OrderedDict]]:
 
     def dims(*named: tuple[str, int, int]) -> OrderedDict:
         # the pool is always bound whole (optimise for it); other dims for half their range
-        return OrderedDict((n, [(lo, hi if n == "pool_blocks" else max(lo, hi // 2), hi)]) for n, lo, hi in named)
+        opt = {n: hi if n == "pool_blocks" else max(lo, hi // 2) for n, lo, hi in named}
+        return OrderedDict((n, [(lo, opt[n], hi)]) for n, lo, hi in named)
 
     tokens = ("num_tokens", 1, s.max_tokens) if phase == "context" else ("batch_size", 1, s.max_batch)
     streams = ("streams", s.kv_heads, s.max_batch * s.kv_heads)
