@@ -237,9 +237,48 @@ class ModelRunner:
             keep, score = policy.prefill_keep(cand)  # bool [Hkv, L]
             self._rewrite(li, streams, K, V, cand, keep & valid, score, seen)
         seq.num_cached = seen
+        context_end = seq.context_len or len(seq.prompt_ids)
+        if policy.reconstructs and start < context_end <= seen:
+            self._reconstruct(seq)
         rows = st.rows_of(seq.slot)
         st.grows_host[:, rows] = self._grows_of(seq)
         return self.model.logits(x[0, -1])
+
+    @torch.inference_mode()
+    def _reconstruct(self, seq: Sequence) -> None:
+        """KVzip's compression (policies/kvzip.py): read the stored context again, teacher-forced after
+        itself, score each context token by the most attention any reconstruction query of its stream's
+        GQA group pays to it, keep each stream's top tokens. The reconstruction's KV is not stored."""
+        dev, st, policy, a = self.device, self.streams, self.policy, self.args
+        hkv, g = a.num_kv_heads, a.num_heads // a.num_kv_heads
+        n0 = seq.num_cached
+        ids = [*policy.repeat_ids, *seq.token_ids[:n0]]
+        t = len(ids)
+        pos = torch.arange(n0, n0 + t, device=dev)[None]
+        x = self.model.embed(torch.tensor([ids], device=dev))
+        rope = self.model.rope(pos)
+        streams = torch.arange(seq.slot * hkv, (seq.slot + 1) * hkv, device=dev)
+        keep = policy.context_keep(policy.budget(seq.total_budget_tokens), seq.total_budget_tokens - n0)
+        ctx_pos = torch.arange(n0, device=dev).expand(hkv, n0)
+        causal = torch.ones(t, n0 + t, dtype=torch.bool, device=dev).tril(n0)  # all context, then causal
+        for li, layer in enumerate(self.model.layers):
+            q, k, v, _ = layer.project(x, rope)
+            stored = [self.cache.read(st.pool_rows(li, row, n0)) for row in streams.tolist()]
+            K = torch.stack([torch.cat([ks, k[0, :, h]]) for h, (ks, _) in enumerate(stored)])  # [Hkv, L, D]
+            V = torch.stack([torch.cat([vs, v[0, :, h]]) for h, (_, vs) in enumerate(stored)])
+            qg = q[0].reshape(t, hkv, g, a.head_dim).permute(1, 2, 0, 3).float()  # [Hkv, G, T, D]
+            scores = torch.einsum("hgtd,hld->hgtl", qg, K.float()) * self.scale
+            probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+            out = torch.einsum("hgtl,hld->thgd", probs, V.float()).reshape(1, t, a.num_heads, a.head_dim)
+            x = layer.finish(x, out.to(x.dtype))
+            importance = probs[..., :n0].amax(dim=(1, 2))  # [Hkv, n0]
+            valid = torch.ones(hkv, n0, dtype=torch.bool, device=dev)
+            cand = Candidates(
+                pos=ctx_pos, flag=torch.zeros_like(valid), score=torch.zeros(hkv, n0, device=dev),
+                valid=valid, probs_sum=None, probs_last=None, budget=keep, seen=n0,
+            )  # fmt: skip
+            mask = policy.keep_by_importance(importance, valid, keep)
+            self._rewrite(li, streams, K[:, :n0], V[:, :n0], cand, mask, cand.score, n0)
 
     def _candidates(self, li: int, streams: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
                     flag_new: torch.Tensor, dec: torch.Tensor | None, start: int):
