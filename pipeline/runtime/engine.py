@@ -38,18 +38,18 @@ the request's live KV tokens and compression ratio after that token.
 from __future__ import annotations
 
 import itertools
-import queue
 import threading
 import traceback
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from dms_core import rule
+from dms_core.serving import Completion, RequestHandle, StepLoop, TokenEvent
 from dms_core.streams import BlockPool, StreamTable
 from pipeline.hf_files import has_tokenizer, load_tokenizer, read_eos_ids
 from pipeline.runtime.cuda_graphs import capture_decode
@@ -70,90 +70,7 @@ from pipeline.runtime.scheduler import Scheduler
 from pipeline.runtime.sequence import Sequence
 
 
-@dataclass(frozen=True)
-class TokenEvent:
-    token_id: int
-    text: str  # the text this token adds ("" without a tokenizer)
-    live_kv_tokens: int = 0  # the request's live KV entries (tokens summed over layers and KV heads)
-    compression_ratio: float = 1.0
-
-
-@dataclass
-class Completion:
-    request_id: int
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str
-    finish_reason: str  # "stop" | "length" | "cancelled" | "error"
-    error: str | None = None
-    stats: dict[str, Any] = field(default_factory=dict)
-    logits: torch.Tensor | None = None  # [generated, V] float32 on CPU, when asked for (keep_logits)
-
-
-_DONE = object()
-
-
-class RequestHandle:
-    """A submitted request: iterate for TokenEvents as they are produced; `result()` when done."""
-
-    def __init__(self, engine: Engine, seq: Sequence):
-        self._engine = engine
-        self.seq = seq
-        self.request_id = seq.request_id
-        self._events: queue.Queue = queue.Queue()
-        self._done = threading.Event()
-        self._completion: Completion | None = None
-        tok = engine.tokenizer
-        self._text = (
-            None if tok is None else IncrementalDecoder(lambda ids: tok.decode(ids, skip_special_tokens=True))
-        )
-
-    def _emit(self, token_id: int, live_kv_tokens: int, compression_ratio: float) -> None:
-        text = self._text.push([token_id]) if self._text is not None else ""
-        self._events.put(TokenEvent(token_id, text, live_kv_tokens, compression_ratio))
-
-    def _finish(self, completion: Completion) -> None:
-        self._completion = completion
-        self._done.set()
-        self._events.put(_DONE)
-
-    def _wait(self, timeout: float | None) -> None:
-        while not self._done.is_set():
-            if self._engine.loop_running:
-                self._done.wait(timeout)
-                if timeout is not None and not self._done.is_set():
-                    raise TimeoutError(f"request {self.request_id} not finished after {timeout} s")
-            else:
-                self._engine.step()
-
-    def __iter__(self) -> Iterator[TokenEvent]:
-        while True:
-            try:
-                item = self._events.get_nowait()
-            except queue.Empty:
-                if self._engine.loop_running:
-                    item = self._events.get()
-                else:
-                    self._engine.step()
-                    continue
-            if item is _DONE:
-                return
-            yield item
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def result(self, timeout: float | None = None) -> Completion:
-        self._wait(timeout)
-        assert self._completion is not None
-        return self._completion
-
-    def cancel(self) -> None:
-        self._engine._cancel(self.request_id)
-
-
-class Engine:
+class Engine(StepLoop):
     def __init__(
         self,
         model: Transformer,
@@ -188,15 +105,10 @@ class Engine:
         self.scheduler = Scheduler(self.runner, limits.max_batch_size, prefill_chunk_tokens)
         # On a GPU the decode step replays from CUDA graphs (one launch a step); elsewhere it runs eagerly.
         self.cuda_graphs = cuda_graphs and attention is None and capture_decode(self.runner)
+        super().__init__("dms-engine-loop")
         self._ids = itertools.count()
-        self._inbox: list[RequestHandle] = []
-        self._cancelled: set[int] = set()
         self._handles: dict[int, RequestHandle] = {}
-        self._lock = threading.Lock()  # guards _inbox and _cancelled (submit/cancel from any thread)
         self._step_lock = threading.Lock()  # one step at a time
-        self._loop: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._wake = threading.Event()
         self.last_step_kind = "idle"  # what the last step() did: idle | prefill | decode (benchmarks)
 
     def _resolve_policy(self, policy: EvictionPolicy | str | None) -> EvictionPolicy:
@@ -317,16 +229,12 @@ class Engine:
         )  # fmt: skip
         if params.seed is not None:
             seq.generator = torch.Generator().manual_seed(params.seed)
-        handle = RequestHandle(self, seq)
-        with self._lock:
-            self._inbox.append(handle)
-        self._wake.set()
-        return handle
-
-    def _cancel(self, request_id: int) -> None:
-        with self._lock:
-            self._cancelled.add(request_id)
-        self._wake.set()
+        text_of = None
+        if self.tokenizer is not None:
+            tok = self.tokenizer
+            decoder = IncrementalDecoder(lambda ids: tok.decode(ids, skip_special_tokens=True))
+            text_of = lambda token: decoder.push([token])  # noqa: E731
+        return self._enqueue(RequestHandle(self, seq.request_id, seq, text_of))
 
     def generate(
         self, prompts: str | Seq[int] | Seq[str | Seq[int]], params: SamplingParams | None = None, **kw: Any
@@ -360,25 +268,17 @@ class Engine:
                 raise RuntimeError(f"engine request failed: {c.error}")
         return done
 
-    # -- the step loop -----------------------------------------------------------------------
-    @property
-    def loop_running(self) -> bool:
-        return self._loop is not None and self._loop.is_alive()
-
-    def has_work(self) -> bool:
-        with self._lock:
-            pending = bool(self._inbox or self._cancelled)
-        return pending or self.scheduler.has_work()
+    # -- the step loop (start / stop / has_work: dms_core.serving.StepLoop) -------------------------
+    def _busy(self) -> bool:
+        return self.scheduler.has_work()
 
     def step(self) -> int:
         """One scheduler step. Returns how many sequences ran (0 = idle)."""
         with self._step_lock:
-            with self._lock:
-                inbox, self._inbox = self._inbox, []
-                cancelled, self._cancelled = self._cancelled, set()
+            inbox, cancelled = self._take_inbox()
             for handle in inbox:
                 self._handles[handle.request_id] = handle
-                self.scheduler.add(handle.seq)
+                self.scheduler.add(handle.request)
             for rid in cancelled:
                 self._cancel_now(rid)
             seqs, failed, is_prefill = self.scheduler.schedule()
@@ -471,7 +371,7 @@ class Engine:
         handle = self._handles.get(request_id)
         if handle is None or handle.done:
             return
-        self._complete(handle.seq, "cancelled")
+        self._complete(handle.request, "cancelled")
 
     def _complete(self, seq: Sequence, reason: str) -> None:
         stats = self.request_stats(seq)
@@ -506,44 +406,13 @@ class Engine:
         with self._step_lock:
             self.runner.sync()
             used = self.pool.num_used_blocks
-            return {
-                "blocks_total": self.pool.num_blocks,
-                "blocks_used": used,
-                "blocks_free": self.pool.num_free_blocks,
-                "block_size": self.pool.block_size,
+            return self.pool.stats() | {
                 "bytes_used": used * self.cache.bytes_per_block,
                 "bytes_total": self.pool.num_blocks * self.cache.bytes_per_block,
                 "running": len(self.scheduler.running),
                 "waiting": len(self.scheduler.waiting),
                 "preemptions": self.scheduler.num_preemptions,  # since the engine started
             }
-
-    def start(self) -> None:
-        """Run the step loop in a background daemon thread."""
-        if self.loop_running:
-            return
-        self._stop.clear()
-        self._loop = threading.Thread(target=self._run_loop, name="dms-engine-loop", daemon=True)
-        self._loop.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._loop is not None:
-            self._loop.join()
-            self._loop = None
-
-    def _run_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                ran = self.step()
-            except Exception:  # never let one bad step kill the server's loop; the step already
-                traceback.print_exc()  # failed its requests where it could
-                ran = 0
-            if ran == 0 and not self.has_work():
-                self._wake.wait(0.05)
-                self._wake.clear()
-
 
 def _one_line(exc: BaseException) -> str:
     return "".join(traceback.format_exception_only(exc)).strip()

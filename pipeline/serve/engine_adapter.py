@@ -140,12 +140,9 @@ def stop_match(generated: Sequence[int], stops: Sequence[Sequence[int]]) -> int 
 
 def load_engine(params: Mapping[str, str], repo_dir: Path):
     """Engine for the model's parameters: gpt_model_path (relative to the repository), eviction_policy,
-    max_tokens_in_paged_kv_cache, batch_scheduler_policy, device."""
-    import torch
-
-    from pipeline.runtime.engine import Engine
-    from pipeline.runtime.engine_dir import read_engine_dir
-
+    max_tokens_in_paged_kv_cache, batch_scheduler_policy, device; with dms_session, the DMS TensorRT
+    engine pair at gpt_model_path, served by its host driver (same interface; it needs nothing of
+    pipeline.runtime, which TensorRT-LLM's environment may not import)."""
     policy = params.get("batch_scheduler_policy", "max_utilization")
     if policy not in SCHEDULER_POLICIES:
         raise ValueError(
@@ -155,11 +152,23 @@ def load_engine(params: Mapping[str, str], repo_dir: Path):
     engine_dir = Path(params["gpt_model_path"])
     if not engine_dir.is_absolute():
         engine_dir = (repo_dir / engine_dir).resolve()
-    config, state, limits, dtype = read_engine_dir(engine_dir)
     pool_tokens = params.get("max_tokens_in_paged_kv_cache", "")
+    device = params.get("device", "auto")
+    if params.get("dms_session"):
+        from plugins.trtllm.driver import load_driver
+
+        eviction = params.get("eviction_policy", "dms") != "none"
+        return load_driver(engine_dir, session=params["dms_session"], eviction=eviction,
+                           pool_tokens=int(pool_tokens) if pool_tokens else None,
+                           device=None if device == "auto" else device)  # fmt: skip
+    import torch
+
+    from pipeline.runtime.engine import Engine
+    from pipeline.runtime.engine_dir import read_engine_dir
+
+    config, state, limits, dtype = read_engine_dir(engine_dir)
     if pool_tokens:
         limits = replace(limits, kv_pool_tokens=int(pool_tokens))
-    device = params.get("device", "auto")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     # No tokenizer in the engine: requests arrive as ids and leave as ids (the ensemble tokenizes), and

@@ -1,4 +1,6 @@
-"""Triton python model: the DMS engine (pipeline.runtime) with in-flight batching across requests.
+"""Triton python model: the DMS engine with in-flight batching across requests: pipeline.runtime's, or
+the DMS TensorRT engine pair's host driver (plugins/trtllm/driver.py), which load_engine picks by the
+model's parameters.
 
 Decoupled: execute() hands each request to the engine's background step loop and returns at once; a
 thread per request forwards its tokens (streaming) or its whole output to the request's response
@@ -30,6 +32,7 @@ INPUTS = (
     "random_seed",
     "streaming",
     "stop",
+    "eviction",  # declared by the DMS engine pair's model only: false serves the request with eviction off
 )
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -98,7 +101,8 @@ class TritonPythonModel:
                     sender.send(flags=FINAL)
                     continue
                 req = parse_request(tensors)
-                handle = self.engine.submit(req.input_ids, req.sampling())
+                extra = {} if tensors["eviction"] is None else {"eviction": bool(tensors["eviction"].any())}
+                handle = self.engine.submit(req.input_ids, req.sampling(), **extra)
             except (RequestError, ValueError) as exc:
                 sender.send(_error(str(exc), invalid_request=True), flags=FINAL)
                 continue
