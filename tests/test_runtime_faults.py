@@ -60,14 +60,14 @@ def test_edge_values_that_sample_fine_are_accepted():
 
 def _poison_sampling(handle) -> None:
     """Sampling values that slipped past validation and make the sampler raise."""
-    seq = handle.seq
+    seq = handle.request
     seq.params = dataclasses.replace(seq.params, temperature=1.0, top_k="poison")
 
 
 def _poison_postprocess(handle) -> None:
     """A sequence whose postprocessing raises (forced tokens run out: IndexError, the error reported
     against the served engine)."""
-    handle.seq.forced_ids = []
+    handle.request.forced_ids = []
 
 
 POISONS = [(_poison_sampling, "sampling"), (_poison_postprocess, "IndexError")]

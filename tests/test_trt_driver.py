@@ -166,7 +166,7 @@ def test_bad_requests_are_refused_with_the_reason(pairs):
         ([1] * 65, GREEDY, "over the engine's max_input_len 64"),
         ([1, 2], SamplingParams(max_tokens=33), "over the engine's max_output_len 32"),
         ([1, 96], GREEDY, "token id 96 outside the vocabulary"),
-        ([1, 2], SamplingParams(max_tokens=0), "max_tokens must be >= 1"),
+        ([1, 2], SamplingParams(max_tokens=0), "max_tokens must be an integer >= 1"),
     ]:
         with pytest.raises(ValueError, match=message):
             driver.submit(prompt, params)
