@@ -93,6 +93,10 @@ class RetrofitSpec:
     # through), so a decision pushed far past 0 can still be flipped and moved back (rule.gumbel_sigmoid).
     # None: the spec's plain Gumbel-sigmoid. Useful at high lr, where logits overshoot into the flat tails.
     logit_clip: float | None = None
+    # Borrowed decisions only: before the CR ramp, zero the q_proj rows that compute the borrowed query
+    # channel, so every decision logit starts at -dms.initial_alpha_offset (keep) and training starts
+    # from the base model (the paper's DMC-style neuron zeroing). Adapters start there anyway.
+    warm_start: bool = True
     # synthetic: the project's task corpus; teacher-answers: the teacher's own completions of generated
     # prompts; a path (relative: to the card's directory): a local JSONL of chat or text records, or a
     # `datasets` directory. null: the path comes from the environment variable named by `data_env` (the
