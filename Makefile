@@ -45,7 +45,7 @@ test-fast: setup  ## tests without the slow and server ones
 	$(BIN)/python -m pytest -q -ra -m "not slow and not server" $(ARGS)
 
 lint: setup  ## ruff
-	$(BIN)/ruff check pipeline plugins tests ci
+	$(BIN)/ruff check pipeline plugins dms_core tests ci
 
 clean:  ## remove build/
 	rm -rf build

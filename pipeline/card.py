@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import yaml
 
+from dms_core.config import DmsConfig
+
 CARDS_DIR = Path(__file__).parent / "cards"
 
 
@@ -60,7 +62,8 @@ class PretrainSpec:
 
 @dataclass(frozen=True)
 class DmsSpec:
-    """DMS settings; names map onto NVIDIA's `dms_*` config keys (dms-spec.md section 6)."""
+    """The card's DMS section, in the card's own words; `Card.dms_config()` turns it into the checkpoint
+    keys (dms_core.config.DmsConfig, docs/dms.md section 6)."""
 
     window: int = 512  # dms_window_size
     target_cr: float = 8.0  # dms_cr
@@ -162,6 +165,20 @@ class Card:
     perf: PerfSpec = field(default_factory=PerfSpec)
     pretrain: PretrainSpec | None = None
     path: str = ""  # the YAML it came from (set by load_card, not by the YAML)
+
+    def dms_config(self) -> DmsConfig:
+        """The checkpoint settings this card trains and builds for (its dms section, the build's block)."""
+        d = self.dms
+        return DmsConfig(
+            window_size=d.window,
+            separate_alpha=d.decision == "adapter",
+            alpha_per=d.alpha_per,
+            alpha_scale=d.alpha_scale,
+            initial_alpha_offset=d.initial_alpha_offset,
+            tau=d.tau,
+            cr=d.target_cr,
+            paged_attention_block_size=self.build.kv_block_size,
+        )
 
     def weights_dir(self) -> Path:
         """The local HF directory of a `local` card; a clear error when it is not there."""

@@ -21,8 +21,9 @@ def make_hf(
     "borrowed" or "adapter" (with non-zero adapter weights so they matter)."""
     import transformers
 
+    from dms_core.config import DmsConfig
     from pipeline.dms.checkpoint import save_dms_model
-    from pipeline.dms.patch import DmsSettings, patch_model
+    from pipeline.dms.patch import patch_model
 
     torch.manual_seed(seed)
     cfg_cls, model_cls = {
@@ -39,8 +40,8 @@ def make_hf(
     if dms is None:
         model.save_pretrained(path)
         return path
-    settings = DmsSettings(window=window, separate_alpha=dms == "adapter", alpha_scale=10.0,
-                           initial_alpha_offset=0.0)
+    settings = DmsConfig(window_size=window, separate_alpha=dms == "adapter", alpha_scale=10.0,
+                         initial_alpha_offset=0.0, paged_attention_block_size=4)
     patch_model(model, settings)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -7,8 +7,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+from dms_core.config import DmsConfig
 from pipeline.dms.checkpoint import load_dms_model, load_training_state, save_dms_model, save_training_state
-from pipeline.dms.patch import DMS_CONFIG_DEFAULTS, DmsSettings, dms_mode, patch_model
+from pipeline.dms.patch import dms_mode, patch_model
 
 SHAPE = dict(
     hidden_size=32,
@@ -37,7 +38,7 @@ def _hard_logits(model, x):
 
 @pytest.mark.parametrize("separate", [True, False])
 def test_save_load_round_trip_reproduces_logits(tmp_path, separate):
-    model = patch_model(tiny(), DmsSettings(window=3, separate_alpha=separate))
+    model = patch_model(tiny(), DmsConfig(window_size=3, separate_alpha=separate))
     if separate:
         for layer in model.model.layers:
             torch.nn.init.normal_(layer.self_attn.dms_proj_alpha.weight, std=0.1)
@@ -45,7 +46,7 @@ def test_save_load_round_trip_reproduces_logits(tmp_path, separate):
     want = _hard_logits(model, x)
     save_dms_model(model, tmp_path, target_cr=4)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert set(DMS_CONFIG_DEFAULTS) <= set(config)
+    assert set(DmsConfig().to_hf_config()) <= set(config)
     assert (
         config["dms_window_size"] == 3 and config["dms_separate_alpha"] is separate and config["dms_cr"] == 4
     )
@@ -62,7 +63,7 @@ def test_save_load_round_trip_reproduces_logits(tmp_path, separate):
 
 @pytest.mark.parametrize("separate", [True, False])
 def test_nvidia_layout_config_loads_without_remote_code(tmp_path, separate):
-    model = patch_model(tiny(), DmsSettings(window=3, separate_alpha=separate))
+    model = patch_model(tiny(), DmsConfig(window_size=3, separate_alpha=separate))
     if separate:
         torch.nn.init.normal_(model.model.layers[0].self_attn.dms_proj_alpha.weight, std=0.1)
     save_dms_model(model, tmp_path)
@@ -88,7 +89,7 @@ def test_adapter_checkpoint_missing_adapter_weights_is_an_error(tmp_path):
 
 
 def test_training_state_round_trip(tmp_path):
-    model = patch_model(tiny(), DmsSettings(window=3, separate_alpha=True))
+    model = patch_model(tiny(), DmsConfig(window_size=3, separate_alpha=True))
     names = [n for n, _ in model.named_parameters() if "dms_proj_alpha" in n]
     for n, p in model.named_parameters():
         p.requires_grad_(n in names)  # as train_dms does: only the trained weights are saved
@@ -98,7 +99,7 @@ def test_training_state_round_trip(tmp_path):
     opt.step()
     save_training_state(tmp_path / "state", model, opt, {"step": 7, "saved": {}})
     assert sorted(load_file(tmp_path / "state" / "trainable.safetensors")) == sorted(names)
-    fresh = patch_model(tiny(), DmsSettings(window=3, separate_alpha=True))
+    fresh = patch_model(tiny(), DmsConfig(window_size=3, separate_alpha=True))
     for n, p in fresh.named_parameters():
         p.requires_grad_(n in names)
     fresh_params = [p for n, p in fresh.named_parameters() if n in names]

@@ -50,7 +50,7 @@ def test_noise_seeding_is_reproducible_and_distinct():
 def test_logit_clip_keeps_saturated_decisions_trainable():
     """Without a clip, a logit far past 0 gets no gradient from any noise sample (the head is dead);
     clipped, the samples the noise flips still carry gradient back to the raw logit."""
-    from pipeline.dms.rule import gumbel_sigmoid
+    from dms_core.rule import gumbel_sigmoid
 
     def grad(clip):
         logit = torch.full((20000,), -50.0, requires_grad=True)
@@ -66,7 +66,7 @@ def test_logit_clip_keeps_saturated_decisions_trainable():
 
 
 def test_logit_clip_leaves_in_range_logits_and_noise_unchanged():
-    from pipeline.dms.rule import gumbel_sigmoid
+    from dms_core.rule import gumbel_sigmoid
 
     logit = torch.linspace(-4.0, 4.0, 101)
     plain = gumbel_sigmoid(logit, 0.1, torch.Generator().manual_seed(3))

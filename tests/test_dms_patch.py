@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, Qwen3Config, Qwen3ForCausalLM
 
+from dms_core.config import DmsConfig
 from pipeline.dms.losses import compression_loss
 from pipeline.dms.patch import (
-    DmsSettings,
     UnsupportedModelError,
     check_architecture,
     dms_mode,
@@ -41,12 +41,12 @@ def test_no_eviction_reproduces_base_logits(family):
     base = tiny(family)
     x = ids()
     want = base(x, use_cache=False).logits
-    adapter = patch_model(tiny(family), DmsSettings(window=4, separate_alpha=True))
+    adapter = patch_model(tiny(family), DmsConfig(window_size=4, separate_alpha=True))
     with dms_mode(adapter, "hard") as rec:  # zero-initialised adapter: logit -5, nothing evicted
         got = adapter(x, use_cache=False).logits
     assert rec.stacked().sum() == 0
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    borrowed = patch_model(tiny(family), DmsSettings(window=4, separate_alpha=False))
+    borrowed = patch_model(tiny(family), DmsConfig(window_size=4, separate_alpha=False))
     with dms_mode(borrowed, "teacher"):
         torch.testing.assert_close(borrowed(x, use_cache=False).logits, want, atol=1e-5, rtol=1e-5)
     with dms_mode(borrowed, "hard"):  # channel zeroed: the borrowed model is no longer the base model
@@ -54,7 +54,7 @@ def test_no_eviction_reproduces_base_logits(family):
 
 
 def test_shift_by_one_decision_at_t_evicts_key_t_minus_1():
-    model = patch_model(tiny(), DmsSettings(window=2, separate_alpha=True, alpha_per="head"))
+    model = patch_model(tiny(), DmsConfig(window_size=2, separate_alpha=True, alpha_per="head"))
     attn = model.model.layers[0].self_attn
     torch.nn.init.normal_(attn.dms_proj_alpha.weight, std=0.2)
     seen = {}
@@ -69,7 +69,7 @@ def test_shift_by_one_decision_at_t_evicts_key_t_minus_1():
 
 
 def test_per_layer_decisions_shared_by_heads():
-    model = patch_model(tiny(), DmsSettings(window=2, separate_alpha=False, alpha_per="layer"))
+    model = patch_model(tiny(), DmsConfig(window_size=2, separate_alpha=False, alpha_per="layer"))
     with dms_mode(model, "hard") as rec:
         model(ids(), use_cache=False)
     for hard in rec.hard:
@@ -78,7 +78,7 @@ def test_per_layer_decisions_shared_by_heads():
 
 @pytest.mark.parametrize("separate", [True, False])
 def test_straight_through_gradients_reach_decision_parameters(separate):
-    model = patch_model(tiny(), DmsSettings(window=2, separate_alpha=separate))
+    model = patch_model(tiny(), DmsConfig(window_size=2, separate_alpha=separate))
     gen = torch.Generator().manual_seed(0)
     with dms_mode(model, "train", generator=gen) as rec:
         model(ids(), use_cache=False)
@@ -93,7 +93,7 @@ def test_logit_clip_revives_a_saturated_adapter(clip):
     """Adapter logits pushed to about -45 on every token: without the clip no gradient reaches the adapter
     (the dead-head failure); dms_mode's logit_clip lets the noise flip some decisions, which carry it."""
     # Zero-initialised adapters: the logit is -initial_alpha_offset on every token.
-    model = patch_model(tiny(), DmsSettings(window=2, separate_alpha=True, initial_alpha_offset=45.0))
+    model = patch_model(tiny(), DmsConfig(window_size=2, separate_alpha=True, initial_alpha_offset=45.0))
     gen = torch.Generator().manual_seed(0)
     with dms_mode(model, "train", generator=gen, logit_clip=clip) as rec:
         model(torch.randint(0, 50, (8, 256), generator=torch.Generator().manual_seed(1)), use_cache=False)
@@ -109,7 +109,7 @@ def test_warm_start_puts_borrowed_logits_at_the_no_eviction_value(family):
     is the borrowed model with eviction off (Llama: exactly; Qwen3's q_norm after q_proj no longer counts
     the zeroed channel in its RMS, so that head's other channels move a little)."""
     x = ids(t=40)
-    model = patch_model(tiny(family), DmsSettings(window=4, separate_alpha=False))
+    model = patch_model(tiny(family), DmsConfig(window_size=4, separate_alpha=False))
     with dms_mode(model, "hard") as rec:
         model(x, use_cache=False)
     assert (torch.stack(rec.logits) > 0).any()  # random q_proj: the borrowed channel evicts
@@ -118,7 +118,8 @@ def test_warm_start_puts_borrowed_logits_at_the_no_eviction_value(family):
         got = model(x, use_cache=False).logits
     logits = torch.stack(rec.logits)
     assert torch.equal(logits, torch.full_like(logits, -5.0)) and rec.stacked().sum() == 0
-    no_eviction = patch_model(tiny(family), DmsSettings(window=4, separate_alpha=False, disable_eviction=True))
+    off = DmsConfig(window_size=4, separate_alpha=False, disable_eviction=True)
+    no_eviction = patch_model(tiny(family), off)
     with dms_mode(no_eviction, "hard"):
         want = no_eviction(x, use_cache=False).logits
     if family == "llama":
@@ -130,7 +131,7 @@ def test_warm_start_puts_borrowed_logits_at_the_no_eviction_value(family):
 
 def test_warm_start_is_for_borrowed_decisions_only():
     with pytest.raises(ValueError, match="adapter"):
-        warm_start_borrowed(patch_model(tiny(), DmsSettings(window=4, separate_alpha=True)))
+        warm_start_borrowed(patch_model(tiny(), DmsConfig(window_size=4, separate_alpha=True)))
 
 
 def test_unsupported_architecture_is_a_clear_error():

@@ -77,8 +77,13 @@ def test_streaming_stop_tokens_and_seeded_sampling(dms_dir):
     engine = Engine.from_hf(dms_dir, limits=LIMITS)
     prompt = _prompts(1)[0]
     greedy = engine.generate(prompt, max_tokens=12)[0].token_ids
-    streamed = [ev.token_id for ev in engine.stream(prompt, max_tokens=12)]
-    assert streamed == greedy
+    events = list(engine.stream(prompt, max_tokens=12))
+    assert [ev.token_id for ev in events] == greedy
+    final = engine.generate(prompt, max_tokens=12)[0].stats
+    # each event carries the request's KV figures after its token; the last one is the final state
+    assert events[-1].live_kv_tokens == final["live_kv_tokens"]
+    assert events[-1].compression_ratio == pytest.approx(final["compression_ratio"])
+    assert all(a.live_kv_tokens <= b.live_kv_tokens for a, b in zip(events, events[1:], strict=False))
     stop = greedy[5]
     cut = engine.generate(prompt, max_tokens=12, stop_token_ids=(stop,))[0]
     assert cut.finish_reason == "stop" and cut.token_ids == greedy[: greedy.index(stop) + 1]

@@ -3,14 +3,13 @@ mask (the training-side patched HF model in "hard" mode); chunked prefill == one
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from runtime_models import make_tiny_hf
 
 from pipeline.runtime.engine import Engine
 from pipeline.runtime.policies import DMSPolicy
-from pipeline.runtime.sampling import SamplingParams
-from pipeline.runtime.sequence import Sequence
 
 LIMITS = dict(max_input_len=64, max_output_len=64, kv_block_size=4, kv_pool_tokens=1024)
 # float32 end to end; differences come only from summation order (paged vs dense, compaction).
@@ -22,21 +21,13 @@ def _threads():
     torch.set_num_threads(1)
 
 
-def _logits_per_step(engine: Engine, tokens: list[int], prompt_len: int, chunk: int | None = None):
-    """Prefill tokens[:prompt_len] (in chunks), then feed the rest one decode step at a time.
-    Returns logits [len(tokens) - prompt_len + 1, V]: the prediction after each prefix."""
-    seq = Sequence(0, tokens[:prompt_len], SamplingParams())
-    seq.token_ids = list(tokens)
-    engine.runner.attach(seq)
-    chunk = chunk or prompt_len
-    for i in range(0, prompt_len, chunk):
-        last = engine.runner.prefill(seq, tokens[i : min(i + chunk, prompt_len)])
-    out = [last]
-    while seq.num_cached < len(tokens):
-        out.append(engine.runner.decode([seq])[0])
-    lens = seq.lens.copy()
-    engine.runner.release(seq)
-    return torch.stack(out), lens
+def _logits_per_step(engine: Engine, tokens: list[int], prompt_len: int):
+    """Prefill tokens[:prompt_len] (in the engine's chunks), then feed the rest one decode step at a
+    time (teacher forcing). Returns (logits [len(tokens) - prompt_len + 1, V]: the prediction after each
+    prefix, live tokens per stream [layers, kv_heads] at the end)."""
+    forced = [*tokens[prompt_len:], 0]  # the last forced token is never fed
+    (c,) = engine.score([(tokens[:prompt_len], forced)])
+    return c.logits, np.asarray(c.stats["live_tokens_per_stream"])
 
 
 @pytest.mark.parametrize("family", ["qwen3", "llama", "llama3-rope"])
@@ -73,7 +64,8 @@ def test_dms_decode_matches_dense_hard_mask(tmp_path, mode):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from pipeline.dms.patch import DmsSettings, dms_mode, patch_model
+    from dms_core.config import DmsConfig
+    from pipeline.dms.patch import dms_mode, patch_model
 
     path = make_tiny_hf(tmp_path / mode, dms=mode, window=8, block=4, offset=0.0)
     engine = Engine.from_hf(path, limits=LIMITS)
@@ -81,7 +73,7 @@ def test_dms_decode_matches_dense_hard_mask(tmp_path, mode):
     tokens = torch.randint(0, 96, (48,), generator=torch.Generator().manual_seed(2)).tolist()
     mine, lens = _logits_per_step(engine, tokens, prompt_len=12)
     ref_model = AutoModelForCausalLM.from_pretrained(path).eval()
-    patch_model(ref_model, DmsSettings.from_config(ref_model.config))
+    patch_model(ref_model, DmsConfig.from_hf_config(ref_model.config))
     adapters = {k: v for k, v in load_file(path / "model.safetensors").items() if "dms_proj_alpha" in k}
     ref_model.load_state_dict(adapters, strict=False)
     with torch.no_grad(), dms_mode(ref_model, "hard"):
@@ -96,9 +88,10 @@ def test_dms_decode_matches_dense_hard_mask(tmp_path, mode):
 def test_chunked_prefill_equals_one_shot(tmp_path, chunk):
     path = make_tiny_hf(tmp_path / "dms", dms="borrowed", window=8, block=4)
     engine = Engine.from_hf(path, limits=LIMITS)
+    chunking = Engine.from_hf(path, limits=LIMITS, prefill_chunk_tokens=chunk)
     tokens = torch.randint(0, 96, (40,), generator=torch.Generator().manual_seed(3)).tolist()
     one, lens_one = _logits_per_step(engine, tokens, prompt_len=32)
-    chunked, lens_chunked = _logits_per_step(engine, tokens, prompt_len=32, chunk=chunk)
+    chunked, lens_chunked = _logits_per_step(chunking, tokens, prompt_len=32)
     torch.testing.assert_close(chunked, one, atol=ATOL, rtol=0)
     assert (lens_one == lens_chunked).all()
 

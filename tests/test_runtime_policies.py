@@ -33,19 +33,23 @@ def model_dir(tmp_path_factory):
 def test_policy_invariants(model_dir, name, prompt_len):
     policy = POLICIES[name]
     engine = Engine.from_hf(model_dir, policy=policy, limits=LIMITS)
+    runner, st = engine.runner, engine.streams
     seq = Sequence(0, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=34))
-    engine.runner.attach(seq)
-    engine.runner.prefill(seq, seq.token_ids)
+    runner.attach(seq)
+    runner.prefill(seq, seq.token_ids)
     while seq.num_generated < 34:
-        logits = engine.runner.decode([seq]) if seq.num_cached < len(seq.token_ids) else None
-        seq.token_ids.append(int(logits[0].argmax()) if logits is not None else 5)
+        if seq.num_cached < len(seq.token_ids):
+            (token,) = runner.finish_step(runner.decode([seq]).argmax(-1))
+        else:
+            token = 5
+        seq.token_ids.append(token)
+    runner.sync()
     total = seq.num_cached
     budget = engine.policy.max_live_tokens(seq.total_budget_tokens)
     for layer in range(2):
         for h in range(2):
-            stream = seq.streams[layer][h]
-            pos = stream.pos
-            assert len(pos) == seq.lens[layer, h] == engine.pool.length(stream.id)
+            pos = st.positions(layer, seq.slot * 2 + h)
+            assert len(pos) == st.seq_lens(seq.slot)[layer, h]
             assert len(set(pos)) == len(pos), "a token is stored twice"
             assert all(0 <= p < total for p in pos)
             assert total - 1 in pos, "the newest token is always kept"
@@ -59,7 +63,7 @@ def test_policy_invariants(model_dir, name, prompt_len):
                 assert set(range(total - 9, total)) <= set(pos)
             if name in ("window", "h2o", "tova") and total > budget:
                 assert len(pos) == budget
-    engine.runner.release(seq)
+    runner.release(seq)
     assert engine.pool.num_used_blocks == 0
 
 
@@ -85,11 +89,15 @@ def test_gathered_attention_matches_kernel_reference():
     cache.v.copy_(torch.randn(cache.v.shape, generator=g))
     tables = torch.randperm(16, generator=g)[:12].view(3 * 2, 2).to(torch.int32)
     lens = torch.tensor([1, 8, 5, 3, 7, 2], dtype=torch.int32)
+    slot = torch.arange(8)
+    live = slot[None] < lens[:, None]
+    rows = torch.where(live, tables.long().repeat_interleave(4, dim=1) * 4 + slot % 4, 16 * 4)
     q = torch.randn(3, 4, 8, generator=g)
-    out, probs = gathered_attention(q, cache, tables, lens, 0.3, 2)
+    out, probs = gathered_attention(q, cache, rows, live, 0.3, 2)
     ref = reference_paged_decode_attention(q, cache.k, cache.v, tables, lens, 0.3, 2)
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(probs.sum(-1), torch.full((6,), 2.0))  # 2 query heads per group
+    assert (probs[~live] == 0).all()
 
 
 def test_block_gather_attention_matches_kernel_reference():

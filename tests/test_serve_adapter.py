@@ -12,7 +12,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from serve_engine_fixture import make_engine_dir, make_tokenizer  # noqa: E402
 
 from pipeline.serve.engine_adapter import (  # noqa: E402
-    live_kv_figures,  # noqa: E402
     load_engine,
     parse_request,
     stop_match,
@@ -81,12 +80,6 @@ def test_parse_request_maps_trtllm_tensors():
     assert no_end.ignore_eos and no_end.stop_token_ids == ()
     with pytest.raises(RequestError, match="batch size 1"):
         parse_request({"input_ids": np.zeros((2, 3), np.int32), "request_output_len": np.ones((2, 1))})
-
-
-def test_live_kv_figures():
-    assert live_kv_figures(None, 0) == (0, 1.0)
-    live, ratio = live_kv_figures(np.array([[10, 5], [10, 5]]), 10)
-    assert live == 30 and ratio == pytest.approx(1 / 0.75)
 
 
 def test_load_engine_reads_parameters(tmp_path):

@@ -154,50 +154,97 @@ def test_build_driver_commands(tmp_path):
     assert list(stock) == ["engine"] and "--model_cls_file" not in stock["engine"][0]
 
 
+def _host_streams(num_layers: int, num_kv_heads: int, num_blocks: int, block: int, window: int):
+    """The host bookkeeping a TensorRT driver keeps: dms_core's StreamTable with a DMS ring."""
+    from dms_core.streams import BlockPool, StreamTable
+
+    return StreamTable(num_layers, num_kv_heads, 1, 32, BlockPool(num_blocks, block), ring=window + 1)
+
+
+def _admit(st, layer: int, row: int, evicted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """After the context engine: keep a stream's survivors (rule.survivors) in slots 0..n-1 and load its
+    ring. Returns (positions kept, pool rows to copy their K/V to)."""
+    from dms_core import rule
+
+    t = evicted.shape[0]
+    pos = torch.arange(t)
+    kept = pos[rule.survivors(pos, evicted, t, st.ring_slot.shape[-1] - 1)]
+    st.resize(layer, row, len(kept))
+    rows = st.pool_rows(layer, row, len(kept))
+    st.slot_pos[rows] = kept.int()
+    rule.ring_load_(st.ring_slot[layer], st.ring_flag[layer], row, kept, evicted[kept], t)
+    return kept, rows
+
+
+def _plan_step(st, layer: int, n: int, t: int) -> torch.Tensor:
+    """Before a generation call: where each stream's new token (position t) goes (the row the
+    pool_write plugin writes), from dms_core's ring step with the decision still unknown."""
+    from dms_core import rule
+
+    pos = torch.full((n,), t)
+    ring_slot, ring_flag, lens = st.ring_slot[layer], st.ring_flag[layer], st.lens[layer]
+    slot = rule.ring_place_(ring_slot, ring_flag, lens, st.row_index[:n], pos, None)
+    rows = st.slot_rows(layer, n, slot)
+    st.slot_pos[rows] = t
+    return rows
+
+
+def _record(st, layer: int, n: int, t: int, logit: torch.Tensor) -> None:
+    """After the call: dms_logit_L decides the previous token's fate (shift by one)."""
+    from dms_core import rule
+
+    rule.ring_record_(st.ring_flag[layer], st.row_index[:n], torch.full((n,), t), rule.evicts(logit))
+
+
+def _before_step(st, n: int, t: int) -> None:
+    """Blocks for the streams about to grow (known a step ahead: rule.ring_appends)."""
+    from dms_core import rule
+
+    grows = torch.stack([rule.ring_appends(st.ring_flag[li], st.row_index[:n], torch.full((n,), t))
+                         for li in range(st.num_layers)])
+    st.refresh(n, st.lens[:, :n].clone(), grows)
+    st.reserve(n)
+
+
 @pytest.mark.parametrize("window,block", [(4, 2), (8, 4)])
 def test_host_streams_follow_the_dms_rule(window, block):
     """Prefill then decode with random decisions: the live set is always the DMS rule's, slots stay
     dense, an evicted token's slot is reused in place, and released blocks return to the pool."""
-    import numpy as np
-
-    from plugins.trtllm.streams import LayerStreams
-
-    rng = np.random.default_rng(0)
-    ls = LayerStreams(num_blocks=64, block_size=block, window=window)
+    g = torch.Generator().manual_seed(0)
+    st = _host_streams(1, 1, 64, block, window)
+    st.open()
     prompt, steps = 11, 40
-    decision = rng.random(prompt + steps) > 0.4  # decision made AT position p (about p - 1)
-    evicted = np.zeros(prompt, bool)
+    decision = torch.rand(prompt + steps, generator=g) > 0.4  # decision made AT position p (about p - 1)
+    evicted = torch.zeros(prompt, dtype=torch.bool)
     evicted[:-1] = decision[1:prompt]
-    kept, rows = ls.admit(7, evicted)
+    _, rows = _admit(st, 0, 0, evicted)
     assert len(set(rows.tolist())) == len(rows)
     for t in range(prompt, prompt + steps):
-        before = ls.live_positions(7)
-        (row,) = ls.plan_step([7])
-        live = ls.live_positions(7)
+        before = dict(zip(st.positions(0, 0), range(10**6), strict=False))
+        _before_step(st, 1, t)
+        (row,) = _plan_step(st, 0, 1, t).tolist()
+        st.lens_host[0, 0] = int(st.lens[0, 0])
+        live = dict(zip(st.positions(0, 0), range(10**6), strict=False))  # position -> slot
         want = {p for p in range(t + 1) if t - p <= window or not decision[p + 1]}
         assert set(live) == want, t
-        assert sorted(live.values()) == list(range(len(live)))  # dense slots
         if len(live) == len(before):  # reuse: the new token took the slot of the one that left
             gone = set(before) - set(live)
             assert len(gone) == 1 and live[t] == before[gone.pop()]
-        table, lens = ls.tables([7], max_blocks=32)
-        assert lens[0] == len(live) and row == table[0, live[t] // block] * block + live[t] % block
-        ls.record_decisions([7], np.array([1.0 if decision[t] else -1.0]))
-    used = 64 - len(ls.free)
-    ls.release(7)
-    assert used > 0 and len(ls.free) == 64
-
+        assert row == st.tables_host[0, 0, live[t] // block] * block + live[t] % block
+        _record(st, 0, 1, t, torch.tensor([1.0 if decision[t] else -1.0]))
+    used = st.pool.num_used_blocks
+    st.close(0)
+    assert used > 0 and st.pool.num_used_blocks == 0
 
 
 def test_engine_data_flow_emulated_matches_hf_dms(tmp_path):
-    """The TensorRT engines' data flow on CPU: the prefill kernel, survivors into the pool
-    (streams.admit), then per decode step plan_step -> pool_write kernel -> paged decode -> decisions
-    recorded (shift by one). Logits must equal the HF DMS model's (hard decisions) at every step."""
-    from pipeline.dms import rule
+    """The TensorRT engines' data flow on CPU: the prefill kernel, survivors into the pool, then per
+    decode step the host's row plan -> pool_write kernel -> paged decode -> decisions recorded (shift by
+    one), all bookkeeping from dms_core. Logits must equal the HF DMS model's (hard decisions)."""
+    from dms_core import rule
     from pipeline.dms.checkpoint import load_dms_model
     from pipeline.dms.patch import dms_mode
     from plugins.dms_attention.reference import reference_paged_decode_attention
-    from plugins.trtllm.streams import LayerStreams
     from tests.convert_models import make_hf
 
     torch.set_num_threads(1)
@@ -215,8 +262,7 @@ def test_engine_data_flow_emulated_matches_hf_dms(tmp_path):
         x1, x2 = x.chunk(2, -1)
         return x * cos + torch.cat([-x2, x1], -1) * sin
 
-    keep = torch.ones(hq, d)
-    keep[:: hq // hkv, -1] = 0  # the borrowed channel, as DmsAttention.channel_keep
+    keep = (~rule.borrowed_channel_mask(hq, hkv, d, "head")).float()  # as DmsAttention.channel_keep
 
     def project(layer, x, pos):  # what DmsAttention.project computes in the engine
         a, t = layer.self_attn, x.shape[0]
@@ -233,41 +279,43 @@ def test_engine_data_flow_emulated_matches_hf_dms(tmp_path):
         return x + layer.mlp(layer.post_attention_layernorm(x))
 
     layers = model.model.layers
-    pools = [(torch.zeros(64, block, d), torch.zeros(64, block, d)) for _ in layers]
-    streams = [LayerStreams(64, block, window) for _ in layers]
-    heads = list(range(hkv))
+    st = _host_streams(len(layers), hkv, 64 * len(layers), block, window)
+    st.open()
+    k_pool, v_pool = torch.zeros(2, st.pool.num_blocks + 1, block, d)  # one pool for every layer
     got = []
     with torch.inference_mode():
         x, pos = model.model.embed_tokens(ids[0, :prompt]), torch.arange(prompt)
         for li, layer in enumerate(layers):  # context engine
             q, k, v, logit = project(layer, x, pos)
-            evicted = torch.zeros(prompt, hkv, dtype=torch.int32)
-            evicted[:-1] = (logit[1:] > 0).int()  # shift by one; the last token is kept
+            evicted = rule.shift_by_one(rule.evicts(logit.T), False).T  # [prompt, Hkv]; the last is kept
             cu = torch.tensor([0, prompt], dtype=torch.int32)
-            out = dms_prefill_attention(q.contiguous(), k.contiguous(), v.contiguous(), evicted, cu,
-                                        window, scale, block_m=16, block_n=16)
-            for h in heads:  # host: survivors into the pool
-                kept, rows = streams[li].admit(h, evicted[:, h].numpy().astype(bool))
-                kept, rows = torch.from_numpy(kept).long(), torch.from_numpy(rows).long()
-                pools[li][0].view(-1, d)[rows] = k[kept, h]
-                pools[li][1].view(-1, d)[rows] = v[kept, h]
+            out = dms_prefill_attention(q.contiguous(), k.contiguous(), v.contiguous(),
+                                        evicted.int().contiguous(), cu, window, scale, block_m=16, block_n=16)
+            for h in range(hkv):  # host: survivors into the pool
+                kept, rows = _admit(st, li, h, evicted[:, h])
+                k_pool.view(-1, d)[rows] = k[kept, h]
+                v_pool.view(-1, d)[rows] = v[kept, h]
             x = finish(layer, x, out)
         got.append(model.lm_head(model.model.norm(x))[-1])
         for t in range(prompt, ids.shape[1]):  # generation engine, one token per step
             x, pos = model.model.embed_tokens(ids[0, t : t + 1]), torch.tensor([t])
+            _before_step(st, hkv, t)
+            width = st.width(hkv)
             for li, layer in enumerate(layers):
                 q, k, v, logit = project(layer, x, pos)
-                rows = torch.from_numpy(streams[li].plan_step(heads))
-                trt_pool_write(pools[li][0], pools[li][1], k, v, rows)
-                table, lens = (torch.from_numpy(a) for a in streams[li].tables(heads, 16))
-                out = reference_paged_decode_attention(q, *pools[li], table, lens, scale, hkv)
-                streams[li].record_decisions(heads, logit[0].numpy())
+                rows = _plan_step(st, li, hkv, t)
+                trt_pool_write(k_pool, v_pool, k, v, rows.int())
+                table, lens = st.tables[li, :hkv, :width].contiguous(), st.lens[li, :hkv]
+                out = reference_paged_decode_attention(q, k_pool, v_pool, table, lens, scale, hkv)
+                _record(st, li, hkv, t, logit[0])
                 x = finish(layer, x, out)
             got.append(model.lm_head(model.model.norm(x))[-1])
     assert (torch.stack(got) - want[prompt - 1 :]).abs().max() < 1e-5
     with torch.inference_mode(), dms_mode(model, "teacher"):
         base = model(ids).logits[0]
     assert (base - want).abs().max() > 1e-2  # evictions (and the zeroed channel) matter here
+    st.close(0)
+    assert st.pool.num_used_blocks == 0
 
 
 def test_code_for_the_trtllm_environment_imports_nothing_from_our_stack():
@@ -276,8 +324,9 @@ def test_code_for_the_trtllm_environment_imports_nothing_from_our_stack():
     import ast
 
     root = Path(__file__).resolve().parents[1]
-    files = [*sorted((root / "plugins").rglob("*.py")), root / "ci" / "gpu_check.py"]
-    assert len(files) > 8
+    files = [*sorted((root / "plugins").rglob("*.py")), *sorted((root / "dms_core").rglob("*.py")),
+             root / "ci" / "gpu_check.py"]
+    assert len(files) > 12
     for file in files:
         for node in ast.walk(ast.parse(file.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else []

@@ -9,8 +9,9 @@ export leaves out is added here (sources: tests/fixtures/trtllm_1_2_1_names.json
   (QWenConfig defaults to True, Qwen3 has none), `mlp_bias`, `seq_length` (read by QWenDecoderLayer),
   `use_logn_attn`, `moe_intermediate_size`, `moe_shared_expert_intermediate_size`, `tie_word_embeddings`.
 - Llama: `rotary_base`, `rotary_scaling`, `attn_bias`, `mlp_bias`, `residual_mlp`, `tie_word_embeddings`.
-- Both: the dms_* keys (dms-spec.md section 6), stored under the same names; PretrainedConfig keeps
-  unknown keys as attributes, so TensorRT-LLM's loaders accept them and our model class reads them.
+- Both: the dms_* keys (docs/dms.md section 6, dms_core.config.DmsConfig), stored under the same names;
+  PretrainedConfig keeps unknown keys as attributes, so TensorRT-LLM's loaders accept them and our model
+  class reads them.
   A plain model (no dms_* keys) gets only `dms_disable_eviction: true`.
 """
 
@@ -18,11 +19,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from dms_core.config import DmsConfig
+from dms_core.rope import rope_scaling_of
 from pipeline.convert.names import ConversionError, ModelShape
-from pipeline.dms.patch import DMS_CONFIG_DEFAULTS
-
-# dms-spec.md section 6: NVIDIA's keys and defaults, defined once in pipeline.dms.patch.
-DMS_KEYS: dict[str, Any] = DMS_CONFIG_DEFAULTS
 
 # family -> (TensorRT-LLM architecture, HF architecture)
 FAMILIES = {
@@ -45,26 +44,25 @@ def family_of(hf: dict[str, Any]) -> str:
 
 def rope_of(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     """(rope theta, TensorRT-LLM rotary_scaling or None) from an HF config (transformers 4 or 5 layout)."""
-    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    theta = float(params.pop("rope_theta", hf.get("rope_theta", 10000.0)))
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type == "default":
+    try:
+        theta, scaling = rope_scaling_of(hf)
+    except ValueError as exc:
+        raise ConversionError(str(exc)) from None
+    if scaling is None:
         return theta, None
+    params = {k: v for k, v in scaling.items() if k != "rope_theta"}
+    rope_type = params.get("rope_type", params.get("type"))
     # TensorRT-LLM reads rotary_scaling["type"]; HF writes "rope_type".
     return theta, {**params, "type": rope_type, "rope_type": rope_type}
 
 
-def has_dms(hf: dict[str, Any]) -> bool:
-    return any(key.startswith("dms_") for key in hf)
-
-
 def dms_settings(hf: dict[str, Any]) -> dict[str, Any]:
     """The dms_* keys of an HF config with defaults filled in. A plain model gets only
-    `dms_disable_eviction: true`: no window and no borrowed channel, so every runtime (ours keys DMS on
-    dms_window_size) runs it as the plain model it is, and the config still says eviction is off."""
-    if not has_dms(hf):
-        return {"dms_disable_eviction": True}
-    return {key: hf.get(key, default) for key, default in DMS_KEYS.items()}
+    `dms_disable_eviction: true`: no window and no borrowed channel, so every runtime runs it as the
+    plain model it is (DmsConfig.is_dms keys on dms_window_size), and the config still says eviction is
+    off."""
+    dms = DmsConfig.from_hf_config(hf)
+    return {"dms_disable_eviction": True} if dms is None else dms.to_hf_config()
 
 
 def model_shape(hf: dict[str, Any], adapter: bool) -> ModelShape:
@@ -157,4 +155,4 @@ def hf_config_from_trtllm(cfg: dict[str, Any]) -> dict[str, Any]:
     }
     if family == "llama":
         hf["mlp_bias"] = bool(cfg.get("mlp_bias", False))
-    return hf | {k: cfg[k] for k in DMS_KEYS if k in cfg}
+    return hf | {k: cfg[k] for k in DmsConfig().to_hf_config() if k in cfg}

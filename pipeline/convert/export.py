@@ -21,7 +21,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pipeline.convert.config import dms_settings, family_of, has_dms, model_shape, trtllm_fields
+from dms_core.config import DmsConfig
+from pipeline.convert.config import dms_settings, family_of, model_shape, trtllm_fields
 from pipeline.convert.names import ConversionError, check_tp_size, hf_to_trtllm
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -66,7 +67,7 @@ def convert_checkpoint(
     adapter = bool(dms.get("dms_separate_alpha", False))
     shape = model_shape(hf, adapter=adapter)
     check_tp_size(shape, tp_size)
-    if not has_dms(hf):
+    if not DmsConfig.is_dms(hf):
         log(f"[convert] {hf_dir} has no dms_* config keys: a plain model, converted with eviction off "
             "(dms_disable_eviction=true)")
     if tp_size > 1 and dms.get("dms_alpha_per") == "layer" and not dms["dms_disable_eviction"]:

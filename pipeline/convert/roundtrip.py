@@ -28,11 +28,11 @@ def reference_logits(hf_dir: Path, ids: list[int]) -> torch.Tensor:
 
     import transformers
 
-    from pipeline.convert.config import has_dms
+    from dms_core.config import DmsConfig
     from pipeline.dms.checkpoint import load_config, load_dms_model
     from pipeline.dms.patch import dms_mode
 
-    if has_dms(json.loads((hf_dir / "config.json").read_text())):
+    if DmsConfig.is_dms(json.loads((hf_dir / "config.json").read_text())):
         model = load_dms_model(hf_dir, dtype=torch.float32)
         mode = dms_mode(model, "hard")
     else:  # a plain model converts with eviction off: compare with the plain forward
@@ -57,8 +57,6 @@ def engine_logits(
     (default: what the checkpoint's dms_* keys say; "none" runs it with eviction off)."""
     from pipeline.runtime.engine import Engine
     from pipeline.runtime.engine_dir import EngineLimits
-    from pipeline.runtime.sampling import SamplingParams
-    from pipeline.runtime.sequence import Sequence
 
     hf_cfg, state = to_hf(read_checkpoint(ckpt_dir))
     pool = -(-len(ids) // kv_block_size) * kv_block_size
@@ -67,17 +65,11 @@ def engine_logits(
         kv_block_size=kv_block_size, kv_pool_tokens=pool,
     )
     engine = Engine.from_state(hf_cfg, state, limits, policy=policy, dtype="float32", device=_device())
-    runner = engine.runner
-    # Decode steps feed the rest of `ids` (teacher forcing): the streams never hold more than len(ids).
-    seq = Sequence(request_id=0, prompt_ids=list(ids), params=SamplingParams(max_tokens=1))
-    runner.attach(seq)
-    try:
-        rows = [runner.prefill(seq, list(ids[:prefill_tokens]))]
-        while seq.num_cached < len(ids):
-            rows.append(runner.decode([seq])[0])
-    finally:
-        runner.release(seq)
-    return torch.stack(rows).float().cpu()
+    # Teacher forcing feeds the rest of `ids` (plus one token never fed, for the last row): the streams
+    # never hold more than len(ids).
+    forced = [*ids[prefill_tokens:], 0]
+    (completion,) = engine.score([(ids[:prefill_tokens], forced)])
+    return completion.logits
 
 
 def roundtrip_max_abs_diff(

@@ -17,7 +17,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from pipeline.dms import rule
+from dms_core import rule
 
 
 def reference_attention(
@@ -97,6 +97,6 @@ def hard_attention(
     """Inference semantics (exact prefill): evicted keys beyond the window are gone. key_evicted:
     [B, Hkv, T] bool, already shifted by one. No gradient through the mask, so SDPA's kernel is used."""
     pos = torch.arange(q.shape[2], device=q.device)
-    visible = rule.hard_eviction_mask(key_evicted, pos, pos, window)  # [B, Hkv, T, T]
+    visible = rule.hard_visibility(key_evicted, pos, pos, window)  # [B, Hkv, T, T]
     visible = visible.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scaling, enable_gqa=True)

@@ -1,4 +1,4 @@
-"""DMS checkpoints: HF directories with NVIDIA's `dms_*` config keys (dms-spec.md section 6), and the
+"""DMS checkpoints: HF directories with NVIDIA's `dms_*` config keys (docs/dms.md section 6), and the
 training state for resume.
 
 Both layouts load with plain transformers classes plus `patch_model`, never `trust_remote_code`:
@@ -19,8 +19,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from dms_core.config import DmsConfig
 from pipeline.dms.distributed import SINGLE_PROCESS, Dist
-from pipeline.dms.patch import DMS_CONFIG_DEFAULTS, DmsSettings, UnsupportedModelError, patch_model
+from pipeline.dms.patch import UnsupportedModelError, patch_model
 
 _FAMILIES = {"qwen3": ("Qwen3Config", "Qwen3ForCausalLM"), "llama": ("LlamaConfig", "LlamaForCausalLM")}
 
@@ -57,7 +58,7 @@ def load_config(model_dir: str | Path):
 
 
 def load_dms_model(
-    model_dir: str | Path, dtype: torch.dtype | None = None, settings: DmsSettings | None = None
+    model_dir: str | Path, dtype: torch.dtype | None = None, settings: DmsConfig | None = None
 ) -> nn.Module:
     """Open a DMS (or plain) HF checkpoint with transformers' own class and patch it for DMS.
 
@@ -77,7 +78,7 @@ def load_dms_model(
         model = cls.from_pretrained(model_dir, config=config, dtype=dtype or torch.float32)
     finally:
         transformers.logging.set_verbosity(verbosity)
-    patch_model(model, settings or DmsSettings.from_config(config))
+    patch_model(model, settings or DmsConfig.read(config))
     if model.dms_settings.separate_alpha:
         adapters = {}
         for file in sorted(model_dir.glob("*.safetensors")):
@@ -104,9 +105,8 @@ def save_dms_model(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = model.config
-    for key, value in DMS_CONFIG_DEFAULTS.items():
-        if not hasattr(config, key):
-            setattr(config, key, value)
+    for key, value in DmsConfig.read(config).to_hf_config().items():
+        setattr(config, key, value)  # every dms_* key, defaults filled in
     config.dms_cr = int(target_cr) if float(target_cr).is_integer() else float(target_cr)
     # A model imported from GGUF carries `gguf_file`, which makes save_pretrained refuse; the weights are
     # plain float tensors by now.

@@ -1,11 +1,11 @@
-"""Turn a Hugging Face Qwen3 / Llama causal LM into a DMS model in place (dms-spec.md sections 1-3).
+"""Turn a Hugging Face Qwen3 / Llama causal LM into a DMS model in place (docs/dms.md sections 1-3).
 
 No copy of transformers' modeling files: each attention module keeps its own projections and norms and
 gets a new `forward` (our function, bound to the instance) that computes the decision logits, applies
 the shift by one and runs the soft-mask attention. Anything with the same layout (q/k/v/o_proj, optional
 q_norm/k_norm, rotary `position_embeddings` from the decoder layer) can be patched.
 
-    settings = DmsSettings.from_config(config)      # or from a card
+    settings = DmsConfig.from_hf_config(config)     # or card.dms_config()
     patch_model(model, settings)                     # adds adapters in adapter mode, rebinds forwards
     with dms_mode(model, "train", generator=g) as rec:   # noisy decisions; rec.hard has the decisions
         logits = model(input_ids).logits
@@ -24,54 +24,15 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from pipeline.dms import rule
+from dms_core import rule
+from dms_core.config import DmsConfig
 from pipeline.dms.attention import flex_attention_dms, hard_attention, reference_attention
 
 # The HF architectures whose attention layout we know (config.architectures[0]).
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "LlamaForCausalLM")
 
-# NVIDIA's config keys and defaults (dms-spec.md section 6).
-DMS_CONFIG_DEFAULTS: dict[str, Any] = {
-    "dms_alpha_scale": 100.0,
-    "dms_initial_alpha_offset": 5.0,
-    "dms_window_size": 512,
-    "dms_paged_attention_block_size": 256,
-    "dms_cr": 8,
-    "dms_disable_eviction": False,
-    "dms_separate_alpha": False,
-    "dms_alpha_per": "head",
-    "dms_tau": 0.1,
-    "dms_chunked_prefill": None,
-    "dms_preallocate_for_tokens": 4096,
-}
-
-
 class UnsupportedModelError(ValueError):
     """The model's architecture or attention layout is not one we can patch."""
-
-
-@dataclass(frozen=True)
-class DmsSettings:
-    window: int = 512
-    separate_alpha: bool = False  # True: adapter; False: borrowed query neuron
-    alpha_per: Literal["head", "layer"] = "head"
-    alpha_scale: float = 100.0
-    initial_alpha_offset: float = 5.0
-    tau: float = 0.1
-    disable_eviction: bool = False
-
-    @classmethod
-    def from_config(cls, config: Any) -> DmsSettings:
-        get = lambda key: getattr(config, key, DMS_CONFIG_DEFAULTS[key])  # noqa: E731
-        return cls(
-            window=int(get("dms_window_size")),
-            separate_alpha=bool(get("dms_separate_alpha")),
-            alpha_per=get("dms_alpha_per"),
-            alpha_scale=float(get("dms_alpha_scale")),
-            initial_alpha_offset=float(get("dms_initial_alpha_offset")),
-            tau=float(get("dms_tau")),
-            disable_eviction=bool(get("dms_disable_eviction")),
-        )
 
 
 @dataclass
@@ -147,7 +108,7 @@ def _dms_attention_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """The patched attention forward. hidden_states [B, T, hidden] -> ([B, T, hidden], None)."""
-    s: DmsSettings = self.dms_settings
+    s: DmsConfig = self.dms_settings
     rt: _Runtime = self.dms_runtime
     b, t, _ = hidden_states.shape
     shape = (b, t, -1, self.head_dim)
@@ -210,11 +171,11 @@ def _dms_attention_forward(
     if k.shape[2] != t:  # cached decode with eviction off: plain attention over the cache
         out = reference_attention_offset(q, k, v, self.scaling)
     elif rt.mode == "hard" and key_logit is not None:
-        out = hard_attention(q, k, v, key_logit > 0, s.window, self.scaling)
+        out = hard_attention(q, k, v, key_logit > 0, s.window_size, self.scaling)
     elif rt.use_flex:
-        out = flex_attention_dms(q, k, v, key_logit, s.window, self.scaling)
+        out = flex_attention_dms(q, k, v, key_logit, s.window_size, self.scaling)
     else:
-        out = reference_attention(q, k, v, key_logit, s.window, self.scaling)
+        out = reference_attention(q, k, v, key_logit, s.window_size, self.scaling)
     out = out.transpose(1, 2).reshape(b, t, -1)
     return self.o_proj(out), None
 
@@ -236,13 +197,13 @@ def _stash_residual(layer: nn.Module, args: tuple, kwargs: dict) -> None:
     layer.self_attn._dms_residual = args[0] if args else kwargs["hidden_states"]
 
 
-def patch_model(model: nn.Module, settings: DmsSettings | None = None) -> nn.Module:
+def patch_model(model: nn.Module, settings: DmsConfig | None = None) -> nn.Module:
     """Make `model` a DMS model in place and write the dms_* keys into its config. Adapter mode adds
     `self_attn.dms_proj_alpha` (Linear hidden -> Hkv, no bias, zero-initialised) and
     `self_attn.dms_proj_alpha_norm` (RMSNorm over hidden) unless they already exist."""
     config = model.config
     check_architecture(config)
-    settings = settings or DmsSettings.from_config(config)
+    settings = settings or DmsConfig.read(config)
     runtime = _Runtime()
     hidden = config.hidden_size
     eps = getattr(config, "rms_norm_eps", 1e-6)
@@ -263,19 +224,8 @@ def patch_model(model: nn.Module, settings: DmsSettings | None = None) -> nn.Mod
                 layer._dms_stash = layer.register_forward_pre_hook(_stash_residual, with_kwargs=True)
     model.dms_runtime = runtime
     model.dms_settings = settings
-    for key, value in (
-        ("dms_window_size", settings.window),
-        ("dms_separate_alpha", settings.separate_alpha),
-        ("dms_alpha_per", settings.alpha_per),
-        ("dms_alpha_scale", settings.alpha_scale),
-        ("dms_initial_alpha_offset", settings.initial_alpha_offset),
-        ("dms_tau", settings.tau),
-        ("dms_disable_eviction", settings.disable_eviction),
-    ):
+    for key, value in settings.to_hf_config().items():
         setattr(config, key, value)
-    for key, value in DMS_CONFIG_DEFAULTS.items():
-        if not hasattr(config, key):
-            setattr(config, key, value)
     return model
 
 
@@ -318,7 +268,7 @@ def warm_start_borrowed(model: nn.Module) -> int:
     longer counts it, which rescales them slightly (measured in tests/test_dms_patch.py).
     Works on FSDP2-sharded (DTensor) parameters: every process calls it; each zeroes its own rows.
     """
-    s: DmsSettings = model.dms_settings
+    s: DmsConfig = model.dms_settings
     if s.separate_alpha:
         raise ValueError("warm_start_borrowed: this model uses adapter decisions (they start at -offset)")
     hkv = model.config.num_key_value_heads

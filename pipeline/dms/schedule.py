@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.dms import rule
+from dms_core import rule
 
 
 def scheduled_cr(step: int, total_steps: int, final_cr: float, initial_cr: float = 1.0) -> float:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.dms import rule
+from dms_core import rule
 from pipeline.dms.checkpoint import load_training_state, save_training_state
 from pipeline.dms.distributed import SINGLE_PROCESS, Dist, all_sum, rank_slice
 from pipeline.dms.losses import chunked_kl, compression_loss
@@ -58,7 +58,7 @@ def measure_cr(
     model: nn.Module, sequences: torch.Tensor, window: int, d: Dist = SINGLE_PROCESS, batch_size: int = 2
 ) -> float:
     """CR of hard (noise-free) decisions on held-out sequences [N, T]: 1/mean(kept/len) over
-    (layers, heads, sequences), with kept from `rule.live_after_prefill` after the whole sequence.
+    (layers, heads, sequences), with kept from `rule.survivors` after the whole sequence.
     Each process measures its share of the rows; the mean is over all of them."""
     fractions, count = 0.0, 0
     with torch.no_grad():
@@ -68,7 +68,7 @@ def measure_cr(
             with dms_mode(model, "hard") as rec:
                 model(x, use_cache=False)
             evicted = rec.stacked() > 0.5  # [L, B, H, T]
-            live = rule.live_after_prefill(evicted, x.shape[1], window)
+            live = rule.survivors(torch.arange(x.shape[1]), evicted, x.shape[1], window)
             fractions += float((live.sum(-1).double() / x.shape[1]).sum())
             count += live[..., 0].numel()
     fractions, count = all_sum([fractions, count], d)
@@ -127,7 +127,8 @@ def mean_kl_to_teacher(
 def _batch_cr(hard: torch.Tensor, window: int) -> float:
     """CR of this step's hard decisions [L, B, H, T] (the progress bar's `cr`)."""
     with torch.no_grad():
-        live = rule.live_after_prefill(hard.detach() > 0.5, hard.shape[-1], window)
+        t = hard.shape[-1]
+        live = rule.survivors(torch.arange(t, device=hard.device), hard.detach() > 0.5, t, window)
         kept = live.sum(-1).flatten()
         return rule.compression_ratio(kept, torch.full_like(kept, hard.shape[-1]))
 
@@ -153,7 +154,7 @@ def train_dms(
     heldout [N, T]. save_checkpoint(cr, model) is called on every process once per cfg.checkpoint_crs
     (saving is collective when sharded). Returns the run's figures (the same on every process).
     """
-    window = model.dms_settings.window
+    window = model.dms_settings.window_size
     device = next(model.parameters()).device
     heldout = heldout.to(device)
     names = dms_parameter_names(model)

@@ -12,9 +12,7 @@ DMS's chunked prefill is exact, so the split changes nothing for it.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,17 +79,6 @@ def make_engine(hf_dir: Path, policy: str, target_cr: float | None, card) -> Any
     )
 
 
-@contextmanager
-def _prefill_chunk(engine: Any, tokens: int | None):
-    """Make the engine prefill in chunks of `tokens` (its own chunked-prefill setting) for a while."""
-    old = engine.scheduler.prefill_chunk_tokens
-    engine.scheduler.prefill_chunk_tokens = tokens
-    try:
-        yield
-    finally:
-        engine.scheduler.prefill_chunk_tokens = old
-
-
 def generate_batch(
     engine: Any,
     prompts: Sequence[list[int]],
@@ -101,32 +88,24 @@ def generate_batch(
     """Greedy generation; prompts with a context length are prefilled context first, then the rest.
 
     prompts: token ids (BOS included). context_lens[i]: tokens of prompts[i] before its question (the
-    first prefill chunk), or None (for all, or for one) for a one-chunk prefill. Requests sharing a split
-    run as one batch.
+    first prefill chunk), or None (for all, or for one) for a one-chunk prefill. All run as one batch.
     """
-    groups: dict[tuple[int, int] | None, list[int]] = defaultdict(list)
-    for i, p in enumerate(prompts):
-        split = None if context_lens is None or context_lens[i] is None else (context_lens[i], len(p))
-        groups[split].append(i)
-    out: list[Generation | None] = [None] * len(prompts)
-    for split, idx in groups.items():
-        # A chunk of `context` tokens: the context is chunk one, the question (shorter) chunk two.
-        chunk = None if split is None else max(split[0], split[1] - split[0])
-        with _prefill_chunk(engine, chunk):
-            handles = [
-                engine.submit(list(prompts[i]), max_tokens=int(max_new_tokens[i]), temperature=0.0)
-                for i in idx
-            ]
-            completions = [h.result() for h in handles]
-        for i, c in zip(idx, completions, strict=True):
-            if c.finish_reason == "error":
-                raise RuntimeError(f"engine request failed: {c.error}")
-            out[i] = Generation(
-                token_ids=list(c.token_ids),
-                measured_cr=float(c.stats["compression_ratio"]),
-                peak_kv_bytes=int(c.stats["kv_bytes"]),
-            )
-    return out  # type: ignore[return-value]
+    handles = [
+        engine.submit(list(p), max_tokens=int(n), temperature=0.0,
+                      context_len=None if context_lens is None else context_lens[i])
+        for i, (p, n) in enumerate(zip(prompts, max_new_tokens, strict=True))
+    ]  # fmt: skip
+    out = []
+    for h in handles:
+        c = h.result()
+        if c.finish_reason == "error":
+            raise RuntimeError(f"engine request failed: {c.error}")
+        out.append(Generation(
+            token_ids=list(c.token_ids),
+            measured_cr=float(c.stats["compression_ratio"]),
+            peak_kv_bytes=int(c.stats["kv_bytes"]),
+        ))  # fmt: skip
+    return out
 
 
 def forced_logits(
@@ -139,35 +118,13 @@ def forced_logits(
     [len(forced), V]: row j predicts forced[j]. `stats`, when given, receives each request's engine
     statistics (measured CR, KV bytes) at its end.
     """
-    from pipeline.runtime.sampling import SamplingParams
-    from pipeline.runtime.sequence import Sequence as EngineSequence
-
-    runner = engine.runner
-    seqs, rows = [], []
-    with engine._step_lock:  # no background step may touch the pool meanwhile
-        try:
-            for n, (prompt, forced) in enumerate(pairs):
-                if not forced:
-                    raise ValueError("forced_logits: every pair needs at least one forced token")
-                seq = EngineSequence(request_id=-1 - n, prompt_ids=list(prompt),
-                                     params=SamplingParams(max_tokens=len(forced)))
-                runner.attach(seq)
-                seqs.append(seq)
-                rows.append([runner.prefill(seq, list(prompt)).float()])
-            for step in range(max(len(f) for _, f in pairs) - 1):
-                live = [k for k, (_, f) in enumerate(pairs) if step + 1 < len(f)]
-                for k in live:
-                    seqs[k].token_ids.append(pairs[k][1][step])
-                logits = runner.decode([seqs[k] for k in live])
-                for k, row in zip(live, logits, strict=True):
-                    rows[k].append(row.float())
-            if stats is not None:
-                stats.extend(engine.request_stats(seq) for seq in seqs)
-        finally:
-            for seq in seqs:
-                if seq.streams is not None:
-                    runner.release(seq)
-    return [torch.stack(r) for r in rows]
+    for _, forced in pairs:
+        if not forced:
+            raise ValueError("forced_logits: every pair needs at least one forced token")
+    done = engine.score(pairs)
+    if stats is not None:
+        stats.extend(c.stats for c in done)
+    return [c.logits for c in done]
 
 
 def continuation_logprobs(

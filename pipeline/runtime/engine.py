@@ -23,10 +23,16 @@ thread; `step()` may also be called directly (one scheduler step: a prefill or a
 max_tokens <= 0 or over max_output_len. A request that can never fit the KV pool finishes with
 finish_reason "error" and a message; requests that do not fit now are queued, never dropped.
 
+Evaluation and tests use two request options of `submit`: `context_len` (the first prefill chunk ends
+there: a context is compressed before the question is read through it) and `forced_ids` with
+`keep_logits` (teacher forcing: those tokens are generated instead of sampled ones, and the logits of
+every position come back in `Completion.logits`); `Engine.score` wraps the latter.
+
 Completion.stats: prompt_tokens, generated_tokens, live_kv_tokens (over all layers and KV heads at the
 end), live_tokens_per_stream ([layers][kv_heads]), kv_bytes (bytes of the blocks it held),
-compression_ratio (1 / mean(kept / length) over layers and heads), preemptions.
-`engine.pool_stats()`: blocks used / free, bytes, live streams, running / waiting requests.
+compression_ratio (1 / mean(kept / length) over layers and heads), preemptions. Every TokenEvent carries
+the request's live KV tokens and compression ratio after that token.
+`engine.pool_stats()`: blocks used / free, bytes, running / waiting requests.
 """
 
 from __future__ import annotations
@@ -43,8 +49,9 @@ from typing import Any
 
 import torch
 
-from pipeline.dms import rule
-from pipeline.runtime.block_pool import BlockPool
+from dms_core import rule
+from dms_core.streams import BlockPool, StreamTable
+from pipeline.runtime.detokenize import IncrementalDecoder
 from pipeline.runtime.engine_dir import (
     DTYPES,
     EngineDirError,
@@ -56,7 +63,7 @@ from pipeline.runtime.kv_cache import KVCache
 from pipeline.runtime.model import ModelArgs, Transformer, rope_inv_freq
 from pipeline.runtime.policies import EvictionPolicy, NoEviction, make_policy
 from pipeline.runtime.runner import AttentionFn, ModelRunner
-from pipeline.runtime.sampling import SamplingParams, sample
+from pipeline.runtime.sampling import SamplingParams, sample_batch
 from pipeline.runtime.scheduler import Scheduler
 from pipeline.runtime.sequence import Sequence
 
@@ -65,6 +72,8 @@ from pipeline.runtime.sequence import Sequence
 class TokenEvent:
     token_id: int
     text: str  # the text this token adds ("" without a tokenizer)
+    live_kv_tokens: int = 0  # the request's live KV entries (tokens summed over layers and KV heads)
+    compression_ratio: float = 1.0
 
 
 @dataclass
@@ -76,6 +85,7 @@ class Completion:
     finish_reason: str  # "stop" | "length" | "cancelled" | "error"
     error: str | None = None
     stats: dict[str, Any] = field(default_factory=dict)
+    logits: torch.Tensor | None = None  # [generated, V] float32 on CPU, when asked for (keep_logits)
 
 
 _DONE = object()
@@ -91,15 +101,14 @@ class RequestHandle:
         self._events: queue.Queue = queue.Queue()
         self._done = threading.Event()
         self._completion: Completion | None = None
-        self._text = ""
+        tok = engine.tokenizer
+        self._text = (
+            None if tok is None else IncrementalDecoder(lambda ids: tok.decode(ids, skip_special_tokens=True))
+        )
 
-    def _emit(self, token_id: int) -> None:
-        text = ""
-        tok = self._engine.tokenizer
-        if tok is not None:
-            full = tok.decode(self.seq.token_ids[len(self.seq.prompt_ids) :], skip_special_tokens=True)
-            text, self._text = full[len(self._text) :], full
-        self._events.put(TokenEvent(token_id, text))
+    def _emit(self, token_id: int, live_kv_tokens: int, compression_ratio: float) -> None:
+        text = self._text.push([token_id]) if self._text is not None else ""
+        self._events.put(TokenEvent(token_id, text, live_kv_tokens, compression_ratio))
 
     def _finish(self, completion: Completion) -> None:
         self._completion = completion
@@ -164,10 +173,15 @@ class Engine:
         param = next(model.parameters())
         bs = limits.kv_block_size
         num_blocks = -(-limits.kv_pool_tokens // bs) * a.num_layers * a.num_kv_heads
-        self.pool = BlockPool(num_blocks, bs)
+        pool = BlockPool(num_blocks, bs)
         self.cache = KVCache(num_blocks, bs, a.head_dim, param.dtype, param.device)
-        max_blocks = self.pool.blocks_for(limits.max_input_len + limits.max_output_len)
-        self.runner = ModelRunner(model, self.policy, self.pool, self.cache, max_blocks, attention)
+        self.streams = StreamTable(
+            a.num_layers, a.num_kv_heads, limits.max_batch_size,
+            pool.blocks_for(limits.max_input_len + limits.max_output_len), pool,
+            ring=self.policy.ring_size(), device=param.device, track_scores=self.policy.tracks_scores,
+        )  # fmt: skip
+        self.pool = pool
+        self.runner = ModelRunner(model, self.policy, self.cache, self.streams, attention)
         self.scheduler = Scheduler(self.runner, limits.max_batch_size, prefill_chunk_tokens)
         self._ids = itertools.count()
         self._inbox: list[RequestHandle] = []
@@ -183,7 +197,7 @@ class Engine:
     def _resolve_policy(self, policy: EvictionPolicy | str | None) -> EvictionPolicy:
         a = self.args
         if policy is None:
-            policy = "dms" if a.dms and not a.dms_disable_eviction else "none"
+            policy = "dms" if a.dms is not None and not a.dms.disable_eviction else "none"
         if isinstance(policy, str):
             policy = make_policy(policy)
         policy = policy.bind(a)
@@ -252,9 +266,24 @@ class Engine:
         return [int(t) for t in prompt]
 
     def submit(
-        self, prompt: str | Seq[int], params: SamplingParams | None = None, **kw: Any
+        self,
+        prompt: str | Seq[int],
+        params: SamplingParams | None = None,
+        *,
+        context_len: int | None = None,
+        forced_ids: Seq[int] | None = None,
+        keep_logits: bool = False,
+        **kw: Any,
     ) -> RequestHandle:
-        """Queue a request (thread-safe). Raises ValueError for invalid requests."""
+        """Queue a request (thread-safe). Raises ValueError for invalid requests.
+
+        context_len: end of the first prefill chunk (None: the engine's chunking). forced_ids: generate
+        these tokens instead of sampling (max_tokens becomes their number). keep_logits: return the
+        logits of every generated position in Completion.logits."""
+        if forced_ids is not None:
+            if not forced_ids:
+                raise ValueError("forced_ids: give at least one token")
+            kw["max_tokens"] = len(forced_ids)
         params = replace(params or SamplingParams(), **kw)
         params.validate()
         if params.max_tokens is None:
@@ -274,7 +303,12 @@ class Engine:
         bad = [t for t in ids if not 0 <= t < self.args.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} outside the vocabulary [0, {self.args.vocab_size})")
-        seq = Sequence(request_id=next(self._ids), prompt_ids=ids, params=params)
+        if context_len is not None and not 0 < context_len <= len(ids):
+            raise ValueError(f"context_len {context_len} must be in [1, {len(ids)}] (the prompt's tokens)")
+        seq = Sequence(
+            request_id=next(self._ids), prompt_ids=ids, params=params, context_len=context_len,
+            forced_ids=None if forced_ids is None else [int(t) for t in forced_ids], keep_logits=keep_logits,
+        )  # fmt: skip
         if params.seed is not None:
             seq.generator = torch.Generator().manual_seed(params.seed)
         handle = RequestHandle(self, seq)
@@ -302,6 +336,23 @@ class Engine:
     ) -> Iterator[TokenEvent]:
         """TokenEvents of one request as they are produced."""
         yield from self.submit(prompt, params, **kw)
+
+    def score(
+        self, pairs: Seq[tuple[Seq[int], Seq[int]]], context_lens: Seq[int | None] | None = None
+    ) -> list[Completion]:
+        """Teacher-forced scoring: for each (prompt, forced) pair, the logits [len(forced), V] of every
+        position (row j predicts forced[j]) with the engine's policy active, in Completion.logits, and
+        the request's KV statistics at its end in Completion.stats. Batched like any requests."""
+        handles = [
+            self.submit(list(p), forced_ids=list(f), keep_logits=True,
+                        context_len=None if context_lens is None else context_lens[i])
+            for i, (p, f) in enumerate(pairs)
+        ]  # fmt: skip
+        done = [h.result() for h in handles]
+        for c in done:
+            if c.finish_reason == "error":
+                raise RuntimeError(f"engine request failed: {c.error}")
+        return done
 
     # -- the step loop -----------------------------------------------------------------------
     @property
@@ -335,32 +386,50 @@ class Engine:
                     logits = torch.stack([self.scheduler.prefill(s) for s in seqs])
                 else:
                     logits = self.runner.decode(seqs)
+                tokens = self.runner.finish_step(
+                    sample_batch(logits, [s.params for s in seqs], [s.generator for s in seqs])
+                )
             except Exception as exc:  # a failing batch must not take the engine (or other requests) down
+                self.runner.sync()
                 detail = "".join(traceback.format_exception_only(exc)).strip()
                 for seq in seqs:
                     seq.error = f"engine step failed: {detail}"
                     self._complete(seq, "error")
                 return len(seqs)
-            for seq, row in zip(seqs, logits, strict=False):
-                self._postprocess(seq, row)
+            keep = [s.keep_logits for s in seqs]
+            kept = logits[torch.tensor(keep)].float().cpu() if any(keep) else None
+            k = 0
+            for seq, token in zip(seqs, tokens, strict=True):
+                if seq.keep_logits:
+                    seq.logits.append(kept[k])
+                    k += 1
+                self._postprocess(seq, token)
             return len(seqs)
 
-    def _postprocess(self, seq: Sequence, logits: torch.Tensor) -> None:
-        token = sample(logits, seq.params, seq.generator)
+    def _postprocess(self, seq: Sequence, token: int) -> None:
+        if seq.forced_ids is not None:
+            token = seq.forced_ids[seq.num_generated]
         seq.token_ids.append(token)
-        self._handles[seq.request_id]._emit(token)
+        live, ratio = self._kv_figures(seq)
+        self._handles[seq.request_id]._emit(token, live, ratio)
         p = seq.params
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+        eos = not p.ignore_eos and seq.forced_ids is None and token in self.eos_token_ids
+        if token in p.stop_token_ids or eos:
             self._complete(seq, "stop")
         elif seq.num_generated >= p.max_tokens:
             self._complete(seq, "length")
+
+    def _kv_figures(self, seq: Sequence) -> tuple[int, float]:
+        """(live KV tokens over layers and KV heads, compression ratio) of an attached sequence now."""
+        if seq.slot is None or seq.num_cached == 0:
+            return 0, 1.0
+        lens = torch.from_numpy(self.streams.seq_lens(seq.slot))
+        return int(lens.sum()), rule.compression_ratio(lens, torch.full_like(lens, seq.num_cached))
 
     def _cancel_now(self, request_id: int) -> None:
         handle = self._handles.get(request_id)
         if handle is None or handle.done:
             return
-        if handle.seq in self.scheduler.waiting:
-            self.scheduler.waiting.remove(handle.seq)
         self._complete(handle.seq, "cancelled")
 
     def _complete(self, seq: Sequence, reason: str) -> None:
@@ -369,7 +438,10 @@ class Engine:
         handle = self._handles.pop(seq.request_id)
         gen = seq.token_ids[len(seq.prompt_ids) :]
         text = self.tokenizer.decode(gen, skip_special_tokens=True) if self.tokenizer is not None else ""
-        handle._finish(Completion(seq.request_id, list(seq.prompt_ids), gen, text, reason, seq.error, stats))
+        logits = torch.stack(seq.logits) if seq.keep_logits and seq.logits else None
+        handle._finish(
+            Completion(seq.request_id, list(seq.prompt_ids), gen, text, reason, seq.error, stats, logits)
+        )
 
     def request_stats(self, seq: Sequence) -> dict[str, Any]:
         stats: dict[str, Any] = {
@@ -378,19 +450,20 @@ class Engine:
             "preemptions": seq.num_preemptions,
             "policy": self.policy.name,
         }
-        if seq.streams is not None and seq.num_cached > 0:
-            lens = torch.from_numpy(seq.lens.astype("int64"))
-            blocks = sum(len(self.pool.table(s.id)) for layer in seq.streams for s in layer)
+        if seq.slot is not None and seq.num_cached > 0:
+            lens_np = self.streams.seq_lens(seq.slot)
+            lens = torch.from_numpy(lens_np.astype("int64"))
             stats.update(
                 live_kv_tokens=int(lens.sum()),
-                live_tokens_per_stream=seq.lens.tolist(),  # [layers][kv_heads]
-                kv_bytes=blocks * self.cache.bytes_per_block,
+                live_tokens_per_stream=lens_np.tolist(),  # [layers][kv_heads]
+                kv_bytes=self.streams.seq_blocks(seq.slot) * self.cache.bytes_per_block,
                 compression_ratio=rule.compression_ratio(lens, torch.full_like(lens, seq.num_cached)),
             )
         return stats
 
     def pool_stats(self) -> dict[str, Any]:
         with self._step_lock:
+            self.runner.sync()
             used = self.pool.num_used_blocks
             return {
                 "blocks_total": self.pool.num_blocks,
@@ -399,7 +472,6 @@ class Engine:
                 "block_size": self.pool.block_size,
                 "bytes_used": used * self.cache.bytes_per_block,
                 "bytes_total": self.pool.num_blocks * self.cache.bytes_per_block,
-                "streams": self.pool.num_streams,
                 "running": len(self.scheduler.running),
                 "waiting": len(self.scheduler.waiting),
             }

@@ -116,9 +116,10 @@ def write_engine_dir(
         raise EngineDirError(f"dtype {dtype!r} not supported; use one of {sorted(DTYPES)}")
     args = ModelArgs.from_hf_config(config)
     limits.validate()
-    if args.dms and limits.kv_block_size >= args.dms_window:
+    if args.dms is not None and limits.kv_block_size >= args.dms.window_size:
         raise EngineDirError(
-            f"kv_block_size ({limits.kv_block_size}) must be smaller than dms_window_size ({args.dms_window})"
+            f"kv_block_size ({limits.kv_block_size}) must be smaller than dms_window_size "
+            f"({args.dms.window_size})"
         )
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

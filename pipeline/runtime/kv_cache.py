@@ -1,8 +1,9 @@
 """The KV tensors: one preallocated pool of blocks shared by every layer and KV head.
 
-k, v: [num_blocks, block_size, head_dim]. Block ids come from `BlockPool` (one free list for all
-streams of all layers), so a block is never reserved for a layer that does not need it. Slot n of a
-stream lives at flat row `table[n // block_size] * block_size + n % block_size`.
+k, v: [num_blocks + 1, block_size, head_dim]. Block ids come from `dms_core.streams.BlockPool` (one free
+list for all streams of all layers), so a block is never reserved for a layer that does not need it. The
+extra last block is scratch: rows a step must write but nobody reads (padding of a fixed-shape batch)
+land there. Slot n of a stream lives at flat row `table[n // block_size] * block_size + n % block_size`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ class KVCache:
     ):
         self.block_size = block_size
         self.head_dim = head_dim
-        self.k = torch.zeros(num_blocks, block_size, head_dim, dtype=dtype, device=device)
+        self.k = torch.zeros(num_blocks + 1, block_size, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
 
     @property
@@ -27,12 +28,6 @@ class KVCache:
     @property
     def bytes_per_block(self) -> int:
         return self.block_size * self.bytes_per_token
-
-    def rows(self, table: list[int], num_tokens: int) -> torch.Tensor:
-        """Flat row ids [num_tokens] of a stream's first `num_tokens` slots."""
-        slot = torch.arange(num_tokens)
-        blocks = torch.tensor(table, dtype=torch.long)[slot // self.block_size] if num_tokens else slot
-        return (blocks * self.block_size + slot % self.block_size).to(self.k.device)
 
     def write(self, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: [N, D] into flat rows [N]."""

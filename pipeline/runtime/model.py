@@ -5,22 +5,25 @@ The model knows nothing about the KV pool: the runner drives it layer by layer
 policy share one set of weights and one code path. Weights use Hugging Face parameter names, so an HF
 `model.safetensors` (or an engine directory) loads with `load_state_dict` directly.
 
-DMS decision logits (dms-spec.md section 1) come from `pipeline.dms.rule`: the borrowed query channel
-(read after q_norm, before RoPE; the channel is then zeroed) or the adapter (`dms_proj_alpha`).
-RoPE is applied at LOGICAL positions, whatever slot a token ends up in.
+DMS decision logits (docs/dms.md section 1) come from `dms_core.rule`: the borrowed query channel
+(read after q_norm, before RoPE; the channel is then zeroed) or the adapter (`dms_proj_alpha`, on the
+decoder layer's residual-stream input). RoPE is applied at LOGICAL positions, whatever slot a token ends
+up in, with `dms_core.rope`'s frequencies.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.dms import rule
+from dms_core import rule
+from dms_core.config import DmsConfig
+from dms_core.rope import rope_inv_freq as _inv_freq
+from dms_core.rope import rope_scaling_of
 
 
 class ModelConfigError(ValueError):
@@ -42,15 +45,7 @@ class ModelArgs:
     rope_scaling: dict[str, Any] | None = None  # llama3-style scaling, or None
     tie_word_embeddings: bool = False
     attention_bias: bool = False
-    # DMS (dms-spec.md section 6); dms=False means a plain checkpoint (no decision logits at all).
-    dms: bool = False
-    dms_window: int = 512
-    dms_alpha_scale: float = 100.0
-    dms_alpha_offset: float = 5.0
-    dms_separate_alpha: bool = False
-    dms_alpha_per: str = "head"
-    dms_disable_eviction: bool = False
-    dms_block_size: int = 256
+    dms: DmsConfig | None = None  # None: a plain checkpoint (no decision logits at all)
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> ModelArgs:
@@ -61,17 +56,10 @@ class ModelArgs:
                 f"model_type {model_type!r} is not supported by the DMS runtime; use a Qwen3 or Llama "
                 "checkpoint (config.json model_type 'qwen3' or 'llama')"
             )
-        rope = dict(cfg.get("rope_parameters") or {})
-        theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-        scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-        if scaling is not None:
-            kind = scaling.get("rope_type", scaling.get("type"))
-            if kind not in ("default", "llama3"):
-                raise ModelConfigError(
-                    f"rope scaling type {kind!r} is not supported (default or llama3 only)"
-                )
-            if kind == "default":
-                scaling = None
+        try:
+            theta, scaling = rope_scaling_of(cfg)
+        except ValueError as exc:
+            raise ModelConfigError(str(exc)) from None
         heads = cfg["num_attention_heads"]
         if cfg.get("mlp_bias"):
             raise ModelConfigError("mlp_bias=True is not supported by the DMS runtime")
@@ -91,18 +79,11 @@ class ModelArgs:
             rope_scaling=scaling,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", False)),
-            dms="dms_window_size" in cfg,
-            dms_window=int(cfg.get("dms_window_size", 512)),
-            dms_alpha_scale=float(cfg.get("dms_alpha_scale", 100.0)),
-            dms_alpha_offset=float(cfg.get("dms_initial_alpha_offset", 5.0)),
-            dms_separate_alpha=bool(cfg.get("dms_separate_alpha", False)),
-            dms_alpha_per=str(cfg.get("dms_alpha_per", "head")),
-            dms_disable_eviction=bool(cfg.get("dms_disable_eviction", False)),
-            dms_block_size=int(cfg.get("dms_paged_attention_block_size", 256)),
+            dms=DmsConfig.from_hf_config(cfg),
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return asdict(self)
 
 
 class RMSNorm(nn.Module):
@@ -120,18 +101,7 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
-    dim = args.head_dim
-    inv = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-    s = args.rope_scaling
-    if s is not None:  # llama3: low frequencies divided by `factor`, a smooth ramp in between
-        factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-        old_len = s["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv
-        smooth = (old_len / wavelen - low) / (high - low)
-        scaled = torch.where(wavelen > old_len / low, inv / factor, inv)
-        mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
-        inv = torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
-    return inv.float()
+    return _inv_freq(args.head_dim, args.rope_theta, args.rope_scaling)
 
 
 def rope_tables(
@@ -164,7 +134,7 @@ class Attention(nn.Module):
         if args.family == "qwen3":
             self.q_norm = RMSNorm(d, args.rms_norm_eps)
             self.k_norm = RMSNorm(d, args.rms_norm_eps)
-        if args.dms and args.dms_separate_alpha:
+        if args.dms is not None and args.dms.separate_alpha:
             self.dms_proj_alpha = nn.Linear(h, args.num_kv_heads, bias=False)
             self.dms_proj_alpha_norm = RMSNorm(h, args.rms_norm_eps)
 
@@ -226,23 +196,23 @@ class Block(nn.Module):
         v = v.reshape(b, t, a.num_kv_heads, a.head_dim)
         if a.family == "qwen3":
             q, k = att.q_norm(q), att.k_norm(k)
-        logits = None
-        if a.dms:
-            if a.dms_separate_alpha:
-                logits = att.dms_proj_alpha(att.dms_proj_alpha_norm(x)).transpose(1, 2)
-                logits = logits * a.dms_alpha_scale - a.dms_alpha_offset
-                if a.dms_alpha_per == "layer":
-                    logits = logits[:, :1].expand(-1, a.num_kv_heads, -1)
+        logits, dms = None, a.dms
+        if dms is not None:
+            if dms.separate_alpha:
+                projected = att.dms_proj_alpha(att.dms_proj_alpha_norm(x))  # x: the residual stream
+                logits = rule.adapter_logits(
+                    projected, dms.alpha_per, dms.alpha_scale, dms.initial_alpha_offset
+                )
             else:
                 qh = q.transpose(1, 2)  # rule works on [B, Hq, T, D]
                 logits = rule.borrowed_logits(
-                    qh, a.num_kv_heads, a.dms_alpha_per, a.dms_alpha_scale, a.dms_alpha_offset
+                    qh, a.num_kv_heads, dms.alpha_per, dms.alpha_scale, dms.initial_alpha_offset
                 )
-                q = rule.zero_borrowed_channel(qh, a.num_kv_heads, a.dms_alpha_per).transpose(1, 2)
+                q = rule.zero_borrowed_channel(qh, a.num_kv_heads, dms.alpha_per).transpose(1, 2)
         q = apply_rope(q, rope)
         k = apply_rope(k, rope)
-        if a.dms and not a.dms_separate_alpha:  # RoPE mixes channels: zero the borrowed one again
-            q = rule.zero_borrowed_channel(q.transpose(1, 2), a.num_kv_heads, a.dms_alpha_per).transpose(1, 2)
+        if dms is not None and not dms.separate_alpha:  # RoPE mixes channels: zero the borrowed one again
+            q = rule.zero_borrowed_channel(q.transpose(1, 2), a.num_kv_heads, dms.alpha_per).transpose(1, 2)
         return q, k, v, logits
 
     def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:

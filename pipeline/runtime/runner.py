@@ -1,25 +1,30 @@
-"""Prefill and decode steps over the paged per-head KV pool.
+"""Prefill and decode steps over the paged per-head KV pool (`ModelRunner`).
 
-- Prefill (one sequence, any chunk size): the chunk's queries attend, with the training mask and hard
-  decisions, to the stream's stored tokens plus the chunk; then the policy picks which of those stay and
-  the stream is rewritten densely with only them. Because evicted tokens beyond the window are invisible
-  to every later query, chunked prefill equals one-shot prefill.
-- Decode (a batch): per stream the policy names the slot of the new token (in-place reuse of an evicted
-  slot, or append), the new K/V is written there, and decode attention reads each stream's live slots
-  through its block table (Triton kernel on CUDA, the torch reference on CPU).
+- Prefill (one sequence, any chunk size; not the hot path): the chunk's queries attend, with the
+  training mask and hard decisions, to each stream's stored tokens plus the chunk; then the policy picks
+  which of those stay and the stream is rewritten densely with only them. Because evicted tokens beyond
+  the window are invisible to every later query, chunked prefill equals one-shot prefill.
+- Decode (the whole running batch): tensor work only, no Python loop over sequences or heads and no
+  host synchronisation inside the layer loop. Per layer the policy places every stream's new token (in
+  place over an evicted slot, or appended), the new K/V is written there, and decode attention reads
+  each stream's live slots through its block table (the Triton kernel on CUDA, a torch gather on CPU).
+  Blocks were reserved before the step from the host mirror of the lengths; `finish_step` brings the
+  sampled tokens, the new lengths and next step's growth back in ONE device-to-host copy.
+
+Sequences occupy the StreamTable's batch slots 0..n-1; a decode step takes all of them in slot order.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import torch
 
-from pipeline.runtime.block_pool import BlockPool
+from dms_core import rule
+from dms_core.streams import StreamTable
 from pipeline.runtime.kv_cache import KVCache
 from pipeline.runtime.model import Transformer, dense_attention
-from pipeline.runtime.policies.base import Candidates, EvictionPolicy, Stream
+from pipeline.runtime.policies.base import Candidates, EvictionPolicy
 from pipeline.runtime.sequence import Sequence
 
 AttentionFn = Callable[..., torch.Tensor]
@@ -37,15 +42,14 @@ def default_attention(device: torch.device) -> AttentionFn:
 
 class BlockGatherAttention:
     """Paged decode attention for CPU: same signature and result as
-    `plugins.dms_attention.reference.reference_paged_decode_attention`.
+    `plugins.dms_attention.reference.reference_paged_decode_attention`, without a host sync (it reads
+    every column of `block_tables` it is given: the runner passes only as many as the longest stream
+    needs).
 
     Flash-decoding over chunks of blocks: gather one chunk of whole blocks (contiguous block_size x D
     tiles) for every stream, scores for each GQA group's query heads as the rows of one batched matmul
-    (no repeat of K/V), then fold the chunk into a running softmax (max, sum, weighted values). A chunk
-    is sized to stay in the core's cache (`CHUNK_BYTES` of K), so the gathered K/V is read back from
-    cache instead of memory (batch 8 at 4K tokens, in the engine: 21.8 -> 20.1 ms of attention per
-    decode step against gathering whole streams first; on a warm cache 3x, but in a real step the
-    pool's blocks come from memory either way).
+    (no repeat of K/V), then fold the chunk into a running softmax. A chunk is sized to stay in the
+    core's cache (`CHUNK_BYTES` of K); when one chunk covers every block the softmax is taken directly.
     """
 
     CHUNK_BYTES = 2 << 20
@@ -60,20 +64,26 @@ class BlockGatherAttention:
         scale: float,
         num_kv_heads: int,
     ) -> torch.Tensor:
-        """q [S, Hq, D]; k_cache, v_cache [num_blocks, block_size, D]; block_tables int32
-        [S*Hkv, max_blocks] (only the first ceil(max_len / block_size) columns are read); stream_lens
-        int32 [S*Hkv]. Returns [S, Hq, D]."""
+        """q [S, Hq, D]; k_cache, v_cache [num_blocks, block_size, D]; block_tables int32 [S*Hkv, nb];
+        stream_lens int32 [S*Hkv] (<= nb * block_size). Returns [S, Hq, D]."""
         s, hq, d = q.shape
         n = s * num_kv_heads
         bs = k_cache.shape[1]
-        max_len = int(stream_lens.max()) if n else 0
-        if max_len == 0:
+        nb = block_tables.shape[1]
+        if n == 0 or nb == 0:
             return torch.zeros_like(q)
-        nb = -(-max_len // bs)
         chunk = max(1, self.CHUNK_BYTES // (n * bs * d * k_cache.element_size()))
-        min_len = int(stream_lens.min())
         lens = stream_lens.long()[:, None, None]  # [n, 1, 1]
         qg = q.reshape(n, hq // num_kv_heads, d).to(k_cache.dtype)
+        if nb <= chunk:
+            ids = block_tables.reshape(-1).long()
+            k = k_cache.index_select(0, ids).view(n, nb * bs, d)
+            v = v_cache.index_select(0, ids).view(n, nb * bs, d)
+            scores = torch.bmm(qg, k.transpose(1, 2)).float().mul_(scale)
+            slot = torch.arange(nb * bs, device=q.device)
+            scores.masked_fill_(slot >= lens, float("-inf"))
+            probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # an empty stream gives zeros
+            return torch.bmm(probs.to(v.dtype), v).reshape(s, hq, d).to(q.dtype)
         run_max = torch.full((*qg.shape[:2], 1), float("-inf"), device=q.device)
         run_sum = torch.zeros_like(run_max)
         acc = torch.zeros(qg.shape, device=q.device)
@@ -83,16 +93,17 @@ class BlockGatherAttention:
             k = k_cache.index_select(0, ids).view(n, (last - first) * bs, d)
             v = v_cache.index_select(0, ids).view(n, (last - first) * bs, d)
             scores = torch.bmm(qg, k.transpose(1, 2)).float().mul_(scale)  # [n, g, chunk tokens]
-            if min_len < last * bs:  # some stream ends inside this chunk
-                slot = torch.arange(first * bs, last * bs, device=q.device)
-                scores.masked_fill_(slot >= lens, float("-inf"))
+            slot = torch.arange(first * bs, last * bs, device=q.device)
+            scores.masked_fill_(slot >= lens, float("-inf"))
+            # a stream with no token in this chunk keeps max -inf: guard exp(-inf - -inf)
             new_max = torch.maximum(run_max, scores.amax(-1, keepdim=True))
-            weights = torch.exp(scores - new_max)
-            rescale = torch.exp(run_max - new_max)
+            safe_max = new_max.clamp_min(torch.finfo(torch.float32).min)
+            weights = torch.exp(scores - safe_max)
+            rescale = torch.exp(run_max - safe_max)
             run_sum = run_sum * rescale + weights.sum(-1, keepdim=True)
             acc = acc * rescale + torch.bmm(weights.to(v.dtype), v).float()
             run_max = new_max
-        out = torch.where(lens > 0, acc / run_sum, 0.0)  # an empty stream gives zeros, not NaN
+        out = torch.where(lens > 0, acc / run_sum.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
         return out.reshape(s, hq, d).to(q.dtype)
 
 
@@ -111,22 +122,17 @@ def sdpa_prefill_attention(
 
 
 def gathered_attention(
-    q: torch.Tensor, cache: KVCache, tables: torch.Tensor, lens: torch.Tensor, scale: float, hkv: int
+    q: torch.Tensor, cache: KVCache, pool_rows: torch.Tensor, live: torch.Tensor, scale: float, hkv: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Paged decode attention in torch that also returns the probabilities (H2O / TOVA need them).
 
-    q [S, Hq, D]; tables int32 [S*Hkv, max_blocks]; lens int32 [S*Hkv]. Returns (out [S, Hq, D],
-    probs [S*Hkv, max_len] summed over each GQA group).
+    q [S, Hq, D]; pool_rows int64 [S*Hkv, L] and live bool [S*Hkv, L] (StreamTable.live_rows). Returns
+    (out [S, Hq, D], probs float32 [S*Hkv, L] summed over each GQA group, 0 where not live).
     """
     s, hq, d = q.shape
     g = hq // hkv
-    bs = cache.block_size
-    max_len = int(lens.max())
-    slot = torch.arange(max_len, device=q.device)
-    live = slot[None, :] < lens[:, None].long()
-    rows = torch.where(live, tables[:, slot // bs].long() * bs + slot % bs, 0)
-    k = cache.k.view(-1, d)[rows].float()  # [S*Hkv, L, D]
-    v = cache.v.view(-1, d)[rows].float()
+    k = cache.k.view(-1, d)[pool_rows].float()  # [S*Hkv, L, D]
+    v = cache.v.view(-1, d)[pool_rows].float()
     scores = torch.einsum("sgd,sld->sgl", q.reshape(s * hkv, g, d).float(), k) * scale
     probs = torch.softmax(scores.masked_fill(~live[:, None], float("-inf")), dim=-1).nan_to_num(0.0)
     out = torch.einsum("sgl,sld->sgd", probs, v).reshape(s, hq, d).to(q.dtype)
@@ -147,188 +153,200 @@ class ModelRunner:
         self,
         model: Transformer,
         policy: EvictionPolicy,
-        pool: BlockPool,
         cache: KVCache,
-        max_blocks_per_stream: int,
+        streams: StreamTable,
         attention: AttentionFn | None = None,
     ):
         self.model = model
         self.policy = policy
-        self.pool = pool
         self.cache = cache
+        self.streams = streams
         self.args = model.args
-        self.max_blocks = max_blocks_per_stream
         self.device = cache.k.device
         self.attention = attention or default_attention(self.device)
         self.scale = self.args.head_dim**-0.5
+        self.slots: list[Sequence] = []  # slots[i]: the sequence in batch slot i
+        self._pending: tuple[torch.Tensor, torch.Tensor, int] | None = None  # a decode not yet synced
 
-    # -- stream lifetime ---------------------------------------------------------------------
+    # -- stream lifetime ---------------------------------------------------------------------------
     def attach(self, seq: Sequence) -> None:
-        """Give a sequence empty streams (no blocks yet)."""
-        a = self.args
-        budget = self.policy.budget(seq.total_budget_tokens)
-        seq.streams = [
-            [Stream(id=self.pool.new_stream(), budget=budget) for _ in range(a.num_kv_heads)]
-            for _ in range(a.num_layers)
-        ]
-        seq.tables = np.zeros((a.num_layers, a.num_kv_heads, self.max_blocks), dtype=np.int32)
-        seq.lens = np.zeros((a.num_layers, a.num_kv_heads), dtype=np.int32)
-        seq.num_cached = 0
+        """Give a sequence a batch slot with empty streams (no blocks yet)."""
+        self.sync()
+        seq.slot = self.streams.open(self.policy.budget(seq.total_budget_tokens))
+        self.slots.append(seq)
 
     def release(self, seq: Sequence) -> None:
-        """Return every block of the sequence to the pool."""
-        for layer in seq.streams or []:
-            for stream in layer:
-                self.pool.free(stream.id)
-        seq.streams, seq.tables, seq.lens = None, None, None
+        """Return every block of the sequence to the pool; the last slot's sequence moves into its slot."""
+        self.sync()
+        slot = seq.slot
+        moved = self.streams.close(slot)
+        last = self.slots.pop()
+        if moved is not None:
+            self.slots[slot] = last
+            last.slot = slot
+        seq.slot = None
 
-    def live_tokens(self, seq: Sequence) -> np.ndarray:
-        """[layers, kv_heads] live tokens per stream."""
-        return seq.lens.copy()
+    def live_tokens(self, seq: Sequence):
+        """int32 [layers, kv_heads] live tokens per stream (the host mirror, current after every step)."""
+        self.sync()
+        return self.streams.seq_lens(seq.slot)
 
-    # -- prefill -----------------------------------------------------------------------------
+    # -- prefill -----------------------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, seq: Sequence, token_ids: list[int]) -> torch.Tensor:
         """Run one chunk of `seq` (the tokens after its cached ones); returns the last logits [V]."""
-        dev = self.device
+        self.sync()
+        dev, st, policy, hkv = self.device, self.streams, self.policy, self.args.num_kv_heads
         t = len(token_ids)
         start = seq.num_cached
-        pos = torch.arange(start, start + t, device=dev)[None]  # [1, T]
+        seen = start + t
+        pos = torch.arange(start, seen, device=dev)[None]  # [1, T]
         x = self.model.embed(torch.tensor([token_ids], device=dev))
         rope = self.model.rope(pos)
+        first_row = seq.slot * hkv
         for li, layer in enumerate(self.model.layers):
             q, k, v, logits = layer.project(x, rope)
-            dec = self.policy.decisions(logits, pos, self.args.num_kv_heads)  # [1, Hkv, T] or None
-            ks, vs, kpos, kflag, stored = [], [], [], [], []
-            for h, stream in enumerate(seq.streams[li]):
-                n = len(stream.pos)
-                rows = self.cache.rows(self.pool.table(stream.id), n)
+            dec = policy.decisions(logits, pos, hkv)  # [1, Hkv, T] or None
+            ks, vs, kpos, kflag, kscore = [], [], [], [], []
+            for h in range(hkv):
+                row = first_row + h
+                n = int(st.lens_host[li, row])
+                rows = st.pool_rows(li, row, n)
                 k_old, v_old = self.cache.read(rows)
-                flag_old = torch.tensor(stream.flag, dtype=torch.bool, device=dev)
+                p_old = st.slot_pos[rows].long()
+                f_old = policy.stored_flags(st, li, row, p_old, start)
                 if n and dec is not None:  # the chunk's first decision is about the last stored token
-                    last = int(np.argmax(stream.pos))
-                    flag_old[last] = bool(dec[0, h, 0])
-                flag_new = (
-                    torch.cat([dec[0, h, 1:], dec.new_zeros(1)])
-                    if dec is not None
-                    else torch.zeros(t, dtype=torch.bool, device=dev)
+                    f_old = f_old | ((p_old == start - 1) & dec[0, h, 0])
+                f_new = rule.shift_by_one(dec[0, h], False) if dec is not None else torch.zeros(
+                    t, dtype=torch.bool, device=dev
                 )
                 ks.append(torch.cat([k_old, k[0, :, h]]))
                 vs.append(torch.cat([v_old, v[0, :, h]]))
-                kpos.append(torch.cat([torch.tensor(stream.pos, dtype=torch.long, device=dev), pos[0]]))
-                kflag.append(torch.cat([flag_old, flag_new]))
-                stored.append(n)
+                kpos.append(torch.cat([p_old, pos[0]]))
+                kflag.append(torch.cat([f_old, f_new]))
+                kscore.append(torch.cat([st.slot_score[rows], torch.zeros(t, device=dev)])
+                              if policy.tracks_scores else torch.zeros(n + t, device=dev))
             K, V = _pad_stack(ks, 0.0)[None], _pad_stack(vs, 0.0)[None]  # [1, Hkv, L, D]
             P = _pad_stack(kpos, 1 << 40)  # [Hkv, L]; padding sits "in the future": never causal
             F_ = _pad_stack(kflag, False)
-            qp = pos[0]
-            causal = P[:, None, :] <= qp[None, :, None]  # [Hkv, T, L] (padding has a huge position)
-            far = (qp[None, :, None] - P[:, None, :]) > self.policy.mask_window()
-            visible = causal & ~(far & F_[:, None, :])
-            if self.policy.needs_probs:
+            visible = rule.hard_visibility(F_, pos[0], P, policy.mask_window())  # [Hkv, T, L]
+            if policy.needs_probs:
                 out, probs = dense_attention(q, K, V, visible[None], self.scale)
             else:  # nothing reads the probabilities: SDPA, ~3x faster on CPU, never materialises them
                 out, probs = sdpa_prefill_attention(q, K, V, visible[None], self.scale), None
             x = layer.finish(x, out)
-            for h, stream in enumerate(seq.streams[li]):
+            for h in range(hkv):
                 n_all = ks[h].shape[0]
                 no_probs = torch.zeros(n_all)  # read only by policies that need probabilities
                 cand = Candidates(  # on the CPU: policies do small bookkeeping, whatever the device
                     pos=kpos[h].cpu(),
                     flag=kflag[h].cpu(),
-                    score=torch.cat(
-                        [
-                            torch.as_tensor(stream.score[: stored[h]], dtype=torch.float32)
-                            if stream.score is not None
-                            else torch.zeros(stored[h]),
-                            torch.zeros(t),
-                        ]
-                    ),
+                    score=kscore[h].cpu(),
                     probs_sum=probs[0, h, :, :n_all].sum(0).cpu() if probs is not None else no_probs,
                     probs_last=probs[0, h, -1, :n_all].cpu() if probs is not None else no_probs,
-                    budget=stream.budget,
+                    budget=policy.budget(seq.total_budget_tokens),
                 )
-                keep, score = self.policy.prefill_keep(cand)  # CPU bool [N]
-                keep_dev = keep.to(ks[h].device)
-                self._rewrite(seq, li, h, ks[h][keep_dev], vs[h][keep_dev])
-                stream.pos = cand.pos[keep].tolist()
-                stream.flag = cand.flag[keep].tolist()
-                if self.policy.needs_probs:
-                    cap = self.max_blocks * self.pool.block_size
-                    stream.score = np.zeros(cap, dtype=np.float32)
-                    stream.score[: len(stream.pos)] = score[keep].numpy()
-                self.policy.start(stream)
-        seq.num_cached = start + t
+                keep, score = policy.prefill_keep(cand)  # CPU bool [N]
+                self._rewrite(li, first_row + h, ks[h], vs[h], cand, keep, score, seen)
+        seq.num_cached = seen
+        st.grows_host[:, first_row : first_row + hkv] = self._grows_of(seq)
         return self.model.logits(x[0, -1])
 
-    def _rewrite(self, seq: Sequence, li: int, h: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Make stream (li, h) hold exactly rows k, v [N, D] in slots 0..N-1."""
-        stream = seq.streams[li][h]
-        n = k.shape[0]
-        self.pool.resize(stream.id, n)  # the scheduler checked capacity beforehand
-        table = self.pool.table(stream.id)
-        if len(table) > self.max_blocks:
-            raise ValueError(f"stream of {n} tokens exceeds the engine's max length per stream")
-        seq.tables[li, h, : len(table)] = table
-        seq.lens[li, h] = n
+    def _rewrite(self, li: int, row: int, k: torch.Tensor, v: torch.Tensor, cand: Candidates,
+                 keep: torch.Tensor, score: torch.Tensor, seen: int) -> None:
+        """Make stream (li, row) hold exactly the kept candidates, in slots 0..N-1."""
+        st = self.streams
+        n = int(keep.sum())
+        st.resize(li, row, n)  # the scheduler checked capacity beforehand
+        rows = st.pool_rows(li, row, n)
+        keep_dev = keep.to(k.device)
         if n:
-            self.cache.write(self.cache.rows(table, n), k, v)
+            self.cache.write(rows, k[keep_dev], v[keep_dev])
+        kept_pos = cand.pos[keep].to(self.device)
+        st.slot_pos[rows] = kept_pos.to(st.slot_pos.dtype)
+        self.policy.load(st, li, row, rows, kept_pos, cand.flag[keep].to(self.device), score[keep], seen)
 
-    # -- decode ------------------------------------------------------------------------------
+    def _grows_of(self, seq: Sequence):
+        """bool [layers, kv_heads]: whether each of the sequence's streams takes a new slot for its next
+        token (computed for rows 0..its last; only its own are kept)."""
+        st = self.streams
+        rows = st.rows_of(seq.slot)
+        pos = torch.full((rows.stop,), seq.num_cached, device=self.device)
+        grows = [self.policy.appends(st, li, rows.stop, pos)[rows] for li in range(self.args.num_layers)]
+        return torch.stack(grows).cpu().numpy()
+
+    # -- decode ------------------------------------------------------------------------------------
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        """One token for each sequence (its last token id is fed). Returns logits [S, V]."""
-        a, dev, bs = self.args, self.device, self.pool.block_size
+        """One token for each sequence (its last token id is fed). `seqs` are every attached sequence,
+        in slot order. Returns logits [S, V] on the device; call `finish_step` with the sampled tokens
+        (or nothing) before the host reads lengths again."""
+        self.sync()
         s = len(seqs)
+        assert s == self.streams.num_active and all(sq.slot == i for i, sq in enumerate(seqs)), (
+            "decode takes every attached sequence in slot order"
+        )
+        st, dev = self.streams, self.device
+        n = st.num_rows(s)
+        st.reserve(n)  # blocks for every stream that grows past its last one in this step
+        width = st.width(n)
         tokens = torch.tensor([[sq.token_ids[sq.num_cached]] for sq in seqs], device=dev)
-        pos_list = [sq.num_cached for sq in seqs]
-        pos = torch.tensor(pos_list, device=dev)[:, None]
-        x = self.model.embed(tokens)
-        rope = self.model.rope(pos)
-        for li, layer in enumerate(self.model.layers):
-            q, k, v, logits = layer.project(x, rope)
-            dec = self.policy.decisions(logits, pos, self.args.num_kv_heads)
-            dec_list = dec[:, :, 0].tolist() if dec is not None else None
-            rows = []
-            for si, sq in enumerate(seqs):
-                for h, stream in enumerate(sq.streams[li]):
-                    evict_prev = dec_list[si][h] if dec_list is not None else False
-                    slot = self.policy.place(stream, pos_list[si], evict_prev)
-                    if slot < 0:
-                        slot, block = self.pool.append(stream.id)
-                        if block is not None:
-                            if slot // bs >= self.max_blocks:
-                                raise ValueError("sequence longer than the engine's max length per stream")
-                            sq.tables[li, h, slot // bs] = block
-                        sq.lens[li, h] = slot + 1
-                        stream.pos.append(pos_list[si])
-                        stream.flag.append(False)
-                    else:
-                        stream.pos[slot] = pos_list[si]
-                        stream.flag[slot] = False
-                    rows.append(int(sq.tables[li, h, slot // bs]) * bs + slot % bs)
-            rows_t = torch.tensor(rows, device=dev)
-            self.cache.write(rows_t, k[:, 0].reshape(-1, a.head_dim), v[:, 0].reshape(-1, a.head_dim))
-            lens_np = np.stack([sq.lens[li] for sq in seqs]).reshape(-1)
-            width = max(1, -(-int(lens_np.max()) // bs))
-            tables = torch.from_numpy(
-                np.ascontiguousarray(
-                    np.stack([sq.tables[li, :, :width] for sq in seqs]).reshape(s * a.num_kv_heads, width)
-                )
-            ).to(dev)
-            lens = torch.from_numpy(lens_np.astype(np.int32)).to(dev)
-            if self.policy.needs_probs:
-                out, probs = gathered_attention(q[:, 0], self.cache, tables, lens, self.scale, a.num_kv_heads)
-                probs_np = probs.cpu().numpy()
-                for si, sq in enumerate(seqs):
-                    for h, stream in enumerate(sq.streams[li]):
-                        i = si * a.num_kv_heads + h
-                        self.policy.observe(stream, probs_np[i, : lens_np[i]])
-            else:
-                out = self.attention(
-                    q[:, 0].contiguous(), self.cache.k, self.cache.v, tables, lens, self.scale, a.num_kv_heads
-                )
-            x = layer.finish(x, out[:, None])
+        pos = torch.tensor([sq.num_cached for sq in seqs], device=dev)
+        logits, grows = self._decode_step(tokens, pos, n, width)
         for sq in seqs:
             sq.num_cached += 1
-        return self.model.logits(x[:, 0])
+        self._pending = (st.lens[:, :n], grows, n)
+        return logits
+
+    def _decode_step(
+        self, tokens: torch.Tensor, pos: torch.Tensor, n: int, width: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The device part of a decode step (no host sync: see tests/test_runtime_sync.py).
+        tokens [S, 1], pos [S]; n = S * Hkv streams; width: block-table columns to read. Returns
+        (logits [S, V], grows bool [layers, n]: whether each stream's next token takes a new slot)."""
+        st, a, policy = self.streams, self.args, self.policy
+        hkv = a.num_kv_heads
+        x = self.model.embed(tokens)
+        rope = self.model.rope(pos[:, None])
+        pos_rows = pos.repeat_interleave(hkv)  # [n]
+        grows = []
+        for li, layer in enumerate(self.model.layers):
+            q, k, v, logits = layer.project(x, rope)
+            dec = policy.decisions(logits, pos[:, None], hkv)
+            evict_prev = dec.reshape(n) if dec is not None else None
+            slot = policy.place(st, li, n, width, pos_rows, evict_prev)
+            rows = st.slot_rows(li, n, slot)
+            self.cache.write(rows, k.reshape(n, a.head_dim), v.reshape(n, a.head_dim))
+            st.slot_pos[rows] = pos_rows.to(st.slot_pos.dtype)
+            if policy.needs_probs:
+                pool_rows, live = st.live_rows(li, n, width)
+                out, probs = gathered_attention(q[:, 0], self.cache, pool_rows, live, self.scale, hkv)
+                policy.observe(st, li, n, pool_rows, live, probs)
+            else:
+                out = self.attention(
+                    q[:, 0], self.cache.k, self.cache.v, st.tables[li, :n, :width], st.lens[li, :n],
+                    self.scale, hkv,
+                )
+            x = layer.finish(x, out[:, None])
+            grows.append(policy.appends(st, li, n, pos_rows + 1))
+        return self.model.logits(x[:, 0]), torch.stack(grows)
+
+    def finish_step(self, tokens: torch.Tensor | None = None) -> list[int]:
+        """End a step: the sampled tokens [S] (device) and, after a decode, the new lengths and next
+        step's growth come to the host in one copy. Returns the tokens as ints ([] if none)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return [] if tokens is None else tokens.tolist()
+        lens, grows, n = pending
+        parts = [lens.reshape(-1), grows.reshape(-1).to(lens.dtype)]
+        if tokens is not None:
+            parts.append(tokens.to(lens.dtype))
+        host = torch.cat(parts).cpu()  # the step's one device-to-host copy
+        size = lens.numel()
+        self.streams.refresh(n, host[:size].view(lens.shape), host[size : 2 * size].view(lens.shape).bool())
+        return host[2 * size :].tolist()
+
+    def sync(self) -> None:
+        """Bring the host mirror up to date if a decode step has not been finished yet."""
+        if self._pending is not None:
+            self.finish_step()

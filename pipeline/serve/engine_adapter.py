@@ -1,4 +1,4 @@
-"""Between Triton requests and pipeline.runtime's Engine: parameters, stop sequences, KV figures.
+"""Between Triton requests and pipeline.runtime's Engine: parameters and stop sequences.
 
 No Triton import here (the python-backend model in model_repo/tensorrt_llm/1/model.py only moves
 tensors), so the request handling is unit-testable against a real Engine.
@@ -109,19 +109,6 @@ def stop_match(generated: Sequence[int], stops: Sequence[Sequence[int]]) -> int 
             if n <= end and tuple(generated[end - n : end]) == tuple(stop):
                 return end
     return None
-
-
-def live_kv_figures(lens: np.ndarray | None, num_cached: int) -> tuple[int, float]:
-    """(live KV tokens over all layers and KV heads, compression ratio) of a running sequence.
-
-    lens int [layers, kv_heads]: live slots per stream; num_cached: the logical length of every stream.
-    The ratio is 1 / mean(kept / length), the runtime's definition (dms-spec section 5).
-    """
-    if lens is None or num_cached <= 0:
-        return 0, 1.0
-    lens = np.asarray(lens, dtype=np.float64)
-    mean_kept = float(np.mean(lens / num_cached))
-    return int(lens.sum()), (1.0 / mean_kept) if mean_kept > 0 else 1.0
 
 
 def load_engine(params: Mapping[str, str], repo_dir: Path):

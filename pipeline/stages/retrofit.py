@@ -120,7 +120,7 @@ def retrofit(card: Card, model_dir: Path, out_dir: Path, state_dir: Path, d: Dis
 
     from pipeline.dms.checkpoint import load_config, save_dms_model
     from pipeline.dms.distributed import full_state_dict, shard_model
-    from pipeline.dms.patch import DmsSettings, check_architecture, patch_model
+    from pipeline.dms.patch import check_architecture, patch_model
     from pipeline.dms.train import TrainConfig, train_dms
 
     config = load_config(model_dir)
@@ -133,19 +133,7 @@ def retrofit(card: Card, model_dir: Path, out_dir: Path, state_dir: Path, d: Dis
     data = card.retrofit_data()
     next_batch, heldout = _data(card, data, model, tokenizer, out_dir, state_dir, d)
 
-    dms = card.dms
-    patch_model(
-        model,
-        DmsSettings(
-            window=dms.window,
-            separate_alpha=dms.decision == "adapter",
-            alpha_per=dms.alpha_per,
-            alpha_scale=dms.alpha_scale,
-            initial_alpha_offset=dms.initial_alpha_offset,
-            tau=dms.tau,
-        ),
-    )
-    model.config.dms_paged_attention_block_size = card.build.kv_block_size
+    patch_model(model, card.dms_config())
     model = shard_model(model, d)
 
     def save(cr: float, m) -> None:
@@ -158,13 +146,13 @@ def retrofit(card: Card, model_dir: Path, out_dir: Path, state_dir: Path, d: Dis
     cfg = TrainConfig(
         steps=r.steps,
         schedule_cr=r.schedule_cr,
-        target_cr=dms.target_cr,
+        target_cr=card.dms.target_cr,
         checkpoint_crs=tuple(sorted(r.checkpoint_crs)),
         lr=r.lr,
         ramp_steps=r.ramp_steps,
         grad_clip=r.grad_clip,
         logit_clip=r.logit_clip,
-        warm_start=r.warm_start and dms.decision == "borrowed",
+        warm_start=r.warm_start and card.dms.decision == "borrowed",
         seed=r.seed,
         rank=d.rank,
         # Synthetic rows end in padding; packed real data has none (and its pad id may be EOS).

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from pipeline.serve.engine_adapter import live_kv_figures, load_engine, parse_request, stop_match
+from pipeline.serve.engine_adapter import load_engine, parse_request, stop_match
 from pipeline.serve.text import RequestError
 
 INPUTS = (
@@ -109,11 +109,8 @@ class TritonPythonModel:
                     handle.cancel()
                     generated = generated[:end]
                     break
-                if req.streaming:
-                    lens = handle.seq.lens  # read before num_cached: the engine thread only grows both
-                    lens = None if lens is None else lens.copy()
-                    live, ratio = live_kv_figures(lens, handle.seq.num_cached)
-                    sender.send(_response([event.token_id], live, ratio))
+                if req.streaming:  # each event carries the request's KV figures after its token
+                    sender.send(_response([event.token_id], event.live_kv_tokens, event.compression_ratio))
             completion = handle.result()
             if completion.finish_reason == "error":
                 sender.send(_error(completion.error or "the engine failed this request"), flags=FINAL)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.runtime.policies.base import Candidates, EvictionPolicy, Stream
+from pipeline.runtime.policies.base import Candidates, EvictionPolicy
 from pipeline.runtime.policies.dms import DMSPolicy
 from pipeline.runtime.policies.h2o import H2OPolicy
 from pipeline.runtime.policies.none import NoEviction
@@ -34,7 +34,6 @@ __all__ = [
     "EvictionPolicy",
     "H2OPolicy",
     "NoEviction",
-    "Stream",
     "TOVAPolicy",
     "WindowPolicy",
     "make_policy",

@@ -1,36 +1,30 @@
 """The eviction-policy interface: every policy (DMS, none, window, H2O, TOVA) is a dataclass behind it.
 
-The runner owns the tensors and the block pool; a policy only decides, per stream (one sequence, layer
-and KV head), which tokens stay:
+The runner owns the tensors; `dms_core.streams.StreamTable` owns every stream's state (block tables,
+lengths, DMS rings, per-slot positions and scores). A policy only decides which tokens stay:
 - `decisions`: DMS-style per-token eviction flags from the model's decision logits (None = no learned
   eviction, plain causal attention in prefill);
-- `prefill_keep`: after a prefill chunk, which of the stream's candidate tokens are stored;
-- `start`: build the policy's per-stream state from the stored slots;
-- `place`: at decode, which slot the new token overwrites in place (-1 = append a slot);
-- `observe`: attention probabilities of the step over the stream's slots (only if `needs_probs`).
+- prefill, one stream at a time (not the hot path): `stored_flags` (eviction flags of the stream's
+  stored tokens), `prefill_keep` (which of the candidates stay), `load` (the policy's own state from
+  the survivors);
+- decode, all streams of a layer at once, tensors in and out, no host sync: `place` (the slot each new
+  token takes: an evicted one in place, or a new one; lengths updated), `appends` (whether the NEXT
+  token of each stream will take a new slot, so blocks can be reserved a step ahead), `observe`
+  (attention probabilities of the step, only if `needs_probs`).
+A policy changes only its own columns of the table (the DMS ring, the attention scores); lengths,
+tables and positions change through StreamTable's methods.
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
-
-@dataclass
-class Stream:
-    """One (sequence, layer, KV head) stream: its pool id and per-slot metadata, slot order."""
-
-    id: int
-    budget: int | None = None  # live-token budget of fixed-size policies for this request
-    pos: list[int] = field(default_factory=list)  # logical position of the token in each slot
-    flag: list[bool] = field(default_factory=list)  # DMS: token marked for (delayed) eviction
-    score: np.ndarray | None = None  # attention statistics per slot (H2O: accumulated, TOVA: last)
-    state: Any = None  # owned by the policy
+from dms_core.streams import StreamTable
 
 
 @dataclass
@@ -52,7 +46,8 @@ class Candidates:
 
 class EvictionPolicy(ABC):
     name: str = "policy"
-    needs_probs: bool = False
+    needs_probs: bool = False  # decode attention must return probabilities (observe)
+    tracks_scores: bool = False  # keeps per-slot attention statistics in StreamTable.slot_score
 
     def decisions(
         self, logits: torch.Tensor | None, pos: torch.Tensor, num_kv_heads: int
@@ -73,6 +68,10 @@ class EvictionPolicy(ABC):
         """Steps a flagged token stays visible (DMS delayed eviction); unused when flags never set."""
         return 0
 
+    def ring_size(self) -> int:
+        """Entries of the per-stream ring StreamTable keeps for this policy (DMS: window + 1)."""
+        return 0
+
     def budget(self, total_tokens: int) -> int | None:
         """Live tokens a stream may keep for a request of `total_tokens`; None = no fixed budget."""
         return None
@@ -82,21 +81,41 @@ class EvictionPolicy(ABC):
         b = self.budget(total_tokens)
         return total_tokens if b is None else min(b, total_tokens)
 
+    # -- prefill (one stream) ----------------------------------------------------------------------
+    def stored_flags(
+        self, st: StreamTable, layer: int, row: int, pos: torch.Tensor, seen: int
+    ) -> torch.Tensor:
+        """Eviction flags bool [n] of a stream's stored tokens (at positions pos [n]; `seen` so far)."""
+        return torch.zeros(pos.shape, dtype=torch.bool, device=pos.device)
+
     @abstractmethod
     def prefill_keep(self, c: Candidates) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (keep [N] bool, new score [N] float32) for the candidates."""
 
-    def start(self, stream: Stream) -> None:
-        """(Re)build `stream.state` from its slots after a prefill chunk."""
-        stream.state = None
+    def load(self, st: StreamTable, layer: int, row: int, rows: torch.Tensor, pos: torch.Tensor,
+             flag: torch.Tensor, score: torch.Tensor, seen: int) -> None:
+        """After a prefill rewrote stream `row` with survivors in slots 0..n-1 (pool rows `rows`, positions
+        `pos`, flags `flag`, scores `score`): set the policy's own state."""
+        if self.tracks_scores:
+            st.slot_score[rows] = score.to(st.slot_score.device)
 
+    # -- decode (every stream of a layer) ----------------------------------------------------------
+    # The step's streams are rows 0..n-1 of the table; `width` block-table columns cover every one of
+    # them after it grows (StreamTable.width, from the host mirror).
     @abstractmethod
-    def place(self, stream: Stream, new_pos: int, evict_prev: bool) -> int:
-        """Slot the token at `new_pos` overwrites in place, or -1 to append one. `evict_prev` is the
-        decision the new token made about the previous one (DMS)."""
+    def place(self, st: StreamTable, layer: int, n: int, width: int, pos: torch.Tensor,
+              evict_prev: torch.Tensor | None) -> torch.Tensor:
+        """Slot int64 [n] each stream's new token (at pos [n]) takes; updates lengths. evict_prev bool
+        [n]: the decision the new token made about the previous one (DMS), or None."""
 
-    def observe(self, stream: Stream, probs: np.ndarray) -> None:
-        """Attention probabilities [len] of this decode step over the stream's slots."""
+    def appends(self, st: StreamTable, layer: int, n: int, pos: torch.Tensor) -> torch.Tensor:
+        """bool [n]: whether the token at pos [n] will take a new slot rather than reuse one."""
+        return st.lens[layer, :n] < st.budget[:n]
+
+    def observe(self, st: StreamTable, layer: int, n: int, pool_rows: torch.Tensor,
+                live: torch.Tensor, probs: torch.Tensor) -> None:
+        """Attention probabilities float32 [n, L] of this decode step over each stream's slots (pool rows
+        int64 [n, L], live bool [n, L]; dead entries point at the scratch row)."""
         return None
 
 
@@ -113,3 +132,14 @@ def keep_top(values: torch.Tensor, k: int, forced: torch.Tensor) -> torch.Tensor
         rest = values.masked_fill(forced, float("-inf"))
         keep[torch.topk(rest, k).indices] = True
     return keep
+
+
+def budget_victim(st: StreamTable, layer: int, n: int, width: int, values: torch.Tensor,
+                  exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """Reuse slot for each of streams 0..n-1: -1 (append) while a stream is under its budget, else the
+    slot with the smallest `values` (a pool-shaped per-slot tensor) among its live slots not `exclude`d
+    (bool [n, L], or None). Ties go to the lowest slot."""
+    pool_rows, live = st.live_rows(layer, n, width)
+    candidate = live if exclude is None else live & ~exclude
+    victim = torch.where(candidate, values[pool_rows].float(), float("inf")).argmin(dim=1)
+    return torch.where(st.lens[layer, :n] >= st.budget[:n], victim, -1)

@@ -1,8 +1,8 @@
-"""DMS: learned per-head decisions with delayed eviction (dms-spec.md section 5).
+"""DMS: learned per-head decisions with delayed eviction (docs/dms.md section 5).
 
-Each stream keeps a ring of its last window+1 tokens' slots. A new token's decision sets the flag of the
-previous token (shift by one); the oldest ring entry leaves the window, and if it is flagged the new
-token takes its slot in place, otherwise the stream grows by one slot.
+Each stream keeps a ring of its last window+1 tokens' slots (`dms_core.rule.ring_place_`): a new
+token's decision sets the flag of the previous token (shift by one); the oldest ring entry leaves the
+window, and if it is flagged the new token takes its slot in place, otherwise the stream grows by one.
 
 `force_cr` replaces the learned decisions by a fixed pattern that keeps one token in `force_cr`
 (benchmarks and tests on models without trained DMS weights).
@@ -10,13 +10,14 @@ token takes its slot in place, otherwise the stream grows by one slot.
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from pipeline.runtime.policies.base import Candidates, EvictionPolicy, Stream
+from dms_core import rule
+from dms_core.streams import StreamTable
+from pipeline.runtime.policies.base import Candidates, EvictionPolicy
 
 
 @dataclass
@@ -38,15 +39,15 @@ class DMSPolicy(EvictionPolicy):
                 "the DMS policy needs a DMS checkpoint (config.json with dms_* keys); use policy 'none' "
                 "or DMSPolicy(force_cr=...) for a plain model"
             )
-        return logits > 0  # hard decision at inference: no noise
+        return rule.evicts(logits)
 
     def bind(self, args: Any) -> DMSPolicy:
         policy = self
         if policy.window is None:
-            if not args.dms:
+            if args.dms is None:
                 raise ValueError("DMSPolicy on a plain checkpoint needs an explicit window=")
-            policy = replace(policy, window=args.dms_window)
-        if policy.force_cr is None and not args.dms:
+            policy = replace(policy, window=args.dms.window_size)
+        if policy.force_cr is None and args.dms is None:
             raise ValueError(
                 "this checkpoint has no dms_* config keys: use policy 'none', a baseline, or "
                 "DMSPolicy(window=..., force_cr=...) to force decisions"
@@ -66,26 +67,30 @@ class DMSPolicy(EvictionPolicy):
     def mask_window(self) -> int:
         return self._window()
 
+    def ring_size(self) -> int:
+        return self._window() + 1
+
+    # -- prefill ---------------------------------------------------------------------------------
+    def stored_flags(
+        self, st: StreamTable, layer: int, row: int, pos: torch.Tensor, seen: int
+    ) -> torch.Tensor:
+        ring = st.ring_flag.shape[-1]
+        in_ring = pos >= seen - ring  # stored tokens outside the ring were kept: never flagged
+        return in_ring & st.ring_flag[layer, row, pos % ring]
+
     def prefill_keep(self, c: Candidates) -> tuple[torch.Tensor, torch.Tensor]:
-        last = int(c.pos.max())
-        # rule.live_after_prefill on compacted candidates: the ring of window+1 tokens, or unflagged
-        keep = (c.pos >= last - self._window()) | ~c.flag
-        return keep, c.score
+        return rule.survivors(c.pos, c.flag, int(c.pos.max()) + 1, self._window()), c.score
 
-    def start(self, stream: Stream) -> None:
-        last = max(stream.pos, default=0)
-        in_ring = [s for s, p in enumerate(stream.pos) if p >= last - self._window()]
-        in_ring.sort(key=lambda s: stream.pos[s])
-        stream.state = deque(in_ring)
+    def load(self, st: StreamTable, layer: int, row: int, rows: torch.Tensor, pos: torch.Tensor,
+             flag: torch.Tensor, score: torch.Tensor, seen: int) -> None:
+        rule.ring_load_(st.ring_slot[layer], st.ring_flag[layer], row, pos, flag, seen)
 
-    def place(self, stream: Stream, new_pos: int, evict_prev: bool) -> int:
-        ring: deque[int] = stream.state
-        if ring:
-            stream.flag[ring[-1]] = evict_prev
-        slot = -1
-        if len(ring) == self._window() + 1:
-            oldest = ring.popleft()
-            if stream.flag[oldest]:
-                slot = oldest
-        ring.append(len(stream.pos) if slot < 0 else slot)
-        return slot
+    # -- decode ----------------------------------------------------------------------------------
+    def place(self, st: StreamTable, layer: int, n: int, width: int, pos: torch.Tensor,
+              evict_prev: torch.Tensor | None) -> torch.Tensor:
+        return rule.ring_place_(
+            st.ring_slot[layer], st.ring_flag[layer], st.lens[layer], st.row_index[:n], pos, evict_prev
+        )
+
+    def appends(self, st: StreamTable, layer: int, n: int, pos: torch.Tensor) -> torch.Tensor:
+        return rule.ring_appends(st.ring_flag[layer], st.row_index[:n], pos)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from pipeline.runtime.policies.base import Candidates, EvictionPolicy, Stream, fixed_budget, keep_top
+from dms_core.streams import StreamTable
+from pipeline.runtime.policies.base import Candidates, EvictionPolicy, budget_victim, fixed_budget, keep_top
 
 
 @dataclass
@@ -16,6 +16,7 @@ class H2OPolicy(EvictionPolicy):
     recent_fraction: float = 0.5  # share of the budget reserved for the most recent tokens
     name: str = "h2o"
     needs_probs: bool = True
+    tracks_scores: bool = True
 
     def budget(self, total_tokens: int) -> int:
         return fixed_budget(total_tokens, self.cr, 2)
@@ -30,15 +31,16 @@ class H2OPolicy(EvictionPolicy):
         forced = c.pos > int(c.pos.max()) - recent
         return keep_top(score, c.budget - int(forced.sum()), forced), score
 
-    def place(self, stream: Stream, new_pos: int, evict_prev: bool) -> int:
-        if stream.budget is None or len(stream.pos) < stream.budget:
-            return -1
-        pos = np.asarray(stream.pos)
-        score = stream.score[: len(pos)].copy()
-        score[pos >= new_pos - self._recent(stream.budget)] = np.inf  # the recent ones stay
-        slot = int(np.argmin(score))
-        stream.score[slot] = 0.0
+    def place(self, st: StreamTable, layer: int, n: int, width: int, pos: torch.Tensor,
+              evict_prev: torch.Tensor | None) -> torch.Tensor:
+        # at its budget, a stream overwrites its lowest-scoring token outside the recent ones
+        pool_rows, _ = st.live_rows(layer, n, width)
+        num_recent = (st.budget[:n] * self.recent_fraction).long().clamp_min(1)  # _recent, per stream
+        recent = st.slot_pos[pool_rows] >= (pos - num_recent)[:, None]
+        slot = st.take_slots(layer, n, budget_victim(st, layer, n, width, st.slot_score, exclude=recent))
+        st.slot_score[st.slot_rows(layer, n, slot)] = 0.0  # the new token's attention starts from 0
         return slot
 
-    def observe(self, stream: Stream, probs: np.ndarray) -> None:
-        stream.score[: len(probs)] += probs
+    def observe(self, st: StreamTable, layer: int, n: int, pool_rows: torch.Tensor,
+                live: torch.Tensor, probs: torch.Tensor) -> None:
+        st.slot_score.index_put_((pool_rows,), torch.where(live, probs, 0.0), accumulate=True)

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.runtime.policies.base import Candidates, EvictionPolicy, Stream
+from dms_core.streams import StreamTable
+from pipeline.runtime.policies.base import Candidates, EvictionPolicy
 
 
 @dataclass
@@ -16,5 +17,9 @@ class NoEviction(EvictionPolicy):
     def prefill_keep(self, c: Candidates) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.ones_like(c.flag), c.score
 
-    def place(self, stream: Stream, new_pos: int, evict_prev: bool) -> int:
-        return -1
+    def place(self, st: StreamTable, layer: int, n: int, width: int, pos: torch.Tensor,
+              evict_prev: torch.Tensor | None) -> torch.Tensor:
+        return st.take_slots(layer, n, torch.full_like(pos, -1))
+
+    def appends(self, st: StreamTable, layer: int, n: int, pos: torch.Tensor) -> torch.Tensor:
+        return torch.ones(n, dtype=torch.bool, device=pos.device)

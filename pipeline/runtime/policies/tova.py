@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from pipeline.runtime.policies.base import Candidates, EvictionPolicy, Stream, fixed_budget, keep_top
+from dms_core.streams import StreamTable
+from pipeline.runtime.policies.base import Candidates, EvictionPolicy, budget_victim, fixed_budget, keep_top
 
 
 @dataclass
@@ -15,6 +15,7 @@ class TOVAPolicy(EvictionPolicy):
     cr: float = 8.0
     name: str = "tova"
     needs_probs: bool = True
+    tracks_scores: bool = True
 
     def budget(self, total_tokens: int) -> int:
         return fixed_budget(total_tokens, self.cr, 2)
@@ -24,14 +25,13 @@ class TOVAPolicy(EvictionPolicy):
         forced = c.pos == int(c.pos.max())  # the newest token has no score from its own query yet
         return keep_top(c.probs_last, c.budget - 1, forced), c.probs_last
 
-    def place(self, stream: Stream, new_pos: int, evict_prev: bool) -> int:
-        if stream.budget is None or len(stream.pos) < stream.budget:
-            return -1
+    def place(self, st: StreamTable, layer: int, n: int, width: int, pos: torch.Tensor,
+              evict_prev: torch.Tensor | None) -> torch.Tensor:
         # one step behind TOVA's paper order: the previous query's weights pick the victim, so the
-        # new token can take its slot before this step's attention runs
-        slot = int(np.argmin(stream.score[: len(stream.pos)]))
-        stream.score[slot] = np.inf  # the new token is kept until its own query scores it
-        return slot
+        # new token can take its slot before this step's attention runs (which then scores it)
+        return st.take_slots(layer, n, budget_victim(st, layer, n, width, st.slot_score))
 
-    def observe(self, stream: Stream, probs: np.ndarray) -> None:
-        stream.score[: len(probs)] = probs
+    def observe(self, st: StreamTable, layer: int, n: int, pool_rows: torch.Tensor,
+                live: torch.Tensor, probs: torch.Tensor) -> None:
+        # dead entries all point at the scratch row: write it with whatever, it is never read as live
+        st.slot_score[pool_rows] = torch.where(live, probs, 0.0)

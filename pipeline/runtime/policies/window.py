@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 
 import torch
 
-from pipeline.runtime.policies.base import Candidates, EvictionPolicy, Stream, fixed_budget
+from dms_core.streams import StreamTable
+from pipeline.runtime.policies.base import Candidates, EvictionPolicy, budget_victim, fixed_budget
 
 
 @dataclass
@@ -27,14 +27,9 @@ class WindowPolicy(EvictionPolicy):
         keep[order[:recent]] = True
         return keep, c.score
 
-    def start(self, stream: Stream) -> None:
-        recent = [s for s, p in enumerate(stream.pos) if p >= self.sinks]
-        stream.state = deque(sorted(recent, key=lambda s: stream.pos[s]))
-
-    def place(self, stream: Stream, new_pos: int, evict_prev: bool) -> int:
-        ring: deque[int] = stream.state
-        slot = -1
-        if stream.budget is not None and len(stream.pos) >= stream.budget and ring:
-            slot = ring.popleft()
-        ring.append(len(stream.pos) if slot < 0 else slot)
-        return slot
+    def place(self, st: StreamTable, layer: int, n: int, width: int, pos: torch.Tensor,
+              evict_prev: torch.Tensor | None) -> torch.Tensor:
+        # at its budget, a stream overwrites its oldest token that is not a sink
+        pool_rows, _ = st.live_rows(layer, n, width)
+        sink = st.slot_pos[pool_rows] < self.sinks
+        return st.take_slots(layer, n, budget_victim(st, layer, n, width, st.slot_pos, exclude=sink))

@@ -1,0 +1,247 @@
+"""The DMS rule (docs/dms.md sections 1, 2, 3 and 5), once, for training, the engine, the kernels' tests
+and the TensorRT host.
+
+Shapes: B = batch, Hq / Hkv = query / KV heads, T = tokens, D = head dim, R = streams (one stream is one
+(sequence, layer, KV head)). Positions are explicit wherever a caller may hold a compacted stream (the
+engine and the TensorRT host keep only live tokens), so the same functions serve a dense training batch
+and a paged stream.
+
+- Decision logits per (token, KV head), from a borrowed query channel or from an adapter; the hard
+  decision is `logit > 0`.
+- Shift by one: the decision computed at position t decides the fate of key t-1; the last key is kept.
+- Delayed eviction: key k stays visible to query q while q - k <= window (window + 1 keys always
+  visible); beyond that its score gets log(1 - alpha_k) (training, soft) or it is gone if evicted
+  (inference).
+- At decode, each stream keeps a ring of its last window + 1 tokens' slots; the token leaving the ring
+  gives its slot to the new token in place if it was evicted, otherwise the stream grows by one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# A finite stand-in for "never evict" logits: logsigmoid(-KEEP_LOGIT) == 0 to float precision, with no
+# inf arithmetic in the backward pass.
+KEEP_LOGIT = -1.0e4
+
+
+# -- section 1: the decision -----------------------------------------------------------------------
+def scaled_logit(raw, scale: float, offset: float):
+    """The decision logit from its raw value (a borrowed channel or the adapter's output). Plain
+    arithmetic, so the TensorRT-LLM model class applies it to its own tensor type too."""
+    return raw * scale - offset
+
+
+def evicts(logit):
+    """The hard decision at inference (no noise): True evicts the PREVIOUS token (shift by one)."""
+    return logit > 0
+
+
+def borrowed_logits(
+    q: torch.Tensor, num_kv_heads: int, alpha_per: str, scale: float, offset: float
+) -> torch.Tensor:
+    """Decision logits read from the last channel of the first query head of each GQA group.
+
+    q: [B, Hq, T, D] after q_norm, before RoPE. Returns [B, Hkv, T] (per layer: one logit repeated).
+    """
+    gqa = q.shape[1] // num_kv_heads
+    if alpha_per == "layer":
+        raw = q[:, :1, :, -1].expand(-1, num_kv_heads, -1)
+    else:
+        raw = q[:, ::gqa, :, -1]
+    return scaled_logit(raw, scale, offset)
+
+
+def borrowed_channel_mask(num_heads: int, num_kv_heads: int, head_dim: int, alpha_per: str) -> torch.Tensor:
+    """bool [Hq, D]: True at the borrowed channel (the last channel of each GQA group's first query head,
+    or of head 0 alone for alpha_per="layer")."""
+    heads = torch.zeros(num_heads, dtype=torch.bool)
+    if alpha_per == "layer":
+        heads[0] = True
+    else:
+        heads[:: num_heads // num_kv_heads] = True
+    channel = torch.zeros(head_dim, dtype=torch.bool)
+    channel[-1] = True
+    return heads[:, None] & channel[None, :]
+
+
+def zero_borrowed_channel(q: torch.Tensor, num_kv_heads: int, alpha_per: str) -> torch.Tensor:
+    """q with the borrowed channel set to zero so it no longer contributes to QK^T. q: [B, Hq, T, D].
+    Applied before RoPE and again after it (RoPE mixes the channel back in)."""
+    drop = borrowed_channel_mask(q.shape[1], num_kv_heads, q.shape[-1], alpha_per).to(q.device)
+    return q.masked_fill(drop[:, None, :], 0.0)
+
+
+def adapter_logits(projected: torch.Tensor, alpha_per: str, scale: float, offset: float) -> torch.Tensor:
+    """Decision logits from the adapter's output. projected: [B, T, Hkv] =
+    dms_proj_alpha(dms_proj_alpha_norm(x)) where x is the decoder layer's RESIDUAL-stream input (before
+    input_layernorm). Returns [B, Hkv, T]."""
+    logit = scaled_logit(projected.transpose(1, 2), scale, offset)
+    if alpha_per == "layer":
+        logit = logit[:, :1].expand(-1, projected.shape[-1], -1)
+    return logit
+
+
+# -- section 3: training ---------------------------------------------------------------------------
+def gumbel_sigmoid(
+    logits: torch.Tensor,
+    tau: float,
+    generator: torch.Generator | None = None,
+    clip: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noisy relaxed decisions for training.
+
+    Returns (noisy_logit, hard): noisy_logit = (logit + G1 - G2) / tau, so the soft probability is
+    sigmoid(noisy_logit) and log(1 - p) = logsigmoid(-noisy_logit) stays stable; hard is the 0/1
+    decision with a straight-through gradient (forward: p > 0.5, backward: dp).
+
+    clip: the noise is added to logit clamped to [-clip, clip], with the clamp's gradient passed
+    straight through. Without it, a logit far past 0 (|logit| >> tau) has dp = 0 for every noise
+    sample, so neither loss can ever move that decision again (a "dead" head); with it, the noise
+    still flips a decision with probability sigmoid(-clip) and those samples carry gradient.
+    Inference is unchanged (it reads the sign of the raw logit).
+    """
+    if clip is not None:
+        logits = logits + (logits.clamp(-clip, clip) - logits).detach()
+    u = torch.rand((2, *logits.shape), generator=generator, device=logits.device, dtype=torch.float32)
+    tiny = torch.finfo(torch.float32).tiny
+    # Parenthesised: `-log(u).clamp_min(tiny)` would clamp the negative log(u) itself (NaN noise).
+    gumbel = -torch.log((-torch.log(u.clamp_min(tiny))).clamp_min(tiny))
+    noise = (gumbel[0] - gumbel[1]).to(logits.dtype)
+    noisy_logit = (logits + noise) / tau
+    p = torch.sigmoid(noisy_logit)
+    hard = (p > 0.5).to(p.dtype) - p.detach() + p
+    return noisy_logit, hard
+
+
+# -- section 2: shift by one -----------------------------------------------------------------------
+def shift_by_one(x: torch.Tensor, fill: float | bool) -> torch.Tensor:
+    """out[..., t] = x[..., t + 1]; the last position gets `fill` (no decision yet: kept). x: [..., T]."""
+    return torch.cat([x[..., 1:], x.new_full((*x.shape[:-1], 1), fill)], dim=-1)
+
+
+# -- sections 3 and 5: visibility ------------------------------------------------------------------
+def causal(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """[..., Tq, Tk] True where key k is not after query q. q_pos [Tq]; k_pos [..., Tk]."""
+    return k_pos[..., None, :] <= q_pos[:, None]
+
+
+def beyond_window(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
+    """[..., Tq, Tk] True where key k is out of query q's window (q - k > window)."""
+    return (q_pos[:, None] - k_pos[..., None, :]) > window
+
+
+def soft_eviction_bias(
+    key_logit: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, window: int
+) -> torch.Tensor:
+    """Additive attention bias for training: log(1 - alpha_k) beyond the window, -inf if non-causal.
+
+    key_logit: [B, H, Tk] the (noisy, tau-scaled) logit deciding key k's fate, already shifted by one.
+    Returns [B, H, Tq, Tk].
+    """
+    log_keep = F.logsigmoid(-key_logit)[:, :, None, :]  # log(1 - sigmoid(l)) = logsigmoid(-l)
+    far = beyond_window(q_pos, k_pos, window)
+    bias = torch.where(far, log_keep, torch.zeros((), dtype=log_keep.dtype, device=log_keep.device))
+    return bias.masked_fill(~causal(q_pos, k_pos), -math.inf)
+
+
+def hard_visibility(
+    key_evicted: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, window: int
+) -> torch.Tensor:
+    """Inference visibility: causal, and not (evicted and beyond the window).
+
+    key_evicted: [..., Tk] bool, already shifted by one; q_pos [Tq]; k_pos [Tk] or [..., Tk] (explicit
+    positions: a compacted stream's stored tokens then a chunk). Returns [..., Tq, Tk].
+    """
+    gone = beyond_window(q_pos, k_pos, window) & key_evicted[..., None, :]
+    return causal(q_pos, k_pos) & ~gone
+
+
+def survivors(pos: torch.Tensor, evicted: torch.Tensor, num_tokens: int, window: int) -> torch.Tensor:
+    """Which tokens are still stored after a stream has seen `num_tokens` tokens: those in the ring of
+    the last window + 1 positions, and those not evicted. pos [..., N] explicit positions, evicted
+    [..., N] bool (shifted by one). Returns bool [..., N]."""
+    return (pos >= num_tokens - 1 - window) | ~evicted
+
+
+# -- section 5: the decode-step ring ---------------------------------------------------------------
+# A stream's ring holds the slots and flags of its last window + 1 tokens, indexed by position modulo
+# window + 1: ring_slot[r, p % (W+1)] is the slot of token p, ring_flag[r, p % (W+1)] whether p is
+# evicted. The token entering at position t and the one leaving (t - W - 1) share an index.
+def ring_record_(
+    ring_flag: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, evict_prev: torch.Tensor
+) -> None:
+    """The new token's decision marks the PREVIOUS token of each stream (shift by one), in place.
+    ring_flag bool [N, W+1]; rows int64 [R]; pos int64 [R] the new token's position; evict_prev bool [R]."""
+    prev = (pos - 1) % ring_flag.shape[1]
+    ring_flag[rows, prev] = torch.where(pos >= 1, evict_prev, ring_flag[rows, prev])
+
+
+def ring_place_(
+    ring_slot: torch.Tensor,
+    ring_flag: torch.Tensor,
+    lens: torch.Tensor,
+    rows: torch.Tensor,
+    pos: torch.Tensor,
+    evict_prev: torch.Tensor | None,
+) -> torch.Tensor:
+    """One decode step of DMS bookkeeping for streams `rows`, in place, without a host sync.
+
+    ring_slot int32 [N, W+1], ring_flag bool [N, W+1], lens int32 [N]: every stream's ring and live
+    length (one layer); rows int64 [R] the streams stepping (distinct); pos int64 [R] the new token's
+    position in each; evict_prev bool [R] the new token's decision, which marks the previous token
+    (None: not known yet; a caller that learns it after the step, like the TensorRT host, calls
+    `ring_record_` then). Returns the slot int64 [R] the new token takes: the leaving token's slot if
+    it was evicted (reused in place), else `lens` (appended; lens grows by one). The two touch
+    different ring entries, so their order does not matter.
+    """
+    if evict_prev is not None:
+        ring_record_(ring_flag, rows, pos, evict_prev)
+    idx = pos % ring_slot.shape[1]
+    reuse = ~ring_appends(ring_flag, rows, pos)
+    length = lens[rows]
+    slot = torch.where(reuse, ring_slot[rows, idx], length).long()
+    lens[rows] = length + (~reuse).to(lens.dtype)
+    ring_slot[rows, idx] = slot.to(ring_slot.dtype)
+    ring_flag[rows, idx] = False
+    return slot
+
+
+def ring_appends(ring_flag: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """bool [R]: whether the token at `pos` will take a new slot (the token leaving the ring then was
+    kept). Known one step ahead: the leaving token's flag was decided window steps earlier."""
+    ring = ring_flag.shape[1]
+    return ~(ring_flag[rows, pos % ring] & (pos >= ring))
+
+
+def ring_load_(
+    ring_slot: torch.Tensor,
+    ring_flag: torch.Tensor,
+    row: int,
+    pos: torch.Tensor,
+    evicted: torch.Tensor,
+    num_tokens: int,
+) -> None:
+    """Set stream `row`'s ring after a prefill left its survivors in slots 0..n-1 (slot i holds the token
+    at pos[i], evicted[i] its flag). The ring's positions num_tokens - W - 1 .. num_tokens - 1 are all
+    survivors."""
+    ring = ring_slot.shape[1]
+    in_ring = pos >= num_tokens - ring
+    slots = torch.nonzero(in_ring).flatten()
+    ring_slot[row, pos[slots] % ring] = slots.to(ring_slot.dtype)
+    ring_flag[row, pos[slots] % ring] = evicted[slots]
+
+
+# -- section 5: the compression ratio --------------------------------------------------------------
+def compression_ratio(kept_tokens: torch.Tensor, seq_tokens: torch.Tensor) -> float:
+    """CR = 1 / mean(kept / length) over every (layer, head, sequence) stream given."""
+    frac = kept_tokens.double() / seq_tokens.double()
+    return float(1.0 / frac.mean())
+
+
+def target_fraction(cr: float) -> float:
+    """Eviction fraction that a compression ratio asks for: 1 - 1/CR."""
+    return 1.0 - 1.0 / cr
