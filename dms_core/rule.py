@@ -19,6 +19,7 @@ and a paged stream.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -168,78 +169,96 @@ def survivors(pos: torch.Tensor, evicted: torch.Tensor, num_tokens: int, window:
 
 
 # -- section 5: the decode-step ring ---------------------------------------------------------------
-# A stream's ring holds the slots and flags of its last window + 1 tokens, indexed by position modulo
-# window + 1: ring_slot[r, p % (W+1)] is the slot of token p, ring_flag[r, p % (W+1)] whether p is
-# evicted. The token entering at position t and the one leaving (t - W - 1) share an index.
-def ring_record_(
-    ring_flag: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, evict_prev: torch.Tensor
-) -> None:
+# A stream's ring holds where its last window + 1 tokens are stored and whether each is evicted, indexed
+# by position modulo window + 1: ring_row[r, p % (W+1)] is the pool row of token p, ring_flag[r, p %
+# (W+1)] its flag. The token entering at position t and the one leaving (t - W - 1) share an index.
+@dataclass(frozen=True)
+class RingStep:
+    """One decode step's ring indices, shared by every layer: flat indices into a [N, W+1] ring."""
+
+    rows: torch.Tensor  # int64 [R] the streams stepping (distinct)
+    new: torch.Tensor  # int64 [R] the new token's entry (also the leaving token's)
+    prev: torch.Tensor  # int64 [R] the previous token's entry
+    has_prev: torch.Tensor  # bool [R]
+    full: torch.Tensor  # bool [R] the ring is full: a token leaves it
+
+    @classmethod
+    def at(cls, rows: torch.Tensor, pos: torch.Tensor, ring: int) -> RingStep:
+        """Streams `rows` receiving the token at pos [R] (int64), in rings of `ring` entries."""
+        base = rows * ring
+        return cls(rows, base + pos % ring, base + (pos - 1) % ring, pos >= 1, pos >= ring)
+
+
+def ring_record_(ring_flag: torch.Tensor, step: RingStep, evict_prev: torch.Tensor) -> None:
     """The new token's decision marks the PREVIOUS token of each stream (shift by one), in place.
-    ring_flag bool [N, W+1]; rows int64 [R]; pos int64 [R] the new token's position; evict_prev bool [R]."""
-    prev = (pos - 1) % ring_flag.shape[1]
-    ring_flag[rows, prev] = torch.where(pos >= 1, evict_prev, ring_flag[rows, prev])
+    ring_flag bool [N, W+1]; evict_prev bool [R]."""
+    flags = ring_flag.view(-1)
+    flags[step.prev] = torch.where(step.has_prev, evict_prev, flags[step.prev])
+
+
+def ring_appends(ring_flag: torch.Tensor, step: RingStep) -> torch.Tensor:
+    """bool [R]: whether each stream's token of `step` takes a new slot (the token leaving the ring was
+    kept). Known before the step: the leaving token's flag was decided window steps earlier.
+    ring_flag: [N, W+1] (one layer) or [L, N, W+1] (every layer at once: returns [L, R])."""
+    flags = ring_flag.flatten(-2)
+    return ~(flags[..., step.new] & step.full)
 
 
 def ring_place_(
-    ring_slot: torch.Tensor,
+    ring_row: torch.Tensor,
     ring_flag: torch.Tensor,
     lens: torch.Tensor,
-    rows: torch.Tensor,
-    pos: torch.Tensor,
+    step: RingStep,
+    append_rows: torch.Tensor,
     evict_prev: torch.Tensor | None,
 ) -> torch.Tensor:
-    """One decode step of DMS bookkeeping for streams `rows`, in place, without a host sync.
+    """One decode step of DMS bookkeeping for the streams of `step`, in place, without a host sync.
 
-    ring_slot int32 [N, W+1], ring_flag bool [N, W+1], lens int32 [N]: every stream's ring and live
-    length (one layer); rows int64 [R] the streams stepping (distinct); pos int64 [R] the new token's
-    position in each; evict_prev bool [R] the new token's decision, which marks the previous token
-    (None: not known yet; a caller that learns it after the step, like the TensorRT host, calls
-    `ring_record_` then). Returns the slot int64 [R] the new token takes: the leaving token's slot if
-    it was evicted (reused in place), else `lens` (appended; lens grows by one). The two touch
-    different ring entries, so their order does not matter.
+    ring_row int64 [N, W+1], ring_flag bool [N, W+1], lens int32 [N]: every stream's ring and live
+    length (one layer); append_rows int64 [R]: the pool row of each stream's next free slot;
+    evict_prev bool [R]: the new token's decision, which marks the previous token (None: not known yet;
+    a caller that learns it after the step, like the TensorRT host, calls `ring_record_` then: the two
+    touch different entries). Returns the pool row int64 [R] the new token is written to: the leaving
+    token's if that one was evicted (its slot reused in place), else the next free slot (the stream
+    grows by one).
     """
     if evict_prev is not None:
-        ring_record_(ring_flag, rows, pos, evict_prev)
-    idx = pos % ring_slot.shape[1]
-    reuse = ~ring_appends(ring_flag, rows, pos)
-    length = lens[rows]
-    slot = torch.where(reuse, ring_slot[rows, idx], length).long()
-    lens[rows] = length + (~reuse).to(lens.dtype)
-    ring_slot[rows, idx] = slot.to(ring_slot.dtype)
-    ring_flag[rows, idx] = False
-    return slot
-
-
-def ring_appends(ring_flag: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """bool [R]: whether the token at `pos` will take a new slot (the token leaving the ring then was
-    kept). Known one step ahead: the leaving token's flag was decided window steps earlier."""
-    ring = ring_flag.shape[1]
-    return ~(ring_flag[rows, pos % ring] & (pos >= ring))
+        ring_record_(ring_flag, step, evict_prev)
+    rows, flags = ring_row.view(-1), ring_flag.view(-1)
+    appends = ~(flags[step.new] & step.full)
+    row = torch.where(appends, append_rows, rows[step.new])
+    lens.index_add_(0, step.rows, appends.to(lens.dtype))
+    rows[step.new] = row
+    flags[step.new] = False
+    return row
 
 
 def ring_load_(
-    ring_slot: torch.Tensor,
+    ring_row: torch.Tensor,
     ring_flag: torch.Tensor,
-    row: int,
+    stream: int,
     pos: torch.Tensor,
     evicted: torch.Tensor,
+    rows: torch.Tensor,
     num_tokens: int,
 ) -> None:
-    """Set stream `row`'s ring after a prefill left its survivors in slots 0..n-1 (slot i holds the token
-    at pos[i], evicted[i] its flag). The ring's positions num_tokens - W - 1 .. num_tokens - 1 are all
+    """Set stream `stream`'s ring after a prefill stored its survivors: the token at pos[i] (flag
+    evicted[i]) in pool row rows[i]. The ring's positions num_tokens - W - 1 .. num_tokens - 1 are all
     survivors."""
-    ring = ring_slot.shape[1]
+    ring = ring_row.shape[1]
     in_ring = pos >= num_tokens - ring
-    slots = torch.nonzero(in_ring).flatten()
-    ring_slot[row, pos[slots] % ring] = slots.to(ring_slot.dtype)
-    ring_flag[row, pos[slots] % ring] = evicted[slots]
+    ring_row[stream, pos[in_ring] % ring] = rows[in_ring]
+    ring_flag[stream, pos[in_ring] % ring] = evicted[in_ring]
 
 
 # -- section 5: the compression ratio --------------------------------------------------------------
-def compression_ratio(kept_tokens: torch.Tensor, seq_tokens: torch.Tensor) -> float:
-    """CR = 1 / mean(kept / length) over every (layer, head, sequence) stream given."""
+def compression_ratio(kept_tokens: torch.Tensor, seq_tokens: torch.Tensor, dim: int | None = None):
+    """CR = 1 / mean(kept / length) over every (layer, head, sequence) stream given: a float, or with
+    `dim` a float64 tensor of one CR per index of the other dimensions (the mean taken over `dim`)."""
     frac = kept_tokens.double() / seq_tokens.double()
-    return float(1.0 / frac.mean())
+    if dim is None:
+        return float(1.0 / frac.mean())
+    return 1.0 / frac.mean(dim)
 
 
 def target_fraction(cr: float) -> float:

@@ -9,9 +9,10 @@ stream row = slot * Hkv + kv_head. Per layer and row:
 - `lens` int32 [L, rows]: live slots (dense 0..len-1). The device step changes it (a DMS stream grows
   only when the token leaving its ring was kept), so the device tensor is the truth and `lens_host`
   its mirror, refreshed once per step (`refresh`), in the step's single device-to-host copy;
-- `ring_slot` int32 / `ring_flag` bool [L, rows, window + 1]: the DMS ring (dms_core.rule);
+- `ring_row` int64 / `ring_flag` bool [L, rows, window + 1]: the DMS ring (dms_core.rule): the pool
+  row and eviction flag of each stream's last window + 1 tokens;
 - `budget` int32 [rows]: live-token budget of fixed-size policies (a large number: none);
-- `slot_pos` int32 / `slot_score` float32 [(num_blocks + 1) * block_size]: the logical position and
+- `slot_pos` int64 / `slot_score` float32 [(num_blocks + 1) * block_size]: the logical position and
   attention statistics of the token in each pool row (the last block is scratch: padding rows and
   masked-out entries point there).
 
@@ -101,12 +102,14 @@ class StreamTable:
         self.tables = torch.from_numpy(self.tables_host.copy()).to(dev)
         self.lens = torch.zeros((num_layers, rows), dtype=torch.int32, device=dev)
         self.budget = torch.full((rows,), NO_BUDGET, dtype=torch.int32, device=dev)
-        self.ring_slot = torch.zeros((num_layers, rows, max(ring, 1)), dtype=torch.int32, device=dev)
+        self.ring_size = ring  # entries per DMS ring (window + 1), 0: no rings
+        self.ring_row = torch.zeros((num_layers, rows, max(ring, 1)), dtype=torch.int64, device=dev)
         self.ring_flag = torch.zeros((num_layers, rows, max(ring, 1)), dtype=torch.bool, device=dev)
         pool_rows = (pool.num_blocks + 1) * self.block_size
-        self.slot_pos = torch.zeros(pool_rows, dtype=torch.int32, device=dev)
+        self.slot_pos = torch.zeros(pool_rows, dtype=torch.int64, device=dev)
         self.slot_score = torch.zeros(pool_rows if track_scores else 1, dtype=torch.float32, device=dev)
         self.row_index = torch.arange(rows, device=dev)
+        self.row_base = self.row_index * max_blocks_per_stream  # flat offset of each row's table
         self.num_active = 0
 
     # -- batch slots ---------------------------------------------------------------------------
@@ -139,7 +142,7 @@ class StreamTable:
         src = self.rows_of(last)
         for host in (self.tables_host, self.held, self.lens_host, self.grows_host):
             host[:, rows] = host[:, src]
-        for dev in (self.tables, self.lens, self.ring_slot, self.ring_flag):
+        for dev in (self.tables, self.lens, self.ring_row, self.ring_flag):
             dev[:, rows] = dev[:, src]
         self.budget[rows] = self.budget[src]
         self.tables_host[:, src] = self.scratch_block
@@ -213,20 +216,27 @@ class StreamTable:
         longest = int(self.lens_host[:, :num_rows].max()) + 1 if num_rows else 1
         return min(self.max_blocks, self.pool.blocks_for(longest))
 
-    def take_slots(self, layer: int, n: int, reuse: torch.Tensor) -> torch.Tensor:
-        """Streams 0..n-1 each place one new token: in slot reuse[r] (an evicted token's, in place) or,
-        where reuse[r] < 0, in a new slot at the end (the stream grows). Returns the slots int64 [n]."""
-        lens = self.lens[layer, :n]
-        appended = reuse < 0
-        slot = torch.where(appended, lens.long(), reuse)
-        self.lens[layer, :n] = lens + appended.to(lens.dtype)
-        return slot
-
-    def slot_rows(self, layer: int, num_rows: int, slot: torch.Tensor) -> torch.Tensor:
-        """Flat pool rows int64 [R] of slot[r] of stream r (device; no host sync)."""
+    def append_rows(self, num_rows: int) -> torch.Tensor:
+        """int64 [L, num_rows]: the pool row of each stream's next free slot (slot `len`), for every layer
+        at once before a decode step (its blocks are reserved already)."""
         bs = self.block_size
-        block = self.tables[layer, :num_rows].gather(1, (slot // bs)[:, None])[:, 0]
-        return block.long() * bs + slot % bs
+        lens = self.lens[:, :num_rows].long()
+        block = self.tables[:, :num_rows].gather(2, (lens // bs)[..., None])[..., 0]
+        return block * bs + lens % bs
+
+    def place(
+        self, layer: int, n: int, append_rows: torch.Tensor, reuse_rows: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Streams 0..n-1 each place one new token: at reuse_rows[r] (an evicted token's row, in place)
+        or, where it is negative (or reuse_rows is None: every stream), at append_rows[r], the stream's
+        next free slot (it grows). Returns the pool rows int64 [n]."""
+        lens = self.lens[layer, :n]
+        if reuse_rows is None:
+            lens.add_(1)
+            return append_rows
+        appended = reuse_rows < 0
+        lens.add_(appended.to(lens.dtype))
+        return torch.where(appended, append_rows, reuse_rows)
 
     def live_rows(self, layer: int, num_rows: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(flat pool rows int64 [R, width * block_size] of every slot of the first `width` blocks, with

@@ -56,13 +56,40 @@ def test_small_pool_queues_and_preempts_without_changing_results(dms_dir):
     prompts = _prompts(6, 12)
     big = Engine.from_hf(dms_dir, limits=LIMITS)
     expected = [c.token_ids for c in big.generate(prompts, max_tokens=30, ignore_eos=True)]
-    # 2 layers x 2 heads: a prompt of 12 needs 12 blocks; 48 blocks cannot hold six sequences at once
-    small = Engine.from_hf(dms_dir, limits={**LIMITS, "kv_pool_tokens": 48})
-    outs = small.generate(prompts, max_tokens=30, ignore_eos=True)
+    # 2 layers x 2 heads: a prompt of 12 needs 12 blocks; 64 blocks cannot hold six sequences at once
+    small = Engine.from_hf(dms_dir, limits={**LIMITS, "kv_pool_tokens": 64})
+    handles = [small.submit(p, max_tokens=30, ignore_eos=True) for p in prompts]
+    queued_max, steps = 0, 0
+    while small.has_work():
+        small.step()
+        steps += 1
+        queued_max = max(queued_max, small.pool_stats()["waiting"])
+        if steps in (8, 20) and len(small.scheduler.running) > 1:  # an admission estimate proven wrong
+            small.scheduler.preempt(max(small.scheduler.running, key=lambda s: s.request_id))
+    outs = [h.result() for h in handles]
     assert [c.token_ids for c in outs] == expected
     assert all(c.finish_reason == "length" for c in outs)
-    assert sum(c.stats["preemptions"] for c in outs) > 0, "the small pool should have forced preemption"
+    assert queued_max > 0, "the small pool should have queued requests"
+    assert sum(c.stats["preemptions"] for c in outs) == 2
     assert small.pool_stats()["blocks_used"] == 0
+
+
+def test_vanilla_is_admitted_as_far_as_it_fits_and_never_preempted(dms_dir):
+    """Admission by what a sequence will hold: vanilla keeps every token, so only as many run as their
+    whole requests fit; nothing is preempted, nothing lost, and the pool drains."""
+    engine = Engine.from_hf(dms_dir, policy="none", limits={**LIMITS, "kv_pool_tokens": 64})
+    prompts = _prompts(6, 12)
+    handles = [engine.submit(p, max_tokens=20, ignore_eos=True) for p in prompts]
+    running_max = 0
+    while engine.has_work():
+        engine.step()
+        running_max = max(running_max, engine.pool_stats()["running"])
+    outs = [h.result() for h in handles]
+    assert all(c.finish_reason == "length" and len(c.token_ids) == 20 for c in outs)
+    assert sum(c.stats["preemptions"] for c in outs) == 0
+    # 4 streams x (32 tokens / 4 per block + 1 ahead) = 36 blocks a request: one fits in 64 at a time
+    assert running_max == 1
+    assert engine.pool_stats()["blocks_used"] == 0
 
 
 def test_request_that_never_fits_fails_alone(dms_dir):
@@ -151,3 +178,54 @@ def test_cuda_engine_with_triton_kernel_matches_cpu(dms_dir):
     gpu = gpu_engine.generate(prompts, max_tokens=24)
     assert [c.token_ids for c in gpu] == [c.token_ids for c in cpu]
     assert gpu_engine.pool_stats()["blocks_used"] == 0
+
+
+def test_emitting_a_token_costs_the_same_at_token_10_and_4000():
+    """Incremental detokenisation: each push decodes a few tokens, never the whole output (which made
+    a long reasoning trace quadratic), and the pieces add up to the full text."""
+    from pathlib import Path
+
+    from pipeline.runtime.detokenize import IncrementalDecoder
+    from pipeline.serve.text import load_tokenizer
+
+    tok = load_tokenizer(Path(__file__).resolve().parents[1] / "pipeline" / "assets" / "tiny-qwen3")
+    ids = tok.encode(" ".join(f"k{i % 40} {i % 97} ." for i in range(1400)), add_special_tokens=False)[:4000]
+    assert len(ids) == 4000
+    decoded_lengths: list[int] = []
+
+    def decode(chunk: list[int]) -> str:
+        decoded_lengths.append(len(chunk))
+        return tok.decode(chunk, skip_special_tokens=True)
+
+    stream = IncrementalDecoder(decode)
+    pieces, work = [], []
+    for token in ids:
+        decoded_lengths.clear()
+        pieces.append(stream.push([token]))
+        work.append(sum(decoded_lengths))
+    pieces.append(stream.flush())
+    assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True)
+    assert max(work[3990:]) <= max(work[5:15]) <= 8  # tokens decoded per push: flat, and small
+
+
+def test_dms_runs_more_sequences_than_vanilla_in_the_same_pool(tmp_path):
+    """The memory DMS frees is used: with one pool, DMS (decisions forced to CR 4) is admitted by what
+    its streams keep and runs several sequences where vanilla runs one; every request completes and
+    a wrong estimate is corrected by preemption, never by a failure."""
+    from pipeline.runtime.policies import DMSPolicy
+
+    path = make_tiny_hf(tmp_path / "plain")
+    limits = {**LIMITS, "max_output_len": 64, "kv_pool_tokens": 112}
+    prompts = _prompts(6, 12)
+    running = {}
+    for name, policy in (("vanilla", "none"), ("dms", DMSPolicy(window=8, force_cr=4))):
+        engine = Engine.from_hf(path, policy=policy, limits=limits)
+        handles = [engine.submit(p, max_tokens=60, ignore_eos=True) for p in prompts]
+        running[name] = 0
+        while engine.has_work():
+            engine.step()
+            running[name] = max(running[name], engine.pool_stats()["running"])
+        outs = [h.result() for h in handles]
+        assert all(c.finish_reason == "length" and len(c.token_ids) == 60 for c in outs), name
+        assert engine.pool_stats()["blocks_used"] == 0
+    assert running["dms"] >= 2 * running["vanilla"], running

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import torch
 
+from dms_core.rule import RingStep
 from dms_core.streams import BlockPool, StreamTable
 from pipeline.runtime.policies import DMSPolicy, NoEviction
-from pipeline.runtime.policies.base import EvictionPolicy
+from pipeline.runtime.policies.base import DecodeStep, EvictionPolicy
 
 LAYERS, KV_HEADS, BLOCK, WINDOW, TOKENS = 4, 2, 16, 32, 4096
 
@@ -22,11 +23,11 @@ def _blocks_for_one_sequence(policy: EvictionPolicy, pool: BlockPool) -> tuple[i
     for t in range(TOKENS):
         st.reserve(n)
         at = torch.full((n,), t)
-        grows = []
+        ring = RingStep.at(st.row_index[:n], at, st.ring_size) if st.ring_size else None
+        step = DecodeStep(n, st.width(n), at, st.append_rows(n), ring)
         for layer in range(LAYERS):
-            policy.place(st, layer, n, st.width(n), at, evict[0, :, t] if evict is not None else None)
-            grows.append(policy.appends(st, layer, n, at + 1))
-        st.refresh(n, st.lens[:, :n].clone(), torch.stack(grows))
+            policy.place(st, layer, step, evict[0, :, t] if evict is not None else None)
+        st.refresh(n, st.lens[:, :n].clone(), policy.appends(st, n, at + 1))
     used = pool.num_used_blocks
     lens = st.lens_host[:, :n].reshape(-1).tolist()
     st.close(0)

@@ -56,17 +56,19 @@ def test_exhaustion_in_resize_changes_nothing():
     assert st.lens_host[0, b] == 0 and st.held[0, b] == 0 and st.lens_host[0, a] == 6
 
 
-def test_take_slots_appends_or_reuses_in_place():
+def test_place_appends_or_reuses_in_place():
     st = _table()
     a, b = st.open(), st.open()
     st.resize(0, a, 3)
-    st.resize(0, b, 2)
-    slot = st.take_slots(0, 2, torch.tensor([-1, 0]))
-    assert slot.tolist() == [3, 0]
-    assert st.lens[0, :2].tolist() == [4, 2]
-    rows = st.slot_rows(0, 2, slot)
-    expect = [st.tables_host[0, a, 0] * 4 + 3, st.tables_host[0, b, 0] * 4]
-    assert rows.tolist() == [int(x) for x in expect]
+    st.resize(0, b, 4)
+    st.reserve(2)  # b is full: its next slot needs a block
+    append = st.append_rows(2)[0]
+    expect = [st.tables_host[0, a, 0] * 4 + 3, st.tables_host[0, b, 1] * 4]
+    assert append.tolist() == [int(x) for x in expect]
+    reused = int(st.tables_host[0, b, 0] * 4 + 1)  # b's slot 1, say an evicted token's
+    rows = st.place(0, 2, append, torch.tensor([-1, reused]))
+    assert rows.tolist() == [int(expect[0]), reused]
+    assert st.lens[0, :2].tolist() == [4, 4]
 
 
 def test_rejects_bad_sizes():

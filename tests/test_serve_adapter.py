@@ -16,7 +16,7 @@ from pipeline.serve.engine_adapter import (  # noqa: E402
     parse_request,
     stop_match,
 )
-from pipeline.serve.text import IncrementalDecoder, RequestError, TextCodec, as_text, split_stop_words  # noqa: E402
+from pipeline.serve.text import RequestError, TextCodec, as_text, incremental_decoder, split_stop_words  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_stop_match_finds_the_first_complete_sequence():
 
 def test_incremental_decoder_never_splits_a_character(codec):
     ids = codec.tokenizer.encode("héllo wörld ✓ done", add_special_tokens=False)
-    decoder, pieces = IncrementalDecoder(codec), []
+    decoder, pieces = incremental_decoder(codec), []
     for token in ids:
         pieces.append(decoder.push([token]))
     pieces.append(decoder.flush())

@@ -168,11 +168,11 @@ def _admit(st, layer: int, row: int, evicted: torch.Tensor) -> tuple[torch.Tenso
 
     t = evicted.shape[0]
     pos = torch.arange(t)
-    kept = pos[rule.survivors(pos, evicted, t, st.ring_slot.shape[-1] - 1)]
+    kept = pos[rule.survivors(pos, evicted, t, st.ring_size - 1)]
     st.resize(layer, row, len(kept))
     rows = st.pool_rows(layer, row, len(kept))
-    st.slot_pos[rows] = kept.int()
-    rule.ring_load_(st.ring_slot[layer], st.ring_flag[layer], row, kept, evicted[kept], t)
+    st.slot_pos[rows] = kept
+    rule.ring_load_(st.ring_row[layer], st.ring_flag[layer], row, kept, evicted[kept], rows, t)
     return kept, rows
 
 
@@ -182,9 +182,9 @@ def _plan_step(st, layer: int, n: int, t: int) -> torch.Tensor:
     from dms_core import rule
 
     pos = torch.full((n,), t)
-    ring_slot, ring_flag, lens = st.ring_slot[layer], st.ring_flag[layer], st.lens[layer]
-    slot = rule.ring_place_(ring_slot, ring_flag, lens, st.row_index[:n], pos, None)
-    rows = st.slot_rows(layer, n, slot)
+    step = rule.RingStep.at(st.row_index[:n], pos, st.ring_size)
+    append = st.append_rows(n)[layer]
+    rows = rule.ring_place_(st.ring_row[layer], st.ring_flag[layer], st.lens[layer], step, append, None)
     st.slot_pos[rows] = t
     return rows
 
@@ -193,15 +193,16 @@ def _record(st, layer: int, n: int, t: int, logit: torch.Tensor) -> None:
     """After the call: dms_logit_L decides the previous token's fate (shift by one)."""
     from dms_core import rule
 
-    rule.ring_record_(st.ring_flag[layer], st.row_index[:n], torch.full((n,), t), rule.evicts(logit))
+    step = rule.RingStep.at(st.row_index[:n], torch.full((n,), t), st.ring_size)
+    rule.ring_record_(st.ring_flag[layer], step, rule.evicts(logit))
 
 
 def _before_step(st, n: int, t: int) -> None:
     """Blocks for the streams about to grow (known a step ahead: rule.ring_appends)."""
     from dms_core import rule
 
-    grows = torch.stack([rule.ring_appends(st.ring_flag[li], st.row_index[:n], torch.full((n,), t))
-                         for li in range(st.num_layers)])
+    step = rule.RingStep.at(st.row_index[:n], torch.full((n,), t), st.ring_size)
+    grows = rule.ring_appends(st.ring_flag, step)
     st.refresh(n, st.lens[:, :n].clone(), grows)
     st.reserve(n)
 

@@ -32,7 +32,7 @@ Completion.stats: prompt_tokens, generated_tokens, live_kv_tokens (over all laye
 end), live_tokens_per_stream ([layers][kv_heads]), kv_bytes (bytes of the blocks it held),
 compression_ratio (1 / mean(kept / length) over layers and heads), preemptions. Every TokenEvent carries
 the request's live KV tokens and compression ratio after that token.
-`engine.pool_stats()`: blocks used / free, bytes, running / waiting requests.
+`engine.pool_stats()`: blocks used / free, bytes, running / waiting requests, preemptions so far.
 """
 
 from __future__ import annotations
@@ -161,6 +161,7 @@ class Engine:
         eos_token_ids: Seq[int] = (),
         prefill_chunk_tokens: int | None = None,
         attention: AttentionFn | None = None,
+        cuda_graphs: bool = True,
     ):
         limits.validate()
         self.model = model.eval()
@@ -183,6 +184,8 @@ class Engine:
         self.pool = pool
         self.runner = ModelRunner(model, self.policy, self.cache, self.streams, attention)
         self.scheduler = Scheduler(self.runner, limits.max_batch_size, prefill_chunk_tokens)
+        # On a GPU the decode step replays from CUDA graphs (one launch a step); elsewhere it runs eagerly.
+        self.cuda_graphs = cuda_graphs and attention is None and self.runner.use_cuda_graphs()
         self._ids = itertools.count()
         self._inbox: list[RequestHandle] = []
         self._cancelled: set[int] = set()
@@ -397,21 +400,18 @@ class Engine:
                     self._complete(seq, "error")
                 return len(seqs)
             keep = [s.keep_logits for s in seqs]
-            kept = logits[torch.tensor(keep)].float().cpu() if any(keep) else None
-            k = 0
-            for seq, token in zip(seqs, tokens, strict=True):
+            kept = iter(logits[torch.tensor(keep)].float().cpu()) if any(keep) else None
+            for seq, token, kv in zip(seqs, tokens, self._kv_figures(seqs), strict=True):
                 if seq.keep_logits:
-                    seq.logits.append(kept[k])
-                    k += 1
-                self._postprocess(seq, token)
+                    seq.logits.append(next(kept))
+                self._postprocess(seq, token, kv)
             return len(seqs)
 
-    def _postprocess(self, seq: Sequence, token: int) -> None:
+    def _postprocess(self, seq: Sequence, token: int, kv: tuple[int, float]) -> None:
         if seq.forced_ids is not None:
             token = seq.forced_ids[seq.num_generated]
         seq.token_ids.append(token)
-        live, ratio = self._kv_figures(seq)
-        self._handles[seq.request_id]._emit(token, live, ratio)
+        self._handles[seq.request_id]._emit(token, *kv)
         p = seq.params
         eos = not p.ignore_eos and seq.forced_ids is None and token in self.eos_token_ids
         if token in p.stop_token_ids or eos:
@@ -419,12 +419,16 @@ class Engine:
         elif seq.num_generated >= p.max_tokens:
             self._complete(seq, "length")
 
-    def _kv_figures(self, seq: Sequence) -> tuple[int, float]:
-        """(live KV tokens over layers and KV heads, compression ratio) of an attached sequence now."""
-        if seq.slot is None or seq.num_cached == 0:
-            return 0, 1.0
-        lens = torch.from_numpy(self.streams.seq_lens(seq.slot))
-        return int(lens.sum()), rule.compression_ratio(lens, torch.full_like(lens, seq.num_cached))
+    def _kv_figures(self, seqs: list[Sequence]) -> list[tuple[int, float]]:
+        """(live KV tokens over layers and KV heads, compression ratio) of attached sequences now, from
+        the host mirror, all at once."""
+        a = self.args
+        slots = [s.slot for s in seqs]
+        lens = torch.from_numpy(self.streams.lens_host).view(a.num_layers, -1, a.num_kv_heads)[:, slots]
+        lens = lens.permute(1, 0, 2).reshape(len(seqs), -1)  # [S, layers * kv_heads]
+        cached = torch.tensor([s.num_cached for s in seqs])[:, None].expand_as(lens)
+        ratio = rule.compression_ratio(lens, cached, dim=1)
+        return list(zip(lens.sum(1).tolist(), ratio.tolist(), strict=True))
 
     def _cancel_now(self, request_id: int) -> None:
         handle = self._handles.get(request_id)
@@ -474,6 +478,7 @@ class Engine:
                 "bytes_total": self.pool.num_blocks * self.cache.bytes_per_block,
                 "running": len(self.scheduler.running),
                 "waiting": len(self.scheduler.waiting),
+                "preemptions": self.scheduler.num_preemptions,  # since the engine started
             }
 
     def start(self) -> None:

@@ -1,9 +1,10 @@
 """The KV tensors: one preallocated pool of blocks shared by every layer and KV head.
 
-k, v: [num_blocks + 1, block_size, head_dim]. Block ids come from `dms_core.streams.BlockPool` (one free
-list for all streams of all layers), so a block is never reserved for a layer that does not need it. The
-extra last block is scratch: rows a step must write but nobody reads (padding of a fixed-shape batch)
-land there. Slot n of a stream lives at flat row `table[n // block_size] * block_size + n % block_size`.
+k, v: [num_blocks + 1, block_size, head_dim], the two halves of one tensor (one write per step). Block
+ids come from `dms_core.streams.BlockPool` (one free list for all streams of all layers), so a block is
+never reserved for a layer that does not need it. The extra last block is scratch: rows a step must
+write but nobody reads (padding of a fixed-shape batch) land there. Slot n of a stream lives at flat
+row `table[n // block_size] * block_size + n % block_size`.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ class KVCache:
     ):
         self.block_size = block_size
         self.head_dim = head_dim
-        self.k = torch.zeros(num_blocks + 1, block_size, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
+        self.kv = torch.zeros(2, num_blocks + 1, block_size, head_dim, dtype=dtype, device=device)
+        self.k, self.v = self.kv[0], self.kv[1]
 
     @property
     def bytes_per_token(self) -> int:
@@ -31,8 +32,7 @@ class KVCache:
 
     def write(self, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: [N, D] into flat rows [N]."""
-        self.k.view(-1, self.head_dim).index_copy_(0, rows, k.to(self.k.dtype))
-        self.v.view(-1, self.head_dim).index_copy_(0, rows, v.to(self.v.dtype))
+        self.kv.view(2, -1, self.head_dim).index_copy_(1, rows, torch.stack([k, v]).to(self.kv.dtype))
 
     def read(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k.view(-1, self.head_dim)[rows], self.v.view(-1, self.head_dim)[rows]

@@ -93,11 +93,17 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Same order of operations as HF (normalise in float32, then scale in the input dtype).
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(dtype)
+        return rms_norm(x, self)
+
+
+def rms_norm(x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+    """`norm`'s output without the module call (the decode step calls it 3 times a layer)."""
+    if x.dtype == torch.float32:  # one fused op, bit-identical to the formula below in float32
+        return F.rms_norm(x, norm.weight.shape, norm.weight, norm.eps)
+    # HF's order of operations: normalise in float32, then scale in the input dtype.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps)
+    return norm.weight * xf.to(x.dtype)
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
@@ -107,18 +113,20 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
 def rope_tables(
     pos: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [B, T, 1, D] for logical positions pos [B, T] (computed once per forward)."""
+    """cos, signed sin [B, T, 1, D] for logical positions pos [B, T] (computed once per forward). The
+    sin's first half is negated, so rotate-half RoPE is x * cos + roll(x, D/2) * sin."""
     freqs = pos.to(torch.float32)[..., None] * inv_freq.to(pos.device)  # [B, T, D/2]
-    emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    sin = freqs.sin()
+    cos = freqs.cos()
+    cos = torch.cat([cos, cos], dim=-1)[:, :, None]
+    return cos.to(dtype), torch.cat([-sin, sin], dim=-1)[:, :, None].to(dtype)
 
 
 def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Rotate-half RoPE (HF convention). x: [B, T, H, D]; rope: (cos, sin) from `rope_tables`."""
+    """Rotate-half RoPE (HF convention: x * cos + cat(-x2, x1) * sin). x: [B, T, H, D]; rope: (cos,
+    signed sin) from `rope_tables`."""
     cos, sin = rope
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 class Attention(nn.Module):
@@ -154,9 +162,11 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
     def fuse_projections(self) -> None:
-        """gpt-fast's wqkv / w13: one matmul for q, k, v and one for gate, up. The HF-named weights
-        become views into the fused tensors, so names and memory stay as loaded."""
-        att, m = self.self_attn, self.mlp
+        """gpt-fast's wqkv / w13: one matmul for q, k, v and one for gate, up (done at load, after the
+        weights are in place). The HF-named weights become views into the fused tensors, so names and
+        memory stay as loaded. Qwen3's q_norm and k_norm weights are laid out per head too, so one
+        normalisation covers every q and k head of a token."""
+        a, att, m = self.args, self.self_attn, self.mlp
         with torch.no_grad():
             qkv = torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight])
             nq, nk = att.q_proj.weight.shape[0], att.k_proj.weight.shape[0]
@@ -165,15 +175,21 @@ class Block(nn.Module):
             att.v_proj.weight = nn.Parameter(qkv[nq + nk :], requires_grad=False)
             self._wqkv = qkv
             self._bqkv = (
-                torch.cat([att.q_proj.bias, att.k_proj.bias, att.v_proj.bias])
-                if self.args.attention_bias
-                else None
+                torch.cat([att.q_proj.bias, att.k_proj.bias, att.v_proj.bias]) if a.attention_bias else None
             )
             w13 = torch.cat([m.gate_proj.weight, m.up_proj.weight])
             ni = m.gate_proj.weight.shape[0]
             m.gate_proj.weight = nn.Parameter(w13[:ni], requires_grad=False)
             m.up_proj.weight = nn.Parameter(w13[ni:], requires_grad=False)
             self._w13 = w13
+            if a.family == "qwen3":
+                self._qk_norm = torch.cat([
+                    att.q_norm.weight.expand(a.num_heads, -1), att.k_norm.weight.expand(a.num_kv_heads, -1)
+                ])  # fmt: skip
+            if a.dms is not None and not a.dms.separate_alpha:  # the borrowed channel, among q and k heads
+                q_mask = rule.borrowed_channel_mask(a.num_heads, a.num_kv_heads, a.head_dim, a.dms.alpha_per)
+                k_mask = torch.zeros(a.num_kv_heads, a.head_dim, dtype=torch.bool)
+                self._qk_borrowed = torch.cat([q_mask, k_mask]).to(qkv.device)
 
     def project(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
@@ -185,46 +201,33 @@ class Block(nn.Module):
         """
         a, att = self.args, self.self_attn
         b, t, _ = x.shape
-        h = self.input_layernorm(x)
-        nq, nk = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
-        if getattr(self, "_wqkv", None) is not None:
-            q, k, v = F.linear(h, self._wqkv, self._bqkv).split([nq, nk, nk], dim=-1)
-        else:
-            q, k, v = att.q_proj(h), att.k_proj(h), att.v_proj(h)
-        q = q.reshape(b, t, a.num_heads, a.head_dim)
-        k = k.reshape(b, t, a.num_kv_heads, a.head_dim)
-        v = v.reshape(b, t, a.num_kv_heads, a.head_dim)
-        if a.family == "qwen3":
-            q, k = att.q_norm(q), att.k_norm(k)
+        hq, hkv = a.num_heads, a.num_kv_heads
+        qkv = F.linear(rms_norm(x, self.input_layernorm), self._wqkv, self._bqkv)
+        qkv = qkv.view(b, t, hq + 2 * hkv, a.head_dim)
+        qk, v = qkv[:, :, : hq + hkv], qkv[:, :, hq + hkv :]
+        if a.family == "qwen3":  # q_norm and k_norm at once (per-head weights, one normalisation)
+            qk = F.rms_norm(qk.float(), (a.head_dim,), None, a.rms_norm_eps).to(x.dtype) * self._qk_norm
         logits, dms = None, a.dms
         if dms is not None:
             if dms.separate_alpha:
                 projected = att.dms_proj_alpha(att.dms_proj_alpha_norm(x))  # x: the residual stream
-                logits = rule.adapter_logits(
-                    projected, dms.alpha_per, dms.alpha_scale, dms.initial_alpha_offset
-                )
+                scale, offset = dms.alpha_scale, dms.initial_alpha_offset
+                logits = rule.adapter_logits(projected, dms.alpha_per, scale, offset)
             else:
-                qh = q.transpose(1, 2)  # rule works on [B, Hq, T, D]
-                logits = rule.borrowed_logits(
-                    qh, a.num_kv_heads, dms.alpha_per, dms.alpha_scale, dms.initial_alpha_offset
-                )
-                q = rule.zero_borrowed_channel(qh, a.num_kv_heads, dms.alpha_per).transpose(1, 2)
-        q = apply_rope(q, rope)
-        k = apply_rope(k, rope)
+                q = qk[:, :, :hq].transpose(1, 2)  # rule works on [B, Hq, T, D]
+                scale, offset = dms.alpha_scale, dms.initial_alpha_offset
+                logits = rule.borrowed_logits(q, hkv, dms.alpha_per, scale, offset)
+                qk = qk.masked_fill(self._qk_borrowed, 0.0)
+        qk = apply_rope(qk, rope)
         if dms is not None and not dms.separate_alpha:  # RoPE mixes channels: zero the borrowed one again
-            q = rule.zero_borrowed_channel(q.transpose(1, 2), a.num_kv_heads, dms.alpha_per).transpose(1, 2)
-        return q, k, v, logits
+            qk = qk.masked_fill(self._qk_borrowed, 0.0)
+        return qk[:, :, :hq], qk[:, :, hq:], v, logits
 
     def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """x: [B, T, hidden]; attn: [B, T, Hq, D] attention output. Returns the layer's output."""
-        x = x + self.self_attn.o_proj(attn.reshape(*attn.shape[:2], -1))
-        h = self.post_attention_layernorm(x)
-        m = self.mlp
-        if getattr(self, "_w13", None) is not None:
-            gate, up = F.linear(h, self._w13).chunk(2, dim=-1)
-        else:
-            gate, up = m.gate_proj(h), m.up_proj(h)
-        return x + m.down_proj(F.silu(gate) * up)
+        x = x + F.linear(attn.reshape(*attn.shape[:2], -1), self.self_attn.o_proj.weight)
+        gate, up = F.linear(rms_norm(x, self.post_attention_layernorm), self._w13).chunk(2, dim=-1)
+        return x + F.linear(F.silu(gate) * up, self.mlp.down_proj.weight)
 
 
 class Transformer(nn.Module):

@@ -24,7 +24,7 @@ from dms_core import rule
 from dms_core.streams import StreamTable
 from pipeline.runtime.kv_cache import KVCache
 from pipeline.runtime.model import Transformer, dense_attention
-from pipeline.runtime.policies.base import Candidates, EvictionPolicy
+from pipeline.runtime.policies.base import Candidates, DecodeStep, EvictionPolicy
 from pipeline.runtime.sequence import Sequence
 
 AttentionFn = Callable[..., torch.Tensor]
@@ -54,6 +54,15 @@ class BlockGatherAttention:
 
     CHUNK_BYTES = 2 << 20
 
+    def __init__(self) -> None:
+        self._arange: torch.Tensor | None = None
+
+    def _slots(self, num: int, device: torch.device) -> torch.Tensor:
+        """arange(num), from one cached tensor (no allocation per layer)."""
+        if self._arange is None or self._arange.numel() < num or self._arange.device != device:
+            self._arange = torch.arange(max(num, 4096), device=device)
+        return self._arange[:num]
+
     def __call__(
         self,
         q: torch.Tensor,
@@ -73,16 +82,15 @@ class BlockGatherAttention:
         if n == 0 or nb == 0:
             return torch.zeros_like(q)
         chunk = max(1, self.CHUNK_BYTES // (n * bs * d * k_cache.element_size()))
-        lens = stream_lens.long()[:, None, None]  # [n, 1, 1]
+        lens = stream_lens[:, None, None]  # [n, 1, 1]
         qg = q.reshape(n, hq // num_kv_heads, d).to(k_cache.dtype)
-        if nb <= chunk:
-            ids = block_tables.reshape(-1).long()
+        if nb <= chunk:  # one pass: the softmax directly (the common case at short contexts)
+            ids = block_tables.reshape(-1)
             k = k_cache.index_select(0, ids).view(n, nb * bs, d)
             v = v_cache.index_select(0, ids).view(n, nb * bs, d)
-            scores = torch.bmm(qg, k.transpose(1, 2)).float().mul_(scale)
-            slot = torch.arange(nb * bs, device=q.device)
-            scores.masked_fill_(slot >= lens, float("-inf"))
-            probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # an empty stream gives zeros
+            scores = torch.bmm(qg, k.transpose(1, 2)).mul_(scale)
+            scores.masked_fill_(self._slots(nb * bs, q.device) >= lens, float("-inf"))
+            probs = torch.softmax(scores.float(), dim=-1).nan_to_num_(0.0)  # an empty stream gives zeros
             return torch.bmm(probs.to(v.dtype), v).reshape(s, hq, d).to(q.dtype)
         run_max = torch.full((*qg.shape[:2], 1), float("-inf"), device=q.device)
         run_sum = torch.zeros_like(run_max)
@@ -167,6 +175,7 @@ class ModelRunner:
         self.scale = self.args.head_dim**-0.5
         self.slots: list[Sequence] = []  # slots[i]: the sequence in batch slot i
         self._pending: tuple[torch.Tensor, torch.Tensor, int] | None = None  # a decode not yet synced
+        self.graphs = None  # a CudaGraphDecoder once `use_cuda_graphs` captured one
 
     # -- stream lifetime ---------------------------------------------------------------------------
     def attach(self, seq: Sequence) -> None:
@@ -263,7 +272,7 @@ class ModelRunner:
         if n:
             self.cache.write(rows, k[keep_dev], v[keep_dev])
         kept_pos = cand.pos[keep].to(self.device)
-        st.slot_pos[rows] = kept_pos.to(st.slot_pos.dtype)
+        st.slot_pos[rows] = kept_pos
         self.policy.load(st, li, row, rows, kept_pos, cand.flag[keep].to(self.device), score[keep], seen)
 
     def _grows_of(self, seq: Sequence):
@@ -272,8 +281,7 @@ class ModelRunner:
         st = self.streams
         rows = st.rows_of(seq.slot)
         pos = torch.full((rows.stop,), seq.num_cached, device=self.device)
-        grows = [self.policy.appends(st, li, rows.stop, pos)[rows] for li in range(self.args.num_layers)]
-        return torch.stack(grows).cpu().numpy()
+        return self.policy.appends(st, rows.stop, pos)[:, rows].cpu().numpy()
 
     # -- decode ------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -289,47 +297,64 @@ class ModelRunner:
         st, dev = self.streams, self.device
         n = st.num_rows(s)
         st.reserve(n)  # blocks for every stream that grows past its last one in this step
-        width = st.width(n)
-        tokens = torch.tensor([[sq.token_ids[sq.num_cached]] for sq in seqs], device=dev)
+        tokens = torch.tensor([sq.token_ids[sq.num_cached] for sq in seqs], device=dev)
         pos = torch.tensor([sq.num_cached for sq in seqs], device=dev)
-        logits, grows = self._decode_step(tokens, pos, n, width)
+        if self.graphs is not None:
+            logits, grows = self.graphs.step(tokens, pos)
+        else:
+            logits, grows = self.decode_step(tokens, pos, st.width(n))
         for sq in seqs:
             sq.num_cached += 1
         self._pending = (st.lens[:, :n], grows, n)
         return logits
 
-    def _decode_step(
-        self, tokens: torch.Tensor, pos: torch.Tensor, n: int, width: int
+    def decode_step(
+        self, tokens: torch.Tensor, pos: torch.Tensor, width: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The device part of a decode step (no host sync: see tests/test_runtime_sync.py).
-        tokens [S, 1], pos [S]; n = S * Hkv streams; width: block-table columns to read. Returns
-        (logits [S, V], grows bool [layers, n]: whether each stream's next token takes a new slot)."""
+        """The device part of a decode step: no host synchronisation (tests/test_runtime_sync.py).
+
+        tokens, pos int64 [S] (the batch slots 0..S-1); width: block-table columns to read. Returns
+        (logits [S, V], grows bool [layers, S * Hkv]: whether each stream's next token takes a new slot).
+        """
         st, a, policy = self.streams, self.args, self.policy
-        hkv = a.num_kv_heads
-        x = self.model.embed(tokens)
-        rope = self.model.rope(pos[:, None])
+        hkv, d = a.num_kv_heads, a.head_dim
+        n = tokens.shape[0] * hkv
         pos_rows = pos.repeat_interleave(hkv)  # [n]
-        grows = []
+        ring = rule.RingStep.at(st.row_index[:n], pos_rows, st.ring_size) if st.ring_size else None
+        step = DecodeStep(n, width, pos_rows, st.append_rows(n), ring)
+        x = self.model.embed(tokens[:, None])
+        rope = self.model.rope(pos[:, None])
         for li, layer in enumerate(self.model.layers):
             q, k, v, logits = layer.project(x, rope)
             dec = policy.decisions(logits, pos[:, None], hkv)
-            evict_prev = dec.reshape(n) if dec is not None else None
-            slot = policy.place(st, li, n, width, pos_rows, evict_prev)
-            rows = st.slot_rows(li, n, slot)
-            self.cache.write(rows, k.reshape(n, a.head_dim), v.reshape(n, a.head_dim))
-            st.slot_pos[rows] = pos_rows.to(st.slot_pos.dtype)
+            rows = policy.place(st, li, step, dec.reshape(n) if dec is not None else None)
+            self.cache.write(rows, k.reshape(n, d), v.reshape(n, d))
+            st.slot_pos[rows] = pos_rows
             if policy.needs_probs:
                 pool_rows, live = st.live_rows(li, n, width)
                 out, probs = gathered_attention(q[:, 0], self.cache, pool_rows, live, self.scale, hkv)
-                policy.observe(st, li, n, pool_rows, live, probs)
+                policy.observe(st, li, step, pool_rows, live, probs)
             else:
                 out = self.attention(
                     q[:, 0], self.cache.k, self.cache.v, st.tables[li, :n, :width], st.lens[li, :n],
                     self.scale, hkv,
                 )
             x = layer.finish(x, out[:, None])
-            grows.append(policy.appends(st, li, n, pos_rows + 1))
-        return self.model.logits(x[:, 0]), torch.stack(grows)
+        return self.model.logits(x[:, 0]), policy.appends(st, n, pos_rows + 1)
+
+    def use_cuda_graphs(self) -> bool:
+        """Capture the decode step in CUDA graphs (pipeline.runtime.cuda_graphs) when the engine is on a
+        GPU and the policy's decode needs no attention probabilities. Returns whether it did."""
+        if self.device.type != "cuda" or self.policy.needs_probs:
+            return False
+        from pipeline.runtime.cuda_graphs import CudaGraphDecoder
+
+        self.sync()
+        assert self.streams.num_active == 0, "capture before any request is attached"
+        graphs = CudaGraphDecoder(self)
+        graphs.capture()
+        self.graphs = graphs
+        return True
 
     def finish_step(self, tokens: torch.Tensor | None = None) -> list[int]:
         """End a step: the sampled tokens [S] (device) and, after a decode, the new lengths and next

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.runtime.detokenize import IncrementalDecoder
+
 
 class RequestError(ValueError):
     """A request the server refuses; the message names the input and what is allowed."""
@@ -128,25 +130,7 @@ def split_stop_words(stop_words_ids: np.ndarray) -> list[list[int]]:
     return out
 
 
-class IncrementalDecoder:
-    """Text of a growing id sequence, piece by piece: holds back an incomplete UTF-8 character."""
-
-    def __init__(self, codec: TextCodec):
-        self.codec = codec
-        self.ids: list[int] = []
-        self.sent = ""
-
-    def push(self, new_ids: Sequence[int]) -> str:
-        self.ids.extend(int(t) for t in new_ids)
-        text = self.codec.decode(self.ids)
-        if text.endswith("\ufffd"):  # a multi-byte character split across tokens: wait for the rest
-            return ""
-        piece = text[len(self.sent) :] if text.startswith(self.sent) else text
-        self.sent = text
-        return piece
-
-    def flush(self) -> str:
-        text = self.codec.decode(self.ids)
-        piece = text[len(self.sent) :] if text.startswith(self.sent) else ""
-        self.sent = text
-        return piece
+def incremental_decoder(codec: TextCodec) -> IncrementalDecoder:
+    """Text of a growing id sequence, piece by piece, at a constant cost per piece (holds back an
+    incomplete UTF-8 character): pipeline.runtime.detokenize over this codec's decode."""
+    return IncrementalDecoder(codec.decode)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from pipeline.serve.text import IncrementalDecoder, TextCodec
+from pipeline.serve.text import TextCodec, incremental_decoder
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # BLS input -> preprocessing input; preprocessing output -> engine input
@@ -101,7 +101,7 @@ class TritonPythonModel:
             responses = pb_utils.InferenceRequest(
                 model_name=self.engine_model, requested_output_names=outputs, inputs=engine_inputs
             ).exec(decoupled=True)
-            decoder = IncrementalDecoder(self.codec)
+            decoder = incremental_decoder(self.codec)
             live = ratio = None
             for response in responses:
                 if response.has_error():
@@ -125,7 +125,7 @@ class TritonPythonModel:
                 if stream and piece:
                     sender.send(_text_response(piece, live, ratio))
             tail = decoder.flush()
-            text = tail if stream else decoder.sent
+            text = tail if stream else self.codec.decode(decoder.ids)
             sender.send(_text_response(text, live, ratio), flags=FINAL)
         except Exception as exc:  # a failure must end this request, never the model
             sender.send(_error(f"{type(exc).__name__}: {exc}"), flags=FINAL)

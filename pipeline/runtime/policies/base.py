@@ -24,7 +24,22 @@ from typing import Any
 
 import torch
 
+from dms_core.rule import RingStep
 from dms_core.streams import StreamTable
+
+
+@dataclass(frozen=True)
+class DecodeStep:
+    """What every layer of one decode step shares: streams 0..n-1 each take the token at pos [n]
+    (int64); `width` block-table columns cover every stream after it grows (StreamTable.width);
+    append_rows int64 [layers, n] the pool row of each stream's next free slot; `ring` the DMS ring
+    indices (None without rings)."""
+
+    n: int
+    width: int
+    pos: torch.Tensor
+    append_rows: torch.Tensor
+    ring: RingStep | None
 
 
 @dataclass
@@ -77,9 +92,15 @@ class EvictionPolicy(ABC):
         return None
 
     def max_live_tokens(self, total_tokens: int) -> int:
-        """Worst-case live tokens per stream (the scheduler's reservation)."""
+        """Worst-case live tokens per stream for a request of `total_tokens`."""
         b = self.budget(total_tokens)
         return total_tokens if b is None else min(b, total_tokens)
+
+    def expected_live_tokens(self, total_tokens: int, kept_fraction: float) -> int:
+        """Live tokens a stream will hold at the end of a request of `total_tokens` (the scheduler's
+        admission). kept_fraction: the share of tokens beyond the ring (ring_size) that running streams
+        keep, as observed; fixed-size policies know their answer without it."""
+        return self.max_live_tokens(total_tokens)
 
     # -- prefill (one stream) ----------------------------------------------------------------------
     def stored_flags(
@@ -100,19 +121,20 @@ class EvictionPolicy(ABC):
             st.slot_score[rows] = score.to(st.slot_score.device)
 
     # -- decode (every stream of a layer) ----------------------------------------------------------
-    # The step's streams are rows 0..n-1 of the table; `width` block-table columns cover every one of
-    # them after it grows (StreamTable.width, from the host mirror).
     @abstractmethod
-    def place(self, st: StreamTable, layer: int, n: int, width: int, pos: torch.Tensor,
-              evict_prev: torch.Tensor | None) -> torch.Tensor:
-        """Slot int64 [n] each stream's new token (at pos [n]) takes; updates lengths. evict_prev bool
-        [n]: the decision the new token made about the previous one (DMS), or None."""
+    def place(
+        self, st: StreamTable, layer: int, step: DecodeStep, evict_prev: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The pool row int64 [n] each stream's new token is written to (an evicted token's, in place, or
+        the next free slot's); updates lengths. evict_prev bool [n]: the decision the new token made about
+        the previous one (DMS)."""
 
-    def appends(self, st: StreamTable, layer: int, n: int, pos: torch.Tensor) -> torch.Tensor:
-        """bool [n]: whether the token at pos [n] will take a new slot rather than reuse one."""
-        return st.lens[layer, :n] < st.budget[:n]
+    def appends(self, st: StreamTable, n: int, pos: torch.Tensor) -> torch.Tensor:
+        """bool [layers, n]: whether the token at pos [n] of each of streams 0..n-1 will take a new slot
+        rather than reuse one (so its block can be reserved before that step)."""
+        return (st.lens[:, :n] < st.budget[:n]).expand(st.num_layers, n)
 
-    def observe(self, st: StreamTable, layer: int, n: int, pool_rows: torch.Tensor,
+    def observe(self, st: StreamTable, layer: int, step: DecodeStep, pool_rows: torch.Tensor,
                 live: torch.Tensor, probs: torch.Tensor) -> None:
         """Attention probabilities float32 [n, L] of this decode step over each stream's slots (pool rows
         int64 [n, L], live bool [n, L]; dead entries point at the scratch row)."""
@@ -134,12 +156,12 @@ def keep_top(values: torch.Tensor, k: int, forced: torch.Tensor) -> torch.Tensor
     return keep
 
 
-def budget_victim(st: StreamTable, layer: int, n: int, width: int, values: torch.Tensor,
+def budget_victim(st: StreamTable, layer: int, step: DecodeStep, values: torch.Tensor,
                   exclude: torch.Tensor | None = None) -> torch.Tensor:
-    """Reuse slot for each of streams 0..n-1: -1 (append) while a stream is under its budget, else the
-    slot with the smallest `values` (a pool-shaped per-slot tensor) among its live slots not `exclude`d
-    (bool [n, L], or None). Ties go to the lowest slot."""
-    pool_rows, live = st.live_rows(layer, n, width)
+    """Reuse row for each stream of the step: -1 (append) while a stream is under its budget, else the
+    pool row of the slot with the smallest `values` (a pool-shaped per-slot tensor) among its live slots
+    not `exclude`d (bool [n, L], or None). Ties go to the lowest slot."""
+    pool_rows, live = st.live_rows(layer, step.n, step.width)
     candidate = live if exclude is None else live & ~exclude
-    victim = torch.where(candidate, values[pool_rows].float(), float("inf")).argmin(dim=1)
-    return torch.where(st.lens[layer, :n] >= st.budget[:n], victim, -1)
+    victim = torch.where(candidate, values[pool_rows].float(), float("inf")).argmin(dim=1, keepdim=True)
+    return torch.where(st.lens[layer, : step.n] >= st.budget[: step.n], pool_rows.gather(1, victim)[:, 0], -1)

@@ -10,6 +10,7 @@ window, and if it is flagged the new token takes its slot in place, otherwise th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch
 
 from dms_core import rule
 from dms_core.streams import StreamTable
-from pipeline.runtime.policies.base import Candidates, EvictionPolicy
+from pipeline.runtime.policies.base import Candidates, DecodeStep, EvictionPolicy
 
 
 @dataclass
@@ -70,6 +71,11 @@ class DMSPolicy(EvictionPolicy):
     def ring_size(self) -> int:
         return self._window() + 1
 
+    def expected_live_tokens(self, total_tokens: int, kept_fraction: float) -> int:
+        # the ring of window + 1 tokens always stays; of the older ones, what streams keep so far
+        ring = self.ring_size()
+        return min(total_tokens, ring + math.ceil(max(0, total_tokens - ring) * kept_fraction))
+
     # -- prefill ---------------------------------------------------------------------------------
     def stored_flags(
         self, st: StreamTable, layer: int, row: int, pos: torch.Tensor, seen: int
@@ -83,14 +89,16 @@ class DMSPolicy(EvictionPolicy):
 
     def load(self, st: StreamTable, layer: int, row: int, rows: torch.Tensor, pos: torch.Tensor,
              flag: torch.Tensor, score: torch.Tensor, seen: int) -> None:
-        rule.ring_load_(st.ring_slot[layer], st.ring_flag[layer], row, pos, flag, seen)
+        rule.ring_load_(st.ring_row[layer], st.ring_flag[layer], row, pos, flag, rows, seen)
 
     # -- decode ----------------------------------------------------------------------------------
-    def place(self, st: StreamTable, layer: int, n: int, width: int, pos: torch.Tensor,
-              evict_prev: torch.Tensor | None) -> torch.Tensor:
+    def place(
+        self, st: StreamTable, layer: int, step: DecodeStep, evict_prev: torch.Tensor | None
+    ) -> torch.Tensor:
         return rule.ring_place_(
-            st.ring_slot[layer], st.ring_flag[layer], st.lens[layer], st.row_index[:n], pos, evict_prev
+            st.ring_row[layer], st.ring_flag[layer], st.lens[layer], step.ring, step.append_rows[layer],
+            evict_prev,
         )
 
-    def appends(self, st: StreamTable, layer: int, n: int, pos: torch.Tensor) -> torch.Tensor:
-        return rule.ring_appends(st.ring_flag[layer], st.row_index[:n], pos)
+    def appends(self, st: StreamTable, n: int, pos: torch.Tensor) -> torch.Tensor:
+        return rule.ring_appends(st.ring_flag, rule.RingStep.at(st.row_index[:n], pos, st.ring_size))

@@ -7,7 +7,14 @@ from dataclasses import dataclass
 import torch
 
 from dms_core.streams import StreamTable
-from pipeline.runtime.policies.base import Candidates, EvictionPolicy, budget_victim, fixed_budget, keep_top
+from pipeline.runtime.policies.base import (
+    Candidates,
+    DecodeStep,
+    EvictionPolicy,
+    budget_victim,
+    fixed_budget,
+    keep_top,
+)
 
 
 @dataclass
@@ -31,16 +38,19 @@ class H2OPolicy(EvictionPolicy):
         forced = c.pos > int(c.pos.max()) - recent
         return keep_top(score, c.budget - int(forced.sum()), forced), score
 
-    def place(self, st: StreamTable, layer: int, n: int, width: int, pos: torch.Tensor,
-              evict_prev: torch.Tensor | None) -> torch.Tensor:
+    def place(
+        self, st: StreamTable, layer: int, step: DecodeStep, evict_prev: torch.Tensor | None
+    ) -> torch.Tensor:
         # at its budget, a stream overwrites its lowest-scoring token outside the recent ones
-        pool_rows, _ = st.live_rows(layer, n, width)
+        n = step.n
+        pool_rows, _ = st.live_rows(layer, n, step.width)
         num_recent = (st.budget[:n] * self.recent_fraction).long().clamp_min(1)  # _recent, per stream
-        recent = st.slot_pos[pool_rows] >= (pos - num_recent)[:, None]
-        slot = st.take_slots(layer, n, budget_victim(st, layer, n, width, st.slot_score, exclude=recent))
-        st.slot_score[st.slot_rows(layer, n, slot)] = 0.0  # the new token's attention starts from 0
-        return slot
+        recent = st.slot_pos[pool_rows] >= (step.pos - num_recent)[:, None]
+        reuse = budget_victim(st, layer, step, st.slot_score, exclude=recent)
+        rows = st.place(layer, n, step.append_rows[layer], reuse)
+        st.slot_score[rows] = 0.0  # the new token's attention starts from 0
+        return rows
 
-    def observe(self, st: StreamTable, layer: int, n: int, pool_rows: torch.Tensor,
+    def observe(self, st: StreamTable, layer: int, step: DecodeStep, pool_rows: torch.Tensor,
                 live: torch.Tensor, probs: torch.Tensor) -> None:
         st.slot_score.index_put_((pool_rows,), torch.where(live, probs, 0.0), accumulate=True)

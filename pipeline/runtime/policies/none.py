@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from dms_core.streams import StreamTable
-from pipeline.runtime.policies.base import Candidates, EvictionPolicy
+from pipeline.runtime.policies.base import Candidates, DecodeStep, EvictionPolicy
 
 
 @dataclass
@@ -17,9 +17,10 @@ class NoEviction(EvictionPolicy):
     def prefill_keep(self, c: Candidates) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.ones_like(c.flag), c.score
 
-    def place(self, st: StreamTable, layer: int, n: int, width: int, pos: torch.Tensor,
-              evict_prev: torch.Tensor | None) -> torch.Tensor:
-        return st.take_slots(layer, n, torch.full_like(pos, -1))
+    def place(
+        self, st: StreamTable, layer: int, step: DecodeStep, evict_prev: torch.Tensor | None
+    ) -> torch.Tensor:
+        return st.place(layer, step.n, step.append_rows[layer], None)
 
-    def appends(self, st: StreamTable, layer: int, n: int, pos: torch.Tensor) -> torch.Tensor:
-        return torch.ones(n, dtype=torch.bool, device=pos.device)
+    def appends(self, st: StreamTable, n: int, pos: torch.Tensor) -> torch.Tensor:
+        return torch.ones((st.num_layers, n), dtype=torch.bool, device=pos.device)

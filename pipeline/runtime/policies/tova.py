@@ -7,7 +7,14 @@ from dataclasses import dataclass
 import torch
 
 from dms_core.streams import StreamTable
-from pipeline.runtime.policies.base import Candidates, EvictionPolicy, budget_victim, fixed_budget, keep_top
+from pipeline.runtime.policies.base import (
+    Candidates,
+    DecodeStep,
+    EvictionPolicy,
+    budget_victim,
+    fixed_budget,
+    keep_top,
+)
 
 
 @dataclass
@@ -25,13 +32,14 @@ class TOVAPolicy(EvictionPolicy):
         forced = c.pos == int(c.pos.max())  # the newest token has no score from its own query yet
         return keep_top(c.probs_last, c.budget - 1, forced), c.probs_last
 
-    def place(self, st: StreamTable, layer: int, n: int, width: int, pos: torch.Tensor,
-              evict_prev: torch.Tensor | None) -> torch.Tensor:
+    def place(
+        self, st: StreamTable, layer: int, step: DecodeStep, evict_prev: torch.Tensor | None
+    ) -> torch.Tensor:
         # one step behind TOVA's paper order: the previous query's weights pick the victim, so the
         # new token can take its slot before this step's attention runs (which then scores it)
-        return st.take_slots(layer, n, budget_victim(st, layer, n, width, st.slot_score))
+        return st.place(layer, step.n, step.append_rows[layer], budget_victim(st, layer, step, st.slot_score))
 
-    def observe(self, st: StreamTable, layer: int, n: int, pool_rows: torch.Tensor,
+    def observe(self, st: StreamTable, layer: int, step: DecodeStep, pool_rows: torch.Tensor,
                 live: torch.Tensor, probs: torch.Tensor) -> None:
         # dead entries all point at the scratch row: write it with whatever, it is never read as live
         st.slot_score[pool_rows] = torch.where(live, probs, 0.0)

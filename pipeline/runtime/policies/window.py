@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from dms_core.streams import StreamTable
-from pipeline.runtime.policies.base import Candidates, EvictionPolicy, budget_victim, fixed_budget
+from pipeline.runtime.policies.base import Candidates, DecodeStep, EvictionPolicy, budget_victim, fixed_budget
 
 
 @dataclass
@@ -27,9 +27,11 @@ class WindowPolicy(EvictionPolicy):
         keep[order[:recent]] = True
         return keep, c.score
 
-    def place(self, st: StreamTable, layer: int, n: int, width: int, pos: torch.Tensor,
-              evict_prev: torch.Tensor | None) -> torch.Tensor:
+    def place(
+        self, st: StreamTable, layer: int, step: DecodeStep, evict_prev: torch.Tensor | None
+    ) -> torch.Tensor:
         # at its budget, a stream overwrites its oldest token that is not a sink
-        pool_rows, _ = st.live_rows(layer, n, width)
+        pool_rows, _ = st.live_rows(layer, step.n, step.width)
         sink = st.slot_pos[pool_rows] < self.sinks
-        return st.take_slots(layer, n, budget_victim(st, layer, n, width, st.slot_pos, exclude=sink))
+        reuse = budget_victim(st, layer, step, st.slot_pos, exclude=sink)
+        return st.place(layer, step.n, step.append_rows[layer], reuse)
