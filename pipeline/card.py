@@ -121,6 +121,10 @@ class EvalSpec:
     max_accuracy_drop: float = 3.0
     items_per_task: int = 50
     lengths: tuple[int, ...] = (256, 1024)
+    # Real models only (null: not gated): DMS at the target CR against vanilla over generated tokens,
+    # mean per-token KL(vanilla || DMS) in nats at most, greedy token match (0-1) at least.
+    max_kl: float | None = None
+    min_token_match: float | None = None
 
 
 @dataclass(frozen=True)
@@ -327,6 +331,14 @@ def validate_card(card: Card) -> None:
             raise CardError(f"{where}: {key} needs at least one entry, each >= 1; got {list(values)}")
     if card.dms.target_cr < 1 or card.retrofit.schedule_cr < 1:
         raise CardError(f"{where}: dms.target_cr and retrofit.schedule_cr must be >= 1 (1 = no compression)")
+    e = card.eval
+    if (e.max_kl is not None and e.max_kl <= 0) or (
+        e.min_token_match is not None and not 0 <= e.min_token_match <= 1
+    ):
+        raise CardError(
+            f"{where}: eval.max_kl must be > 0 and eval.min_token_match between 0 and 1 (or null: not "
+            f"gated); got {e.max_kl} and {e.min_token_match}"
+        )
     if card.retrofit.logit_clip is not None and card.retrofit.logit_clip <= 0:
         raise CardError(
             f"{where}: retrofit.logit_clip must be > 0 (about 5 keeps a flip chance of 0.7%), "
