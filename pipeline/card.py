@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from dms_core.config import DmsConfig
+from pipeline.runtime.limits import EngineLimits
 
 CARDS_DIR = Path(__file__).parent / "cards"
 
@@ -63,7 +64,7 @@ class PretrainSpec:
 @dataclass(frozen=True)
 class DmsSpec:
     """The card's DMS section, in the card's own words; `Card.dms_config()` turns it into the checkpoint
-    keys (dms_core.config.DmsConfig, docs/dms.md section 6)."""
+    keys (dms_core.config.DmsConfig, docs/dms.md section 7)."""
 
     window: int = 512  # dms_window_size
     target_cr: float = 8.0  # dms_cr
@@ -128,19 +129,18 @@ class EvalSpec:
 
 
 @dataclass(frozen=True)
-class BuildSpec:
-    """Engine limits (TensorRT-LLM's names where one exists)."""
+class BuildSpec(EngineLimits):
+    """The engine's limits (EngineLimits: max_batch_size, max_input_len, max_output_len, kv_block_size
+    (dms_paged_attention_block_size; below dms.window), kv_pool_tokens (KV slots per (layer, KV head),
+    all streams together: memory = this x the model's per-token KV bytes; DMS fits about CR times more
+    logical tokens in them)) and how to build it."""
 
     backend: Literal["auto", "torch", "trtllm"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    max_batch_size: int = 8
-    max_input_len: int = 1024
-    max_output_len: int = 1024
-    kv_block_size: int = 16  # dms_paged_attention_block_size; must be smaller than dms.window
-    # KV slots per (layer, KV head), summed over all streams: memory = this x per-token KV bytes of the
-    # whole model. DMS fits ~CR times more logical tokens in the same slots.
-    kv_pool_tokens: int = 262144
     tp_size: int = 1
+
+    def limits(self) -> EngineLimits:
+        return EngineLimits.from_mapping(self)
 
 
 @dataclass(frozen=True)
@@ -157,6 +157,19 @@ class PerfSpec:
 
 
 @dataclass(frozen=True)
+class ServeSpec:
+    """What `serve` accepts from clients."""
+
+    # HTTP bodies over this many bytes are refused (413) by the proxy in front of Triton's HTTP endpoint,
+    # before Triton reads them: the bundled Triton 2.51 crashes on bodies of about 4 MiB (CVE-2025-23310).
+    max_request_bytes: int = 1 << 20
+
+
+# Half the body size that crashed the bundled Triton 2.51 here (4 MiB; 3.9 MiB was refused cleanly).
+MAX_REQUEST_BYTES_CEILING = 2 << 20
+
+
+@dataclass(frozen=True)
 class Card:
     name: str
     family: Literal["qwen3", "llama"]
@@ -167,6 +180,7 @@ class Card:
     eval: EvalSpec = field(default_factory=EvalSpec)
     build: BuildSpec = field(default_factory=BuildSpec)
     perf: PerfSpec = field(default_factory=PerfSpec)
+    serve: ServeSpec = field(default_factory=ServeSpec)
     pretrain: PretrainSpec | None = None
     path: str = ""  # the YAML it came from (set by load_card, not by the YAML)
 
@@ -276,7 +290,15 @@ def load_card(name_or_path: str) -> Card:
             f"(in {CARDS_DIR}), or pass a path to a card YAML"
         )
     try:
-        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        bad = exc.object[exc.start : exc.start + 1]
+        where = f"byte {exc.start}: {bad!r}"
+        raise CardError(f"card file {path} is not UTF-8 text ({where}); save it as UTF-8") from None
+    except OSError as exc:
+        raise CardError(f"cannot read card file {path}: {exc.strerror}") from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:
         raise CardError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
@@ -374,6 +396,11 @@ def validate_card(card: Card) -> None:
             f"build.max_input_len + max_output_len ({b.max_input_len} + {b.max_output_len}) tokens with "
             f"eviction off; it needs at least {blocks * b.kv_block_size} ({blocks} blocks of "
             f"{b.kv_block_size})"
+        )
+    if not 1024 <= card.serve.max_request_bytes <= MAX_REQUEST_BYTES_CEILING:
+        raise CardError(
+            f"{where}: serve.max_request_bytes must be between 1024 and {MAX_REQUEST_BYTES_CEILING}, got "
+            f"{card.serve.max_request_bytes}: the bundled Triton 2.51 crashes on HTTP bodies of about 4 MiB"
         )
     if card.build.tp_size not in (1, 2, 4, 8):
         raise CardError(f"{where}: build.tp_size must be 1, 2, 4 or 8, got {card.build.tp_size}")

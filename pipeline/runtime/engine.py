@@ -51,6 +51,8 @@ import torch
 
 from dms_core import rule
 from dms_core.streams import BlockPool, StreamTable
+from pipeline.hf_files import has_tokenizer, load_tokenizer, read_eos_ids
+from pipeline.runtime.cuda_graphs import capture_decode
 from pipeline.runtime.detokenize import IncrementalDecoder
 from pipeline.runtime.engine_dir import (
     DTYPES,
@@ -61,8 +63,8 @@ from pipeline.runtime.engine_dir import (
 )
 from pipeline.runtime.kv_cache import KVCache
 from pipeline.runtime.model import ModelArgs, Transformer, rope_inv_freq
+from pipeline.runtime.model_runner import AttentionFn, ModelRunner
 from pipeline.runtime.policies import EvictionPolicy, NoEviction, make_policy
-from pipeline.runtime.runner import AttentionFn, ModelRunner
 from pipeline.runtime.sampling import SamplingParams, sample_batch
 from pipeline.runtime.scheduler import Scheduler
 from pipeline.runtime.sequence import Sequence
@@ -185,7 +187,7 @@ class Engine:
         self.runner = ModelRunner(model, self.policy, self.cache, self.streams, attention)
         self.scheduler = Scheduler(self.runner, limits.max_batch_size, prefill_chunk_tokens)
         # On a GPU the decode step replays from CUDA graphs (one launch a step); elsewhere it runs eagerly.
-        self.cuda_graphs = cuda_graphs and attention is None and self.runner.use_cuda_graphs()
+        self.cuda_graphs = cuda_graphs and attention is None and capture_decode(self.runner)
         self._ids = itertools.count()
         self._inbox: list[RequestHandle] = []
         self._cancelled: set[int] = set()
@@ -221,6 +223,7 @@ class Engine:
         device: str | torch.device | None = None,
         **kwargs: Any,
     ) -> Engine:
+        _check_finite(state)
         args = ModelArgs.from_hf_config(config)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch_dtype = DTYPES[dtype or "float32"]
@@ -229,8 +232,8 @@ class Engine:
         model = model.to_empty(device=device).to(torch_dtype)
         model.load_hf_state_dict({k: v.to(device, torch_dtype) for k, v in state.items()})
         model.inv_freq = rope_inv_freq(args).to(device)  # a buffer to_empty left uninitialised
-        tokenizer = _load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
-        eos = _eos_ids(config, tokenizer_dir)
+        tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir and has_tokenizer(tokenizer_dir) else None
+        eos = read_eos_ids(config, tokenizer_dir)
         return cls(model, limits, policy, tokenizer, eos, **kwargs)
 
     @classmethod
@@ -389,9 +392,8 @@ class Engine:
                     logits = torch.stack([self.scheduler.prefill(s) for s in seqs])
                 else:
                     logits = self.runner.decode(seqs)
-                tokens = self.runner.finish_step(
-                    sample_batch(logits, [s.params for s in seqs], [s.generator for s in seqs])
-                )
+                unsampled: dict[int, str] = {}
+                tokens = self.runner.finish_step(self._sample(logits, seqs, unsampled))
             except Exception as exc:  # a failing batch must not take the engine (or other requests) down
                 self.runner.sync()
                 detail = "".join(traceback.format_exception_only(exc)).strip()
@@ -404,8 +406,29 @@ class Engine:
             for seq, token, kv in zip(seqs, tokens, self._kv_figures(seqs), strict=True):
                 if seq.keep_logits:
                     seq.logits.append(next(kept))
-                self._postprocess(seq, token, kv)
+                if seq.request_id in unsampled:
+                    self._fail(seq, f"engine failed this request: sampling: {unsampled[seq.request_id]}")
+                    continue
+                try:
+                    self._postprocess(seq, token, kv)
+                except Exception as exc:  # a stop check, emitting, finishing: this sequence's fault alone
+                    self._fail(seq, f"engine failed this request: {_one_line(exc)}")
             return len(seqs)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], unsampled: dict[int, str]) -> torch.Tensor:
+        """sample_batch; when it raises, row by row, so only the rows that raise fail (their request ids
+        and errors go to `unsampled`; they get their argmax to keep the step's shapes)."""
+        try:
+            return sample_batch(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        except Exception:
+            rows = []
+            for i, seq in enumerate(seqs):
+                try:
+                    rows.append(sample_batch(logits[i : i + 1], [seq.params], [seq.generator]))
+                except Exception as exc:
+                    unsampled[seq.request_id] = _one_line(exc)
+                    rows.append(logits[i : i + 1].argmax(dim=-1))
+            return torch.cat(rows)
 
     def _postprocess(self, seq: Sequence, token: int, kv: tuple[int, float]) -> None:
         if seq.forced_ids is not None:
@@ -418,6 +441,20 @@ class Engine:
             self._complete(seq, "stop")
         elif seq.num_generated >= p.max_tokens:
             self._complete(seq, "length")
+
+    def _fail(self, seq: Sequence, message: str) -> None:
+        """Finish `seq` with an error and free its blocks; the rest of the batch goes on."""
+        seq.error = message
+        if seq.request_id not in self._handles:  # it had already finished
+            return
+        try:
+            self._complete(seq, "error")
+        except Exception:  # _complete itself failed (stats, detokenising): free and finish by hand
+            self.scheduler.finish(seq)
+            handle = self._handles.pop(seq.request_id, None)
+            if handle is not None and not handle.done:
+                prompt = list(seq.prompt_ids)
+                handle._finish(Completion(seq.request_id, prompt, [], "", "error", message, {}))
 
     def _kv_figures(self, seqs: list[Sequence]) -> list[tuple[int, float]]:
         """(live KV tokens over layers and KV heads, compression ratio) of attached sequences now, from
@@ -508,24 +545,25 @@ class Engine:
                 self._wake.clear()
 
 
-def _load_tokenizer(path: str | Path) -> Any:
-    path = Path(path)
-    if not any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path))
+def _one_line(exc: BaseException) -> str:
+    return "".join(traceback.format_exception_only(exc)).strip()
 
 
-def _eos_ids(config: dict[str, Any], path: str | Path | None) -> tuple[int, ...]:
-    eos = config.get("eos_token_id")
-    if path is not None and (Path(path) / "generation_config.json").is_file():
-        import json
-
-        eos = json.loads((Path(path) / "generation_config.json").read_text()).get("eos_token_id", eos)
-    if eos is None:
-        return ()
-    return tuple(eos) if isinstance(eos, list) else (int(eos),)
+def _check_finite(state: dict[str, torch.Tensor]) -> None:
+    """EngineDirError for weights holding NaN or inf: such an engine answers with garbage while its
+    server reports ready, so it is refused at load, once, naming the tensors."""
+    bad = {}
+    for name, tensor in state.items():
+        if tensor.is_floating_point():
+            count = int((~torch.isfinite(tensor)).sum())
+            if count:
+                bad[name] = count
+    if bad:
+        names = ", ".join(f"{n} ({c})" for n, c in list(bad.items())[:3]) + (", ..." if len(bad) > 3 else "")
+        raise EngineDirError(
+            f"the weights hold {sum(bad.values())} non-finite values (NaN or inf) in {len(bad)} tensors: "
+            f"{names}; the checkpoint or engine is corrupt: rebuild it (`python -m pipeline engine --verify`)"
+        )
 
 
 __all__ = [

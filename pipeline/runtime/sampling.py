@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -18,14 +19,37 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def validate(self) -> None:
-        if self.max_tokens is not None and self.max_tokens <= 0:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
+        """ValueError naming the field for anything the sampler cannot take: non-finite, denormal or
+        out-of-range numbers, and non-integers where counts and ids belong (requests come from clients)."""
+        if self.max_tokens is not None:
+            _check_int("max_tokens", self.max_tokens, 1)
+        if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+        if 0 < self.temperature < MIN_TEMPERATURE:  # logits / 2e-38 overflow to inf, softmax gives NaN
+            raise ValueError(
+                f"temperature {self.temperature} is too small to sample with; use 0 for greedy decoding or "
+                f"at least {MIN_TEMPERATURE}"
+            )
+        _check_int("top_k", self.top_k, 0, note=" (0 = off)")
+        if not _is_real(self.top_p) or not 0.0 < self.top_p <= 1.0:  # NaN fails the comparison too
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0, 2**64 - 1)
+        for token in self.stop_token_ids:
+            _check_int("stop_token_ids", token, 0)
+
+
+MIN_TEMPERATURE = 1e-3
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value: object, low: int, high: int | None = None, note: str = "") -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low or (high and value > high):
+        allowed = f"between {low} and {high}" if high else f">= {low}"
+        raise ValueError(f"{name} must be an integer {allowed}{note}, got {value!r}")
 
 
 def sample_batch(

@@ -6,7 +6,6 @@ tensors), so the request handling is unit-testable against a real Engine.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.hf_files import read_eos_ids
 from pipeline.serve.text import RequestError, split_stop_words
 
 SCHEDULER_POLICIES = ("max_utilization",)
@@ -65,11 +65,23 @@ def _scalar(tensors: Mapping[str, np.ndarray | None], name: str, default: Any = 
     return flat[0].item()
 
 
+# SamplingParams' field -> the engine model's input (and the text models' input it comes from)
+TENSOR_NAMES = {
+    "max_tokens": "request_output_len (max_tokens)",
+    "temperature": "temperature",
+    "top_k": "runtime_top_k (top_k)",
+    "top_p": "runtime_top_p (top_p)",
+    "seed": "random_seed",
+    "stop_token_ids": "stop_words_list / end_id",
+}
+
+
 def parse_request(tensors: Mapping[str, np.ndarray | None]) -> EngineRequest:
-    """The engine model's input tensors (TensorRT-LLM names, batch of one) -> EngineRequest.
+    """The engine model's input tensors (TensorRT-LLM names, batch of one) -> EngineRequest, checked.
 
     input_ids [1, n] (padded), input_lengths [1, 1], request_output_len [1, 1]; optional
     stop_words_list [1, 2, m], end_id, runtime_top_k, runtime_top_p, temperature, random_seed, streaming.
+    Every inconsistency or sampling value the engine cannot take is a RequestError naming the input.
     """
     ids = tensors.get("input_ids")
     if ids is None:
@@ -80,25 +92,40 @@ def parse_request(tensors: Mapping[str, np.ndarray | None]) -> EngineRequest:
             f"the engine takes one request per call (batch size 1, as TensorRT-LLM's in-flight batcher), "
             f"got a batch of {ids.shape[0]}: send the prompts as separate requests"
         )
-    length = int(_scalar(tensors, "input_lengths", ids.shape[-1]))
+    sent = ids.shape[-1] if ids.ndim else 0
+    length = _scalar(tensors, "input_lengths", sent)
+    if not 1 <= length <= sent:
+        raise RequestError(
+            f"input_lengths is {length}; it must be between 1 and {sent} (the number of input_ids sent)"
+        )
     input_ids = [int(t) for t in ids.reshape(-1)[:length]]
     max_tokens = _scalar(tensors, "request_output_len")
     if max_tokens is None:
         raise RequestError("request_output_len is missing")
     stop = tensors.get("stop_words_list")
-    stops = split_stop_words(np.asarray(stop).reshape(2, -1)) if stop is not None else []
-    seed = _scalar(tensors, "random_seed")
-    return EngineRequest(
+    try:
+        stops = split_stop_words(np.asarray(stop).reshape(2, -1)) if stop is not None else []
+    except ValueError:
+        raise RequestError(
+            f"stop_words_list has shape {np.shape(stop)}; it must be [1, 2, n] (ids, then end offsets)"
+        ) from None
+    req = EngineRequest(
         input_ids=input_ids,
-        max_tokens=int(max_tokens),
+        max_tokens=max_tokens,
         temperature=float(_scalar(tensors, "temperature", 0.0)),
-        top_k=int(_scalar(tensors, "runtime_top_k", 0)),
+        top_k=_scalar(tensors, "runtime_top_k", 0),
         top_p=float(_scalar(tensors, "runtime_top_p", 1.0)),
-        seed=None if seed is None else int(seed),
+        seed=_scalar(tensors, "random_seed"),
         stop_sequences=tuple(tuple(s) for s in stops),
         end_id=_scalar(tensors, "end_id"),
         streaming=bool(_scalar(tensors, "streaming", False)),
     )
+    try:
+        req.sampling().validate()
+    except ValueError as exc:
+        field, _, rest = str(exc).partition(" ")
+        raise RequestError(f"{TENSOR_NAMES.get(field, field)} {rest}") from None
+    return req
 
 
 def stop_match(generated: Sequence[int], stops: Sequence[Sequence[int]]) -> int | None:
@@ -140,9 +167,5 @@ def load_engine(params: Mapping[str, str], repo_dir: Path):
     engine = Engine.from_state(
         config, state, limits, policy=params.get("eviction_policy", "dms"), dtype=dtype, device=device
     )
-    gen_config = engine_dir / "generation_config.json"
-    if gen_config.is_file():  # the chat models' end-of-turn ids live here, not in config.json
-        eos = json.loads(gen_config.read_text()).get("eos_token_id")
-        if eos is not None:
-            engine.eos_token_ids = tuple(eos) if isinstance(eos, list) else (int(eos),)
+    engine.eos_token_ids = read_eos_ids(config, engine_dir)
     return engine

@@ -30,6 +30,7 @@ TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "model_repo"
 PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
 KV_STATS_MARK = "# kv-stats"
 VERSION = "1"
+PYCACHE_BLOCKER = "__pycache__"
 
 
 class RepoError(ValueError):
@@ -96,6 +97,12 @@ def render_repository(spec: RepoSpec, templates: Path = TEMPLATES_DIR) -> dict[s
             if file.is_file() and "__pycache__" not in file.parts:
                 files[f"{model}/{VERSION}/{file.relative_to(version_dir)}"] = file
         files.setdefault(f"{model}/{VERSION}/.keep", "")  # the version directory must exist
+        if f"{model}/{VERSION}/model.py" in files:
+            # A file where Python would make its bytecode directory: serving must not write into a stage
+            # output (its manifest would stop matching), and the python backend's stub interpreter writes
+            # __pycache__ next to model.py whatever PYTHONDONTWRITEBYTECODE says. Python skips writing
+            # bytecode it cannot place, and loads model.py from source.
+            files[f"{model}/{VERSION}/{PYCACHE_BLOCKER}"] = ""
 
     engines = {"tensorrt_llm": "dms"}
     if spec.with_vanilla:

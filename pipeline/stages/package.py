@@ -20,7 +20,8 @@ from pipeline.runner import Options, StageContext
 
 NAME = "package"
 DEPENDS: tuple[str, ...] = ("build",)
-VERSION = 2  # 2: serves the torch engine beside a DMS TensorRT engine pair
+# 2: serves the torch engine beside a DMS TensorRT engine pair; 3: no bytecode is written when served
+VERSION = 3
 REPO_DIR = "model_repo"
 
 

@@ -2,7 +2,9 @@
 
 Decoupled: execute() hands each request to the engine's background step loop and returns at once; a
 thread per request forwards its tokens (streaming) or its whole output to the request's response
-sender. All request logic lives in pipeline.serve.engine_adapter.
+sender. A request with `stop` true cancels the running request of the same request id (TensorRT-LLM's
+convention; the BLS model passes its clients' cancellations on this way, Triton 2.51 has no other).
+All request logic lives in pipeline.serve.engine_adapter.
 """
 
 import json
@@ -27,6 +29,7 @@ INPUTS = (
     "temperature",
     "random_seed",
     "streaming",
+    "stop",
 )
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -42,8 +45,9 @@ def _response(token_ids, live_tokens, ratio):
     )
 
 
-def _error(message):
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
+def _error(message, invalid_request=False):
+    code = pb_utils.TritonError.INVALID_ARG if invalid_request else pb_utils.TritonError.INTERNAL
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
 
 
 class TritonPythonModel:
@@ -66,6 +70,8 @@ class TritonPythonModel:
             )
             self.families.append(family)
             self.metrics[key] = family.Metric(labels={"model": self.name})
+        self._by_id = {}  # request id -> handles running under it (for `stop` requests)
+        self._ids_lock = threading.Lock()
         self._stopped = threading.Event()
         self._publisher = threading.Thread(target=self._publish_loop, daemon=True)
         self._publisher.start()
@@ -87,15 +93,43 @@ class TritonPythonModel:
                 for name in INPUTS:
                     tensor = pb_utils.get_input_tensor_by_name(request, name)
                     tensors[name] = None if tensor is None else tensor.as_numpy()
+                if tensors["stop"] is not None and tensors["stop"].any():
+                    self._stop_requests(request.request_id())
+                    sender.send(flags=FINAL)
+                    continue
                 req = parse_request(tensors)
                 handle = self.engine.submit(req.input_ids, req.sampling())
             except (RequestError, ValueError) as exc:
-                sender.send(_error(str(exc)), flags=FINAL)
+                sender.send(_error(str(exc), invalid_request=True), flags=FINAL)
                 continue
-            threading.Thread(target=self._serve, args=(req, handle, sender), daemon=True).start()
+            except Exception as exc:  # one request's failure must never fail the others in this call
+                sender.send(_error(f"{type(exc).__name__}: {exc}"), flags=FINAL)
+                continue
+            rid = request.request_id()
+            if rid:
+                with self._ids_lock:
+                    self._by_id.setdefault(rid, set()).add(handle)
+            threading.Thread(target=self._serve, args=(req, handle, sender, rid), daemon=True).start()
         return None
 
-    def _serve(self, req, handle, sender):
+    def _stop_requests(self, rid):
+        with self._ids_lock:
+            handles = list(self._by_id.get(rid, ()))
+        for handle in handles:
+            handle.cancel()
+
+    def _serve(self, req, handle, sender, rid):
+        try:
+            self._forward(req, handle, sender)
+        finally:
+            if rid:
+                with self._ids_lock:
+                    running = self._by_id.get(rid, set())
+                    running.discard(handle)
+                    if not running:
+                        self._by_id.pop(rid, None)
+
+    def _forward(self, req, handle, sender):
         try:
             generated = []
             for event in handle:
