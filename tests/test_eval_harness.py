@@ -192,7 +192,7 @@ def test_real_model_evaluate_reports_quality_and_gates_on_baselines(tmp_path, mo
         real, dms=dataclasses.replace(real.dms, target_cr=8.0), eval=ctx.card.eval, build=ctx.card.build,
     )
     report = evaluate.run(ctx)
-    assert set(report["quality"]) == {"vanilla", "dms", "window", "h2o", "tova"}
+    assert set(report["quality"]) == {"vanilla", "dms", "window", "h2o", "tova", "kvzip"}
     for method, per_cr in report["quality"].items():
         q = per_cr["1" if method == "vanilla" else "8"]
         assert 0.0 <= q["token_match"] <= 1.0 and q["kl"] >= 0.0 and q["passkey_cr"] >= 1.0, method
@@ -200,7 +200,8 @@ def test_real_model_evaluate_reports_quality_and_gates_on_baselines(tmp_path, mo
     assert "passkey retrieval" in (ctx.out_dir / "results.md").read_text()
     gate = evaluate.gate(report, ctx.card)
     assert not gate["passed"] and "baselines" in gate["failed"]
-    assert re.search(r"does not beat window 0\.0%, h2o 0\.0%, tova 0\.0% at the same CR", gate["message"])
+    want = r"does not beat window 0\.0%, h2o 0\.0%, tova 0\.0%, kvzip 0\.0% at the same CR"
+    assert re.search(want, gate["message"])
 
 
 def _quality_report(dms_passkey, dms_kl, baseline_passkey=10.0):
