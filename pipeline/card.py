@@ -97,6 +97,10 @@ class RetrofitSpec:
     # through), so a decision pushed far past 0 can still be flipped and moved back (rule.gumbel_sigmoid).
     # None: the spec's plain Gumbel-sigmoid. Useful at high lr, where logits overshoot into the flat tails.
     logit_clip: float | None = None
+    # Borrowed decisions only: before the CR ramp, zero the q_proj rows that compute the borrowed query
+    # channel, so every decision logit starts at -dms.initial_alpha_offset (keep) and training starts
+    # from the base model (the paper's DMC-style neuron zeroing). Adapters start there anyway.
+    warm_start: bool = True
     # synthetic: the project's task corpus; teacher-answers: the teacher's own completions of generated
     # prompts; a path (relative: to the card's directory): a local JSONL of chat or text records, or a
     # `datasets` directory. null: the path comes from the environment variable named by `data_env` (the
@@ -118,6 +122,10 @@ class EvalSpec:
     max_accuracy_drop: float = 3.0
     items_per_task: int = 50
     lengths: tuple[int, ...] = (256, 1024)
+    # Real models only (null: not gated): DMS at the target CR against vanilla over generated tokens,
+    # mean per-token KL(vanilla || DMS) in nats at most, greedy token match (0-1) at least.
+    max_kl: float | None = None
+    min_token_match: float | None = None
 
 
 @dataclass(frozen=True)
@@ -345,6 +353,14 @@ def validate_card(card: Card) -> None:
             raise CardError(f"{where}: {key} needs at least one entry, each >= 1; got {list(values)}")
     if card.dms.target_cr < 1 or card.retrofit.schedule_cr < 1:
         raise CardError(f"{where}: dms.target_cr and retrofit.schedule_cr must be >= 1 (1 = no compression)")
+    e = card.eval
+    if (e.max_kl is not None and e.max_kl <= 0) or (
+        e.min_token_match is not None and not 0 <= e.min_token_match <= 1
+    ):
+        raise CardError(
+            f"{where}: eval.max_kl must be > 0 and eval.min_token_match between 0 and 1 (or null: not "
+            f"gated); got {e.max_kl} and {e.min_token_match}"
+        )
     if card.retrofit.logit_clip is not None and card.retrofit.logit_clip <= 0:
         raise CardError(
             f"{where}: retrofit.logit_clip must be > 0 (about 5 keeps a flip chance of 0.7%), "
