@@ -17,8 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.card import Card, card_section
-from pipeline.runner import Options, StageContext
-from pipeline.stages.retrofit import cr_label  # the checkpoints' labels
+from pipeline.stages.api import (
+    Options,
+    StageContext,
+    cr_label,  # the checkpoints' labels
+)
 
 NAME = "evaluate"
 DEPENDS: tuple[str, ...] = ("prepare", "retrofit")
