@@ -106,3 +106,14 @@ def test_equal_memory_sizes_both_pools_from_one_budget(tmp_path):
     assert vanilla["preemptions"] == 0
     assert dms["pool_blocks_used_after"] == vanilla["pool_blocks_used_after"] == 0
     assert em["dms_over_vanilla_tokens_per_s"] > 0
+
+
+def test_a_rerun_keeps_the_notes_section(tmp_path):
+    from pipeline.bench.report import NOTES, keep_notes
+
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# old table\n\n" + NOTES + "\n\n## Served, through Triton\n\nfigures\n")
+    new = keep_notes(md, "# new table\n")
+    assert new.startswith("# new table") and "old table" not in new
+    assert new.endswith(NOTES + "\n\n## Served, through Triton\n\nfigures\n")
+    assert keep_notes(tmp_path / "absent.md", "# t").endswith(NOTES + "\n")

@@ -225,7 +225,7 @@ class ModelRunner:
             visible = rule.hard_visibility(F_, pos[0], P, policy.mask_window())  # [Hkv, T, L]
             if policy.needs_probs:
                 out, probs = dense_attention(q, K[None], V[None], visible[None], self.scale)
-            else:  # nothing reads the probabilities: SDPA, ~3x faster on CPU, never materialises them
+            else:  # nothing reads the probabilities: SDPA, which never materialises them
                 out, probs = sdpa_prefill_attention(q, K[None], V[None], visible[None], self.scale), None
             x = layer.finish(x, out)
             valid = P < seen

@@ -102,8 +102,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
 @contextmanager
 def _cpu_threads(n: int):
-    """On CPU the engine's reference path is many small ops: one intra-op thread is several times
-    faster than two (measured 0.56 vs 2.8 s per 1024-token item on a shared 2-core machine)."""
+    """On CPU the engine's path is many small ops: one intra-op thread is several times faster than two
+    (the figures: bench/RESULTS.md, "CPU threads")."""
     import torch
 
     before = torch.get_num_threads()
