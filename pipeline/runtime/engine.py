@@ -32,7 +32,8 @@ Completion.stats: prompt_tokens, generated_tokens, live_kv_tokens (over all laye
 end), live_tokens_per_stream ([layers][kv_heads]), kv_bytes (bytes of the blocks it held),
 compression_ratio (1 / mean(kept / length) over layers and heads), preemptions. Every TokenEvent carries
 the request's live KV tokens and compression ratio after that token.
-`engine.pool_stats()`: blocks used / free, bytes, running / waiting requests, preemptions so far.
+`engine.pool_stats()`: blocks used / free, bytes, running / waiting requests, preemptions so far, and
+the mean compression ratio of the running requests.
 """
 
 from __future__ import annotations
@@ -479,7 +480,15 @@ class Engine:
                 "running": len(self.scheduler.running),
                 "waiting": len(self.scheduler.waiting),
                 "preemptions": self.scheduler.num_preemptions,  # since the engine started
+                "mean_compression_ratio": self._mean_compression_ratio(),
             }
+
+    def _mean_compression_ratio(self) -> float:
+        """Mean compression ratio of the running sequences now (1.0 when none runs)."""
+        running = [s for s in self.scheduler.running if s.num_cached > 0]
+        if not running:
+            return 1.0
+        return sum(ratio for _, ratio in self._kv_figures(running)) / len(running)
 
     def start(self) -> None:
         """Run the step loop in a background daemon thread."""

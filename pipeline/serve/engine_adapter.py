@@ -113,7 +113,9 @@ def stop_match(generated: Sequence[int], stops: Sequence[Sequence[int]]) -> int 
 
 def load_engine(params: Mapping[str, str], repo_dir: Path):
     """Engine for the model's parameters: gpt_model_path (relative to the repository), eviction_policy,
-    max_tokens_in_paged_kv_cache, batch_scheduler_policy, device."""
+    max_tokens_in_paged_kv_cache, batch_scheduler_policy, device; optional max_num_sequences (the most
+    requests it runs at once; default the engine's max_batch_size), which perf's equal-memory workload
+    raises so that only the KV pool limits how many run."""
     import torch
 
     from pipeline.runtime.engine import Engine
@@ -132,6 +134,9 @@ def load_engine(params: Mapping[str, str], repo_dir: Path):
     pool_tokens = params.get("max_tokens_in_paged_kv_cache", "")
     if pool_tokens:
         limits = replace(limits, kv_pool_tokens=int(pool_tokens))
+    max_sequences = params.get("max_num_sequences", "")
+    if max_sequences:
+        limits = replace(limits, max_batch_size=int(max_sequences))
     device = params.get("device", "auto")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

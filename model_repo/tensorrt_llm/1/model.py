@@ -58,8 +58,11 @@ class TritonPythonModel:
         for key, desc in (
             ("blocks_used", "KV pool blocks in use"),
             ("blocks_total", "KV pool blocks"),
+            ("bytes_total", "KV pool bytes"),
             ("running", "requests in the running batch"),
             ("waiting", "requests queued for admission"),
+            ("preemptions", "requests preempted (recomputed later) since the model loaded"),
+            ("mean_compression_ratio", "mean KV compression ratio of the running requests"),
         ):
             family = pb_utils.MetricFamily(
                 name=f"dms_kv_pool_{key}", description=desc, kind=pb_utils.MetricFamily.GAUGE
