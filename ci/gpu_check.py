@@ -12,7 +12,9 @@ no NaN; (3) device copy bandwidth (device-to-device copy, bytes read + written) 
 achieved bandwidth (live KV bytes read / median time; CUDA events, warm-up excluded, L2 flushed before
 each timed launch). Prints a table and writes JSON. Without a CUDA device it says so and exits 0
 (`--require-gpu` makes that exit 2); `--compile-only` still builds for sm_90 on a CPU-only machine.
-Exit 1 if any check fails.
+Then (4) the engine's decode step at Qwen3-8B's real shape in bf16 (`--engine-shape`), batch 8 and 64,
+through `python -m pipeline bench --sections shape --real-widths` in a subprocess. Exit 1 if any check
+fails.
 """
 
 from __future__ import annotations
@@ -63,6 +65,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile-only", action="store_true", help="only compile and report resources")
     parser.add_argument("--arch", type=int, default=None, help="compute capability for --compile-only (90)")
     parser.add_argument("--require-gpu", action="store_true", help="exit 2 instead of 0 without a GPU")
+    parser.add_argument(
+        "--engine-shape",
+        default="qwen3-8b",
+        help="after the kernel check, time the engine's decode step at this model's real shape in bf16 "
+        "(`python -m pipeline bench --sections shape --real-widths`, a subprocess: this script itself "
+        "imports no pipeline code); 'none' skips it",
+    )
+    parser.add_argument("--engine-timeout", type=int, default=420, help="seconds for the engine benchmark")
     args = parser.parse_args(argv)
     args.size_list = parse_sizes(args.sizes) if args.sizes else (QUICK_SIZES if args.quick else FULL_SIZES)
     if args.iters < 1 or args.warmup < 0:
@@ -462,6 +472,26 @@ def write_json(path: Path | None, result: dict) -> None:
         print(f"wrote {path}")
 
 
+def engine_shape_bench(shape: str, timeout_s: int) -> dict:
+    """The engine's decode step at a real model shape (bench.json's `shape` section), run by the
+    project's own bench in a subprocess. Needs the pipeline package's imports (torch, safetensors,
+    pyyaml, tqdm) in this Python. NEVER RUN: no GPU was lent while this was written."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "-m", "pipeline", "bench", "--sections", "shape", "--shape", shape,
+               "--real-widths", "--out", out, "--markdown", str(Path(out) / "RESULTS.md")]
+        try:
+            done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return {"status": "timeout", "command": cmd, "timeout_s": timeout_s}
+        bench = Path(out) / "bench.json"
+        if done.returncode != 0 or not bench.is_file():
+            return {"status": "failed", "command": cmd, "returncode": done.returncode,
+                    "stderr_tail": done.stderr[-4000:]}
+        return {"status": "ok", "command": cmd, **json.loads(bench.read_text())["shape"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.compile_only:
@@ -475,8 +505,20 @@ def main(argv: list[str] | None = None) -> int:
         write_json(args.out, {"status": "skipped", "reason": NO_GPU_MESSAGE})
         return 2 if args.require_gpu else 0
     result = run_gpu(args)
+    if args.engine_shape != "none":
+        result["engine_shape"] = engine_shape_bench(args.engine_shape, args.engine_timeout)
+        result["ok"] = result["ok"] and result["engine_shape"].get("status") == "ok"
     write_json(args.out, result)
     print(format_table(result))
+    shape = result.get("engine_shape")
+    if shape is not None:
+        if shape["status"] == "ok":
+            for m in ("dms", "vanilla"):
+                cells = ", ".join(f"batch {b}: {ms:.2f} ms (host {shape['host_fraction'][m][b]:.0%})"
+                                  for b, ms in shape["step_ms"][m].items())
+                print(f"engine decode step at {shape['name']} ({shape['dtype']}), {m}: {cells}")
+        else:
+            print(f"engine decode step benchmark: {shape['status']} {shape.get('stderr_tail', '')}")
     return 0 if result["ok"] else 1
 
 

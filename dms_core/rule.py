@@ -236,19 +236,20 @@ def ring_place_(
 def ring_load_(
     ring_row: torch.Tensor,
     ring_flag: torch.Tensor,
-    stream: int,
+    streams: torch.Tensor | int,
     pos: torch.Tensor,
     evicted: torch.Tensor,
     rows: torch.Tensor,
     num_tokens: int,
 ) -> None:
-    """Set stream `stream`'s ring after a prefill stored its survivors: the token at pos[i] (flag
-    evicted[i]) in pool row rows[i]. The ring's positions num_tokens - W - 1 .. num_tokens - 1 are all
-    survivors."""
+    """Set streams' rings after a prefill stored their survivors: survivor i is the token at pos[i] of
+    stream streams[i] (an int: all of one stream), flag evicted[i], in pool row rows[i]. Every stream has
+    seen `num_tokens`; its ring positions num_tokens - W - 1 .. num_tokens - 1 are all survivors."""
     ring = ring_row.shape[1]
     in_ring = pos >= num_tokens - ring
-    ring_row[stream, pos[in_ring] % ring] = rows[in_ring]
-    ring_flag[stream, pos[in_ring] % ring] = evicted[in_ring]
+    streams = torch.as_tensor(streams, device=pos.device).expand_as(pos)[in_ring]
+    ring_row[streams, pos[in_ring] % ring] = rows[in_ring]
+    ring_flag[streams, pos[in_ring] % ring] = evicted[in_ring]
 
 
 # -- section 5: the compression ratio --------------------------------------------------------------

@@ -135,7 +135,7 @@ def _cmd_ask(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from pipeline.runtime.bench import bench_command
+    from pipeline.bench import bench_command
 
     return bench_command(args)
 
@@ -182,13 +182,22 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--build-dir", default="build")
     prune.set_defaults(func=_cmd_prune)
 
-    bench = sub.add_parser("bench", help="KV memory and decode speed, DMS against vanilla and HF")
+    bench = sub.add_parser(
+        "bench", help="KV memory, decode speed, real-shape step time and equal-memory throughput"
+    )
     bench.add_argument("--out", help="where bench.json goes (default build/bench)")
     bench.add_argument(
         "--markdown", help="the results table (default bench/RESULTS.md, or OUT/RESULTS.md with --out)"
     )
     bench.add_argument("--context", type=int, default=4096)
     bench.add_argument("--batch", type=int, default=8)
+    bench.add_argument("--sections", help="comma-separated: decode,shape,equal_memory (default: all)")
+    bench.add_argument("--shape", default="qwen3-8b", help="the real model shape of the shape section")
+    widths = bench.add_mutually_exclusive_group()
+    widths.add_argument("--tiny-widths", dest="tiny_widths", action="store_true", default=None,
+                        help="shape section at tiny widths (the default without a GPU)")
+    widths.add_argument("--real-widths", dest="tiny_widths", action="store_false",
+                        help="shape section at the model's real widths (the default on a GPU)")
     bench.set_defaults(func=_cmd_bench)
     return parser
 

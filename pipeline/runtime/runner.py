@@ -147,7 +147,7 @@ def gathered_attention(
     return out, probs.sum(dim=1)
 
 
-def _pad_stack(rows: list[torch.Tensor], value: float | bool) -> torch.Tensor:
+def _pad_stack(rows: list[torch.Tensor], value: float | bool | int) -> torch.Tensor:
     """Stack tensors of different lengths along a new dim 0, padding dim 0 of each with `value`."""
     length = max(r.shape[0] for r in rows)
     out = rows[0].new_full((len(rows), length, *rows[0].shape[1:]), value)
@@ -212,68 +212,76 @@ class ModelRunner:
         pos = torch.arange(start, seen, device=dev)[None]  # [1, T]
         x = self.model.embed(torch.tensor([token_ids], device=dev))
         rope = self.model.rope(pos)
-        first_row = seq.slot * hkv
+        streams = torch.arange(seq.slot * hkv, (seq.slot + 1) * hkv, device=dev)
+        budget = policy.budget(seq.total_budget_tokens)
         for li, layer in enumerate(self.model.layers):
             q, k, v, logits = layer.project(x, rope)
             dec = policy.decisions(logits, pos, hkv)  # [1, Hkv, T] or None
-            ks, vs, kpos, kflag, kscore = [], [], [], [], []
-            for h in range(hkv):
-                row = first_row + h
-                n = int(st.lens_host[li, row])
-                rows = st.pool_rows(li, row, n)
-                k_old, v_old = self.cache.read(rows)
-                p_old = st.slot_pos[rows].long()
-                f_old = policy.stored_flags(st, li, row, p_old, start)
-                if n and dec is not None:  # the chunk's first decision is about the last stored token
-                    f_old = f_old | ((p_old == start - 1) & dec[0, h, 0])
-                f_new = rule.shift_by_one(dec[0, h], False) if dec is not None else torch.zeros(
-                    t, dtype=torch.bool, device=dev
-                )
-                ks.append(torch.cat([k_old, k[0, :, h]]))
-                vs.append(torch.cat([v_old, v[0, :, h]]))
-                kpos.append(torch.cat([p_old, pos[0]]))
-                kflag.append(torch.cat([f_old, f_new]))
-                kscore.append(torch.cat([st.slot_score[rows], torch.zeros(t, device=dev)])
-                              if policy.tracks_scores else torch.zeros(n + t, device=dev))
-            K, V = _pad_stack(ks, 0.0)[None], _pad_stack(vs, 0.0)[None]  # [1, Hkv, L, D]
-            P = _pad_stack(kpos, 1 << 40)  # [Hkv, L]; padding sits "in the future": never causal
-            F_ = _pad_stack(kflag, False)
+            flag_new = rule.shift_by_one(dec[0], False) if dec is not None else torch.zeros(
+                hkv, t, dtype=torch.bool, device=dev
+            )
+            K, V, P, F_, S = self._candidates(li, streams, k[0].transpose(0, 1), v[0].transpose(0, 1),
+                                             pos[0], flag_new, dec, start)
             visible = rule.hard_visibility(F_, pos[0], P, policy.mask_window())  # [Hkv, T, L]
             if policy.needs_probs:
-                out, probs = dense_attention(q, K, V, visible[None], self.scale)
+                out, probs = dense_attention(q, K[None], V[None], visible[None], self.scale)
             else:  # nothing reads the probabilities: SDPA, ~3x faster on CPU, never materialises them
-                out, probs = sdpa_prefill_attention(q, K, V, visible[None], self.scale), None
+                out, probs = sdpa_prefill_attention(q, K[None], V[None], visible[None], self.scale), None
             x = layer.finish(x, out)
-            for h in range(hkv):
-                n_all = ks[h].shape[0]
-                no_probs = torch.zeros(n_all)  # read only by policies that need probabilities
-                cand = Candidates(  # on the CPU: policies do small bookkeeping, whatever the device
-                    pos=kpos[h].cpu(),
-                    flag=kflag[h].cpu(),
-                    score=kscore[h].cpu(),
-                    probs_sum=probs[0, h, :, :n_all].sum(0).cpu() if probs is not None else no_probs,
-                    probs_last=probs[0, h, -1, :n_all].cpu() if probs is not None else no_probs,
-                    budget=policy.budget(seq.total_budget_tokens),
-                )
-                keep, score = policy.prefill_keep(cand)  # CPU bool [N]
-                self._rewrite(li, first_row + h, ks[h], vs[h], cand, keep, score, seen)
+            valid = P < seen
+            cand = Candidates(
+                pos=P, flag=F_, score=S, valid=valid, budget=budget, seen=seen,
+                probs_sum=probs[0].sum(1) if probs is not None else None,
+                probs_last=probs[0, :, -1] if probs is not None else None,
+            )  # fmt: skip
+            keep, score = policy.prefill_keep(cand)  # bool [Hkv, L]
+            self._rewrite(li, streams, K, V, cand, keep & valid, score, seen)
         seq.num_cached = seen
-        st.grows_host[:, first_row : first_row + hkv] = self._grows_of(seq)
+        rows = st.rows_of(seq.slot)
+        st.grows_host[:, rows] = self._grows_of(seq)
         return self.model.logits(x[0, -1])
 
-    def _rewrite(self, li: int, row: int, k: torch.Tensor, v: torch.Tensor, cand: Candidates,
+    def _candidates(self, li: int, streams: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
+                    flag_new: torch.Tensor, dec: torch.Tensor | None, start: int):
+        """Each stream's stored tokens then the chunk, padded to one length L: K, V [Hkv, L, D]; positions
+        P [Hkv, L] (padding "in the future", never causal); flags F [Hkv, L]; scores S [Hkv, L]."""
+        st, policy, t = self.streams, self.policy, pos.shape[0]
+        stored = st.lens_host[li, streams.tolist()]
+        if not stored.any():  # a first chunk: nothing stored yet
+            return k, v, pos.expand(len(streams), t), flag_new, torch.zeros(len(streams), t, device=k.device)
+        ks, vs, ps, fs, ss = [], [], [], [], []
+        for h, row in enumerate(streams.tolist()):
+            rows = st.pool_rows(li, row, int(stored[h]))
+            k_old, v_old = self.cache.read(rows)
+            p_old = st.slot_pos[rows]
+            f_old = policy.stored_flags(st, li, row, p_old, start)
+            if len(rows) and dec is not None:  # the chunk's first decision is about the last stored token
+                f_old = f_old | ((p_old == start - 1) & dec[0, h, 0])
+            s_old = st.slot_score[rows] if policy.tracks_scores else torch.zeros(len(rows), device=k.device)
+            ks.append(torch.cat([k_old, k[h]]))
+            vs.append(torch.cat([v_old, v[h]]))
+            ps.append(torch.cat([p_old, pos]))
+            fs.append(torch.cat([f_old, flag_new[h]]))
+            ss.append(torch.cat([s_old, torch.zeros(t, device=k.device)]))
+        return (_pad_stack(ks, 0.0), _pad_stack(vs, 0.0), _pad_stack(ps, 1 << 40), _pad_stack(fs, False),
+                _pad_stack(ss, 0.0))
+
+    def _rewrite(self, li: int, streams: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cand: Candidates,
                  keep: torch.Tensor, score: torch.Tensor, seen: int) -> None:
-        """Make stream (li, row) hold exactly the kept candidates, in slots 0..N-1."""
+        """Make each stream (li, streams[h]) hold exactly its kept candidates keep[h], in slots 0..n-1."""
         st = self.streams
-        n = int(keep.sum())
-        st.resize(li, row, n)  # the scheduler checked capacity beforehand
-        rows = st.pool_rows(li, row, n)
-        keep_dev = keep.to(k.device)
-        if n:
-            self.cache.write(rows, k[keep_dev], v[keep_dev])
-        kept_pos = cand.pos[keep].to(self.device)
+        counts = keep.sum(1).tolist()
+        rows = []
+        for row, n in zip(streams.tolist(), counts, strict=True):
+            st.resize(li, row, n)  # the scheduler checked capacity beforehand
+            rows.append(st.pool_rows(li, row, n))
+        rows = torch.cat(rows)
+        if len(rows):
+            self.cache.write(rows, k[keep], v[keep])
+        kept_pos = cand.pos[keep]
         st.slot_pos[rows] = kept_pos
-        self.policy.load(st, li, row, rows, kept_pos, cand.flag[keep].to(self.device), score[keep], seen)
+        owner = streams.repeat_interleave(torch.tensor(counts, device=streams.device))
+        self.policy.load(st, li, owner, rows, kept_pos, cand.flag[keep], score[keep], seen)
 
     def _grows_of(self, seq: Sequence):
         """bool [layers, kv_heads]: whether each of the sequence's streams takes a new slot for its next

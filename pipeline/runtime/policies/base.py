@@ -4,8 +4,8 @@ The runner owns the tensors; `dms_core.streams.StreamTable` owns every stream's 
 lengths, DMS rings, per-slot positions and scores). A policy only decides which tokens stay:
 - `decisions`: DMS-style per-token eviction flags from the model's decision logits (None = no learned
   eviction, plain causal attention in prefill);
-- prefill, one stream at a time (not the hot path): `stored_flags` (eviction flags of the stream's
-  stored tokens), `prefill_keep` (which of the candidates stay), `load` (the policy's own state from
+- prefill, the KV heads of one layer at once (not the hot path): `stored_flags` (eviction flags of a
+  stream's stored tokens), `prefill_keep` (which candidates stay), `load` (the policy's own state from
   the survivors);
 - decode, all streams of a layer at once, tensors in and out, no host sync: `place` (the slot each new
   token takes: an evicted one in place, or a new one; lengths updated), `appends` (whether the NEXT
@@ -44,19 +44,31 @@ class DecodeStep:
 
 @dataclass
 class Candidates:
-    """A stream's tokens after a prefill chunk (stored slots first, then the chunk), N of them.
+    """The streams of one layer (H of them, one per KV head) after a prefill chunk: each stream's stored
+    slots, then the chunk, padded to N.
 
-    pos [N] int64; flag [N] bool (DMS flags, shifted by one); score [N] float32 (stored statistics,
-    0 for new tokens); probs_sum [N] and probs_last [N] float32: attention the chunk's queries (summed
-    over queries and the GQA group) and its last query paid to each token.
+    pos [H, N] int64; valid [H, N] bool (False on padding); flag [H, N] bool (DMS flags, shifted by
+    one); score [H, N] float32 (stored statistics, 0 for new tokens); probs_sum and probs_last [H, N]
+    float32 (only for policies that need probabilities, else None): attention the chunk's queries
+    (summed over queries and the GQA group) and its last query paid to each token; seen: the tokens each
+    stream has seen after the chunk; budget: the request's live-token budget (None: none).
     """
 
     pos: torch.Tensor
     flag: torch.Tensor
     score: torch.Tensor
-    probs_sum: torch.Tensor
-    probs_last: torch.Tensor
+    valid: torch.Tensor
+    probs_sum: torch.Tensor | None
+    probs_last: torch.Tensor | None
     budget: int | None
+    seen: int
+
+    def row(self, h: int) -> Candidates:
+        """Stream h's valid candidates alone ([1, n]), for policies that decide one stream at a time."""
+        keep = self.valid[h]
+        pick = lambda t: None if t is None else t[h][keep][None]  # noqa: E731
+        return Candidates(pick(self.pos), pick(self.flag), pick(self.score), pick(self.valid),
+                          pick(self.probs_sum), pick(self.probs_last), self.budget, self.seen)
 
 
 class EvictionPolicy(ABC):
@@ -111,14 +123,15 @@ class EvictionPolicy(ABC):
 
     @abstractmethod
     def prefill_keep(self, c: Candidates) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (keep [N] bool, new score [N] float32) for the candidates."""
+        """Returns (keep [H, N] bool, new score [H, N] float32) for the candidates (padding: anything)."""
 
-    def load(self, st: StreamTable, layer: int, row: int, rows: torch.Tensor, pos: torch.Tensor,
+    def load(self, st: StreamTable, layer: int, streams: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
              flag: torch.Tensor, score: torch.Tensor, seen: int) -> None:
-        """After a prefill rewrote stream `row` with survivors in slots 0..n-1 (pool rows `rows`, positions
-        `pos`, flags `flag`, scores `score`): set the policy's own state."""
+        """After a prefill rewrote streams with their survivors: survivor i belongs to stream streams[i],
+        lives in pool row rows[i], is the token at pos[i] with flag[i] and score[i]. Set the policy's own
+        state."""
         if self.tracks_scores:
-            st.slot_score[rows] = score.to(st.slot_score.device)
+            st.slot_score[rows] = score
 
     # -- decode (every stream of a layer) ----------------------------------------------------------
     @abstractmethod
@@ -144,6 +157,18 @@ class EvictionPolicy(ABC):
 def fixed_budget(total_tokens: int, cr: float, minimum: int) -> int:
     """Budget of a fixed-size baseline at compression ratio `cr` for a request of `total_tokens`."""
     return max(minimum, math.ceil(total_tokens / cr))
+
+
+def per_stream(policy_keep, c: Candidates) -> tuple[torch.Tensor, torch.Tensor]:
+    """prefill_keep of a policy that decides one stream at a time (policy_keep on [1, n] candidates),
+    for all streams of the layer."""
+    keep = torch.zeros_like(c.valid)
+    score = torch.zeros_like(c.score)
+    for h in range(c.valid.shape[0]):
+        k, s = policy_keep(c.row(h))
+        keep[h, c.valid[h]] = k[0]
+        score[h, c.valid[h]] = s[0]
+    return keep, score
 
 
 def keep_top(values: torch.Tensor, k: int, forced: torch.Tensor) -> torch.Tensor:

@@ -85,11 +85,11 @@ class DMSPolicy(EvictionPolicy):
         return in_ring & st.ring_flag[layer, row, pos % ring]
 
     def prefill_keep(self, c: Candidates) -> tuple[torch.Tensor, torch.Tensor]:
-        return rule.survivors(c.pos, c.flag, int(c.pos.max()) + 1, self._window()), c.score
+        return c.valid & rule.survivors(c.pos, c.flag, c.seen, self._window()), c.score
 
-    def load(self, st: StreamTable, layer: int, row: int, rows: torch.Tensor, pos: torch.Tensor,
+    def load(self, st: StreamTable, layer: int, streams: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
              flag: torch.Tensor, score: torch.Tensor, seen: int) -> None:
-        rule.ring_load_(st.ring_row[layer], st.ring_flag[layer], row, pos, flag, rows, seen)
+        rule.ring_load_(st.ring_row[layer], st.ring_flag[layer], streams, pos, flag, rows, seen)
 
     # -- decode ----------------------------------------------------------------------------------
     def place(

@@ -14,6 +14,7 @@ from pipeline.runtime.policies.base import (
     budget_victim,
     fixed_budget,
     keep_top,
+    per_stream,
 )
 
 
@@ -32,11 +33,14 @@ class H2OPolicy(EvictionPolicy):
         return max(1, int(budget * self.recent_fraction))
 
     def prefill_keep(self, c: Candidates) -> tuple[torch.Tensor, torch.Tensor]:
+        return per_stream(self._keep, c)
+
+    def _keep(self, c: Candidates) -> tuple[torch.Tensor, torch.Tensor]:
         assert c.budget is not None
-        score = c.score + c.probs_sum
+        score = (c.score + c.probs_sum)[0]
         recent = self._recent(c.budget)
-        forced = c.pos > int(c.pos.max()) - recent
-        return keep_top(score, c.budget - int(forced.sum()), forced), score
+        forced = c.pos[0] > int(c.pos.max()) - recent
+        return keep_top(score, c.budget - int(forced.sum()), forced)[None], score[None]
 
     def place(
         self, st: StreamTable, layer: int, step: DecodeStep, evict_prev: torch.Tensor | None

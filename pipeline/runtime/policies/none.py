@@ -15,7 +15,7 @@ class NoEviction(EvictionPolicy):
     name: str = "none"
 
     def prefill_keep(self, c: Candidates) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.ones_like(c.flag), c.score
+        return c.valid, c.score
 
     def place(
         self, st: StreamTable, layer: int, step: DecodeStep, evict_prev: torch.Tensor | None

@@ -14,6 +14,7 @@ from pipeline.runtime.policies.base import (
     budget_victim,
     fixed_budget,
     keep_top,
+    per_stream,
 )
 
 
@@ -28,9 +29,12 @@ class TOVAPolicy(EvictionPolicy):
         return fixed_budget(total_tokens, self.cr, 2)
 
     def prefill_keep(self, c: Candidates) -> tuple[torch.Tensor, torch.Tensor]:
+        return per_stream(self._keep, c)
+
+    def _keep(self, c: Candidates) -> tuple[torch.Tensor, torch.Tensor]:
         assert c.budget is not None
-        forced = c.pos == int(c.pos.max())  # the newest token has no score from its own query yet
-        return keep_top(c.probs_last, c.budget - 1, forced), c.probs_last
+        forced = c.pos[0] == int(c.pos.max())  # the newest token has no score from its own query yet
+        return keep_top(c.probs_last[0], c.budget - 1, forced)[None], c.probs_last
 
     def place(
         self, st: StreamTable, layer: int, step: DecodeStep, evict_prev: torch.Tensor | None

@@ -7,7 +7,14 @@ from dataclasses import dataclass
 import torch
 
 from dms_core.streams import StreamTable
-from pipeline.runtime.policies.base import Candidates, DecodeStep, EvictionPolicy, budget_victim, fixed_budget
+from pipeline.runtime.policies.base import (
+    Candidates,
+    DecodeStep,
+    EvictionPolicy,
+    budget_victim,
+    fixed_budget,
+    per_stream,
+)
 
 
 @dataclass
@@ -20,12 +27,15 @@ class WindowPolicy(EvictionPolicy):
         return fixed_budget(total_tokens, self.cr, self.sinks + 1)
 
     def prefill_keep(self, c: Candidates) -> tuple[torch.Tensor, torch.Tensor]:
+        return per_stream(self._keep, c)
+
+    def _keep(self, c: Candidates) -> tuple[torch.Tensor, torch.Tensor]:
         assert c.budget is not None
         recent = c.budget - self.sinks
-        order = torch.argsort(c.pos, descending=True)
-        keep = c.pos < self.sinks
+        order = torch.argsort(c.pos[0], descending=True)
+        keep = c.pos[0] < self.sinks
         keep[order[:recent]] = True
-        return keep, c.score
+        return keep[None], c.score
 
     def place(
         self, st: StreamTable, layer: int, step: DecodeStep, evict_prev: torch.Tensor | None

@@ -1,4 +1,5 @@
-"""`make bench`: KV memory and decode speed of DMS against vanilla (our engine) and HF `generate`.
+"""`make bench`'s decode section: KV memory and decode speed of DMS against vanilla (our engine) and HF
+`generate`, on the embedded tiny model.
 
 One run, one model (the embedded tiny-qwen3 card's shape), the same prompts for all three:
 - the trained tiny DMS checkpoint (build/tiny-qwen3/retrofit/checkpoints/cr<target>) when it exists,
@@ -15,16 +16,10 @@ One run, one model (the embedded tiny-qwen3 card's shape), the same prompts for 
   (prefill excluded the same way).
 - The machine's 1-minute load average before and after is recorded: on a shared CPU, compare ratios
   from one run, not absolute numbers across runs.
-Writes <out>/bench.json and bench/RESULTS.md.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,7 +37,6 @@ from pipeline.runtime.sampling import SamplingParams
 DECODE_TOKENS = 128
 ROUNDS = 3
 PREFILL_CHUNK = 512
-RESULTS_MD = Path("bench/RESULTS.md")
 
 
 def _shown(path: Path) -> str:
@@ -53,7 +47,7 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def _tiny_model(
+def tiny_model(
     card_name: str, build_dir: Path
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor], str, Path | None]:
     """(config, state, description, the trained DMS checkpoint's directory or None: no learned decisions)."""
@@ -63,7 +57,7 @@ def _tiny_model(
     if (trained / "config.json").is_file():
         config, state = load_hf_checkpoint(trained)
         return config, state, f"trained DMS checkpoint {_shown(trained)}", trained
-    teacher = Path(__file__).resolve().parents[1] / "assets" / card.name
+    teacher = Path(__file__).resolve().parents[1] / "assets" / card.name  # pipeline/assets/
     if (teacher / "config.json").is_file():
         config, state = load_hf_checkpoint(teacher)
         return config, state, f"teacher {_shown(teacher)} with DMS decisions forced to CR {label}", None
@@ -80,7 +74,7 @@ def _tiny_model(
     return model.config.to_dict(), state, desc, None
 
 
-def _task_prompts(tokenizer_dir: Path, batch: int, tokens: int) -> list[list[int]]:
+def task_prompts(tokenizer_dir: Path, batch: int, tokens: int) -> list[list[int]]:
     """`batch` prompts of exactly `tokens` tokens of held-out task text (filler with facts: what the
     tiny model was retrofitted on), one item each, cut to length. Learned decisions depend on content,
     and random token ids (half of them fact words) are not text this model reads."""
@@ -176,7 +170,7 @@ def _hf_runner(
     return run
 
 
-def run_bench(
+def run_decode(
     context: int,
     batch: int,
     card_name: str = "tiny-qwen3",
@@ -186,9 +180,8 @@ def run_bench(
 ) -> dict[str, Any]:
     if context <= 2 * decode_tokens:
         raise ValueError(f"--context must be more than {2 * decode_tokens} tokens")
-    load_start = os.getloadavg()[0]
     card = load_card(card_name)
-    config, state, model_desc, trained = _tiny_model(card_name, build_dir)
+    config, state, model_desc, trained = tiny_model(card_name, build_dir)
     learned = trained is not None
     prompt_tokens, new_tokens = context - decode_tokens, decode_tokens
     limits = EngineLimits(
@@ -202,7 +195,7 @@ def run_bench(
         DMSPolicy() if learned else DMSPolicy(window=card.dms.window, force_cr=card.dms.target_cr)
     )
     if trained is not None:
-        prompts = _task_prompts(trained, batch, prompt_tokens)
+        prompts = task_prompts(trained, batch, prompt_tokens)
     else:  # forced decisions do not look at the content
         g = torch.Generator().manual_seed(0)
         prompts = [torch.randint(0, int(config["vocab_size"]), (prompt_tokens,), generator=g).tolist()
@@ -242,8 +235,6 @@ def run_bench(
         "generated_tokens": new_tokens,
         "batch": batch,
         "rounds": rounds,
-        "device": _device(),
-        "load_average_1m": {"start": load_start, "end": os.getloadavg()[0]},
         "kv_bytes_ratio": results["vanilla"]["kv_bytes_per_seq"] / results["dms"]["kv_bytes_per_seq"],
         "capacity_ratio": fits["dms"] / fits["vanilla"],
         "sequences_fitting_pool": fits,
@@ -255,82 +246,3 @@ def run_bench(
         "vanilla_over_hf_speed": speed["vanilla"] / speed["hf"],
         "details": results,
     }
-
-
-def _device() -> str:
-    threads = torch.get_num_threads()
-    return (
-        f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {threads})"
-    )
-
-
-def write_results(report: dict[str, Any], out_dir: Path, md_path: Path = RESULTS_MD) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench.json").write_text(json.dumps(report, indent=2))
-    s = report["decode_tokens_per_s"]
-    lines = [
-        "# DMS runtime benchmark (`make bench`)",
-        "",
-        f"Model: {report['model']}.",
-        f"DMS decisions: {report['dms_decisions']} (window {report['dms_window']}).",
-        f"Workload: batch {report['batch']}, {report['prompt_tokens']}-token prompts "
-        f"({report['prompts']}), "
-        f"{report['generated_tokens']} generated tokens each ({report['context_tokens']}-token context), "
-        f"greedy, EOS ignored. Device: {report['device']}; 1-minute load average "
-        f"{report['load_average_1m']['start']:.1f} at start, {report['load_average_1m']['end']:.1f} at end "
-        "(a shared machine: compare the ratios, which come from one run).",
-        "",
-        "| metric | value |",
-        "| --- | --- |",
-        f"| kv_bytes_ratio (vanilla / DMS KV bytes per sequence) | {report['kv_bytes_ratio']:.2f} |",
-        f"| capacity_ratio (sequences fitting the pool, DMS / vanilla) | {report['capacity_ratio']:.2f} "
-        f"({report['sequences_fitting_pool']['dms']} vs {report['sequences_fitting_pool']['vanilla']}) |",
-        f"| measured compression ratio (DMS) | {report['measured_compression_ratio']:.2f} |",
-        f"| decode tokens/s: DMS | {s['dms']:.1f} |",
-        f"| decode tokens/s: vanilla (our engine) | {s['vanilla']:.1f} |",
-        f"| decode tokens/s: HF generate | {s['hf']:.1f} |",
-        f"| DMS / vanilla speed | {report['dms_over_vanilla_speed']:.2f} |",
-        f"| DMS / HF speed | {report['dms_over_hf_speed']:.2f} |",
-        f"| vanilla / HF speed | {report['vanilla_over_hf_speed']:.2f} |",
-        "",
-        f"Decode speed excludes prefill and a warm-up run; each is the best of {report['rounds']} rounds "
-        "that interleave DMS, vanilla and HF. KV bytes are the blocks a sequence holds after",
-        f"{report['context_tokens']} tokens (all layers and KV heads); the DMS overhead over 1/CR is the",
-        "window of recent tokens every stream keeps plus the partly filled last block. Regenerate with",
-        "`make bench` (DMS_BENCH_THREADS=1 on an oversubscribed machine).",
-        "",
-    ]
-    md_path.parent.mkdir(parents=True, exist_ok=True)
-    md_path.write_text("\n".join(lines))
-
-
-def output_paths(out: str | None, markdown: str | None) -> tuple[Path, Path]:
-    """(directory for bench.json, Markdown table). The table is the tracked bench/RESULTS.md only when
-    neither is given: an experiment with --out elsewhere leaves the recorded results alone."""
-    out_dir = Path(out or "build/bench")
-    return out_dir, Path(markdown or (RESULTS_MD if out is None else out_dir / "RESULTS.md"))
-
-
-def bench_command(args: argparse.Namespace) -> int:
-    """`python -m pipeline bench`."""
-    out, markdown = output_paths(args.out, args.markdown)
-    if args.batch < 1 or args.context <= 2 * DECODE_TOKENS:
-        print(
-            f"error: --batch must be >= 1 and --context more than {2 * DECODE_TOKENS} tokens "
-            f"({DECODE_TOKENS} of them are generated); got --batch {args.batch} --context {args.context}",
-            file=sys.stderr,
-        )
-        return 2
-    # On a shared, oversubscribed CPU, OpenMP spin-waits make multi-threaded small matmuls collapse;
-    # DMS_BENCH_THREADS=1 gives stable numbers there (the thread count is recorded in `device`).
-    if os.environ.get("DMS_BENCH_THREADS"):
-        torch.set_num_threads(int(os.environ["DMS_BENCH_THREADS"]))
-    try:
-        report = run_bench(args.context, args.batch)
-    except ValueError as exc:  # limits the engine refuses (pool too small for the batch, ...)
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    write_results(report, out, markdown)
-    print(json.dumps({k: v for k, v in report.items() if k != "details"}, indent=2))
-    print(f"wrote {out / 'bench.json'} and {markdown}")
-    return 0

@@ -8,12 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.runtime.bench import run_bench, write_results
+from pipeline.bench.decode import run_decode
+from pipeline.bench.report import write_results
 
 
 def test_bench_small_run_writes_results(tmp_path):
     torch.set_num_threads(1)
-    report = run_bench(context=200, batch=2, build_dir=tmp_path / "no-build", decode_tokens=8, rounds=2)
+    report = run_decode(context=200, batch=2, build_dir=tmp_path / "no-build", decode_tokens=8, rounds=2)
+    report |= {"device": "cpu", "load_average_1m": {"start": 0.0, "end": 0.0}}
     write_results(report, tmp_path / "out", md_path=tmp_path / "RESULTS.md")
     data = json.loads((tmp_path / "out" / "bench.json").read_text())
     for key in (
@@ -41,12 +43,12 @@ def test_bench_small_run_writes_results(tmp_path):
 def test_trained_checkpoint_is_benched_on_task_text(tmp_path):
     """Learned decisions depend on content: the trained checkpoint reads held-out task text (every
     prompt exactly the asked length, so HF can batch them), not random ids."""
+    from pipeline.bench.decode import task_prompts
     from pipeline.data.tokenizer import save_tokenizer, train_tokenizer
-    from pipeline.runtime.bench import _task_prompts
 
     tok = train_tokenizer(512, seed=0)
     save_tokenizer(tok, tmp_path)
-    prompts = _task_prompts(tmp_path, batch=4, tokens=300)
+    prompts = task_prompts(tmp_path, batch=4, tokens=300)
     assert [len(p) for p in prompts] == [300] * 4 and all(p[0] == tok.bos_token_id for p in prompts)
     words = tok.convert_ids_to_tokens(prompts[0])
     assert tok.unk_token_id not in prompts[0] and "." in words and any(w.startswith("k") for w in words)
@@ -54,7 +56,12 @@ def test_trained_checkpoint_is_benched_on_task_text(tmp_path):
 
 @pytest.mark.parametrize(
     "argv, message",
-    [(["--context", "10"], "--context more than 256"), (["--batch", "0"], "--batch must be >= 1")],
+    [
+        (["--context", "10"], "--context more than 256"),
+        (["--batch", "0"], "--batch must be >= 1"),
+        (["--sections", "decode,speed"], "unknown speed"),
+        (["--sections", "shape", "--shape", "gpt-5"], "unknown shape 'gpt-5'"),
+    ],
 )
 def test_bad_bench_arguments_are_clear_errors(argv, message, capsys):
     from pipeline.cli import main
@@ -65,8 +72,37 @@ def test_bad_bench_arguments_are_clear_errors(argv, message, capsys):
 
 
 def test_out_without_markdown_leaves_the_tracked_results_alone(tmp_path):
-    from pipeline.runtime.bench import RESULTS_MD, output_paths
+    from pipeline.bench.report import RESULTS_MD, output_paths
 
     assert output_paths(None, None) == (Path("build/bench"), RESULTS_MD)  # `make bench`
     assert output_paths("exp", None) == (Path("exp"), Path("exp/RESULTS.md"))
     assert output_paths("exp", "notes.md") == (Path("exp"), Path("notes.md"))
+
+
+def test_shape_section_times_both_methods_at_each_batch():
+    from pipeline.bench.shape import run_shape
+
+    torch.set_num_threads(1)
+    shape = run_shape("llama-3.2-1b", tiny_widths=True, batches=(2, 4), prompt_tokens=24, steps=3)
+    for key in ("step_ms", "host_fraction", "compression_ratio"):
+        assert set(shape[key]) == {"dms", "vanilla"} and set(shape[key]["dms"]) == {"2", "4"}
+    assert all(v > 0 for m in shape["step_ms"].values() for v in m.values())
+    assert all(0 <= v <= 1 for m in shape["host_fraction"].values() for v in m.values())
+    assert shape["compression_ratio"]["dms"]["4"] > 1.2, "random adapters evict past the 16-token window"
+    assert shape["compression_ratio"]["vanilla"]["4"] == 1.0
+
+
+def test_equal_memory_sizes_both_pools_from_one_budget(tmp_path):
+    from pipeline.bench.equal_memory import pool_tokens_for, run_equal_memory
+
+    torch.set_num_threads(1)
+    em = run_equal_memory(build_dir=tmp_path / "no-build", requests=4, prompt_tokens=40, new_tokens=80,
+                          vanilla_sequences=1)
+    config = {"model_type": "qwen3", "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 32,
+              "hidden_size": 128, "num_hidden_layers": 4, "intermediate_size": 384, "vocab_size": 512}
+    assert em["kv_pool_tokens"] == pool_tokens_for(em["kv_memory_bytes"], config)  # one budget, both engines
+    dms, vanilla = em["rows"]["dms"], em["rows"]["vanilla"]
+    assert vanilla["running_max"] == 1 and dms["running_max"] > 1  # the memory DMS frees is used
+    assert vanilla["preemptions"] == 0
+    assert dms["pool_blocks_used_after"] == vanilla["pool_blocks_used_after"] == 0
+    assert em["dms_over_vanilla_tokens_per_s"] > 0
