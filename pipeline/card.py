@@ -416,15 +416,18 @@ class EqualMemoryPool:
     vanilla_requests: int  # requests of the workload the pool holds with eviction off
 
 
-def equal_memory_pool(card: Card, bytes_per_token: int) -> EqualMemoryPool:
-    """The equal-memory pool of a model whose tokens take `bytes_per_token` of KV (kv_bytes_per_token).
+def equal_memory_pool(card: Card, bytes_per_token: int, block_size: int | None = None) -> EqualMemoryPool:
+    """The equal-memory pool of a model whose tokens take `bytes_per_token` of KV (kv_bytes_per_token),
+    in blocks of `block_size` slots (default the card's build.kv_block_size; the engine's own is the
+    truth once it is built).
 
     Raises CardError when the pool cannot hold one vanilla request, or when the sweep never offers
     more requests than the vanilla pool holds (then memory never limits vanilla, and DMS's saving
     cannot show). A vanilla request holds its prompt (and BOS) and every generated token, plus the
     block each stream is handed a step ahead (the scheduler's admission, runtime/scheduler.py).
     """
-    em, block, where = card.perf.equal_memory, card.build.kv_block_size, card.path or card.name
+    em, where = card.perf.equal_memory, card.path or card.name
+    block = block_size or card.build.kv_block_size
     assert em is not None
     tokens = em.kv_memory_bytes // bytes_per_token // block * block
     request = em.input_tokens + 1 + em.output_tokens

@@ -58,7 +58,8 @@ def read_export(path: Path) -> dict[int, list[RequestTiming]]:
         data = json.loads(path.read_text())
         experiments = data["experiments"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ProfileError(f"{path}: not a perf_analyzer profile export ({type(exc).__name__}: {exc})") from None
+        kind = type(exc).__name__
+        raise ProfileError(f"{path}: not a perf_analyzer profile export ({kind}: {exc})") from None
     out: dict[int, list[RequestTiming]] = {}
     for exp in experiments:
         mode = exp.get("experiment", {})
@@ -76,9 +77,8 @@ def read_export(path: Path) -> dict[int, list[RequestTiming]]:
                 )
             tokens = stamps if _carries_token(outputs[-1]) else stamps[:-1]
             ratio = outputs[-1].get("kv_compression_ratio")
-            timings.append(
-                RequestTiming(int(req["timestamp"]), tuple(tokens), stamps[-1], None if ratio is None else float(ratio))
-            )
+            ratio = None if ratio is None else float(ratio)
+            timings.append(RequestTiming(int(req["timestamp"]), tuple(tokens), stamps[-1], ratio))
         out[int(mode["value"])] = timings
     return out
 
