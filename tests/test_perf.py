@@ -113,7 +113,7 @@ def test_an_impossible_equal_memory_limit_fails_with_the_numbers():
         "(card section `perf`; --no-gate records instead of failing)"
     )
     gates = perf.verdict(equal_memory.check_gates(em_section(itl99=300.0), 4.0, 100.0))
-    expected = "equal_memory.max_dms_itl_ms_p99: measured 300.0 at concurrency 64, the card requires at most 100"
+    expected = "max_dms_itl_ms_p99: measured 300.0 at concurrency 64, the card requires at most 100.0"
     assert expected in gates["message"]
 
 
