@@ -1,6 +1,6 @@
 """`DmsConfig`: NVIDIA's `dms_*` checkpoint keys, their defaults, and the one test of "is this DMS".
 
-docs/dms.md section 6. A checkpoint is a DMS checkpoint when its config carries `dms_window_size`; its
+docs/dms.md section 7. A checkpoint is a DMS checkpoint when its config carries `dms_window_size`; its
 other keys default as below when absent. Read from an HF config.json (a dict), a transformers or
 TensorRT-LLM config object (attributes), written back as dms_* keys.
 """

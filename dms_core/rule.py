@@ -1,4 +1,4 @@
-"""The DMS rule (docs/dms.md sections 1, 2, 3 and 5), once, for training, the engine, the kernels' tests
+"""The DMS rule (docs/dms.md sections 1 to 6), once, for training, the engine, the kernels' tests
 and the TensorRT host.
 
 Shapes: B = batch, Hq / Hkv = query / KV heads, T = tokens, D = head dim, R = streams (one stream is one

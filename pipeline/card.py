@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from dms_core.config import DmsConfig
+from pipeline.runtime.limits import EngineLimits
 
 CARDS_DIR = Path(__file__).parent / "cards"
 
@@ -63,7 +64,7 @@ class PretrainSpec:
 @dataclass(frozen=True)
 class DmsSpec:
     """The card's DMS section, in the card's own words; `Card.dms_config()` turns it into the checkpoint
-    keys (dms_core.config.DmsConfig, docs/dms.md section 6)."""
+    keys (dms_core.config.DmsConfig, docs/dms.md section 7)."""
 
     window: int = 512  # dms_window_size
     target_cr: float = 8.0  # dms_cr
@@ -120,19 +121,18 @@ class EvalSpec:
 
 
 @dataclass(frozen=True)
-class BuildSpec:
-    """Engine limits (TensorRT-LLM's names where one exists)."""
+class BuildSpec(EngineLimits):
+    """The engine's limits (EngineLimits: max_batch_size, max_input_len, max_output_len, kv_block_size
+    (dms_paged_attention_block_size; below dms.window), kv_pool_tokens (KV slots per (layer, KV head),
+    all streams together: memory = this x the model's per-token KV bytes; DMS fits about CR times more
+    logical tokens in them)) and how to build it."""
 
     backend: Literal["auto", "torch", "trtllm"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    max_batch_size: int = 8
-    max_input_len: int = 1024
-    max_output_len: int = 1024
-    kv_block_size: int = 16  # dms_paged_attention_block_size; must be smaller than dms.window
-    # KV slots per (layer, KV head), summed over all streams: memory = this x per-token KV bytes of the
-    # whole model. DMS fits ~CR times more logical tokens in the same slots.
-    kv_pool_tokens: int = 262144
     tp_size: int = 1
+
+    def limits(self) -> EngineLimits:
+        return EngineLimits.from_mapping(self)
 
 
 @dataclass(frozen=True)

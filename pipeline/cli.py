@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from pathlib import Path
 
 from pipeline.card import CardError, available_cards, load_card
+from pipeline.signals import stop_on_sigterm
 from pipeline.stages import STAGE_ORDER
 
 DEFAULT_MODEL = "tiny-qwen3"
@@ -71,17 +71,6 @@ def _unusable_dir(path: Path) -> str | None:
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"{existing} is not writable"
     return None
-
-
-def stop_on_sigterm() -> None:
-    """SIGTERM (a supervisor, a CI timeout, `kill`) and SIGHUP (the terminal closed) stop like Ctrl-C,
-    so the same cleanup runs."""
-
-    def interrupt(signum, frame) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupt)
-    signal.signal(signal.SIGHUP, interrupt)
 
 
 def int_in(low: int, high: int, what: str):

@@ -50,7 +50,7 @@ def make_engine_dir(
     from safetensors.torch import load_file
 
     from pipeline.runtime.engine_dir import EngineLimits, write_engine_dir
-    from tests.runtime_models import make_tiny_hf
+    from tests.tiny_models import make_tiny_hf
 
     tok_dir = make_tokenizer(path.parent / f"{path.name}-tokenizer")
     vocab = len(json.loads((tok_dir / "tokenizer.json").read_text())["model"]["vocab"]) + 1

@@ -12,7 +12,7 @@ import torch
 from pipeline.card import load_card
 from pipeline.runner import Options, StageContext
 from pipeline.stages import build
-from tests.convert_models import make_hf
+from tests.tiny_models import make_hf
 
 torch.set_num_threads(1)
 

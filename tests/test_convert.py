@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from pipeline.convert.checkpoint import read_checkpoint, to_hf, write_hf_dir
 from pipeline.convert.export import convert_checkpoint, read_hf_tensors
 from pipeline.convert.names import ConversionError
-from tests.convert_models import make_hf
+from tests.tiny_models import make_hf
 
 torch.set_num_threads(1)
 

@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from pipeline.convert.export import convert_checkpoint
 from pipeline.convert.names import _LAYER_RULES, _QK_NORM_RULES
-from tests.convert_models import make_hf
+from tests.tiny_models import make_hf
 
 torch.set_num_threads(1)
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "trtllm_1_2_1_names.json").read_text())

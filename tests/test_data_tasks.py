@@ -16,7 +16,8 @@ from pipeline.data.tasks import (
     make_item,
     train_item,
 )
-from pipeline.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from pipeline.data.tokenizer import save_tokenizer, train_tokenizer
+from pipeline.hf_files import load_tokenizer
 
 
 def solve(prompt: str) -> str:

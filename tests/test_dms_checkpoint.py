@@ -5,26 +5,18 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from tiny_models import tiny_model
 
 from dms_core.config import DmsConfig
 from pipeline.dms.checkpoint import load_dms_model, load_training_state, save_dms_model, save_training_state
 from pipeline.dms.patch import dms_mode, patch_model
 
-SHAPE = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-    intermediate_size=64,
-    vocab_size=50,
-)
+SHAPE = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, head_dim=8, vocab_size=50,
+             tie_word_embeddings=False, initializer_range=0.02)
 
 
 def tiny(seed=0):
-    torch.manual_seed(seed)
-    return Qwen3ForCausalLM(Qwen3Config(**SHAPE, architectures=["Qwen3ForCausalLM"])).eval()
+    return tiny_model("qwen3", seed=seed, **SHAPE)
 
 
 def ids(t=24, seed=0):

@@ -2,28 +2,19 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, Qwen3Config, Qwen3ForCausalLM
+from tiny_models import tiny_model
+from transformers import MistralConfig
 
 from dms_core.config import DmsConfig
 from pipeline.dms.losses import compression_loss
 from pipeline.dms.patch import UnsupportedModelError, check_architecture, dms_mode, patch_model
 
-SHAPE = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-    intermediate_size=64,
-    vocab_size=50,
-)
+SHAPE = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, head_dim=8, vocab_size=50,
+             tie_word_embeddings=False, initializer_range=0.02)
 
 
 def tiny(family="qwen3", seed=0):
-    torch.manual_seed(seed)
-    if family == "qwen3":
-        return Qwen3ForCausalLM(Qwen3Config(**SHAPE, architectures=["Qwen3ForCausalLM"])).eval()
-    return LlamaForCausalLM(LlamaConfig(**SHAPE, architectures=["LlamaForCausalLM"])).eval()
+    return tiny_model(family, seed=seed, **SHAPE)
 
 
 def ids(t=24, seed=0):
@@ -51,8 +42,11 @@ def test_shift_by_one_decision_at_t_evicts_key_t_minus_1():
     model = patch_model(tiny(), DmsConfig(window_size=2, separate_alpha=True, alpha_per="head"))
     attn = model.model.layers[0].self_attn
     torch.nn.init.normal_(attn.dms_proj_alpha.weight, std=0.2)
-    seen = {}
-    attn.register_forward_pre_hook(lambda m, a, kw: seen.update(h=kw["hidden_states"]), with_kwargs=True)
+    seen = {}  # the decoder layer's residual-stream input: what the adapter reads (random norms tell)
+    layer = model.model.layers[0]
+    layer.register_forward_pre_hook(
+        lambda m, a, kw: seen.update(h=a[0] if a else kw["hidden_states"]), with_kwargs=True
+    )
     with dms_mode(model, "hard") as rec:
         model(ids(), use_cache=False)
     raw = (attn.dms_proj_alpha(attn.dms_proj_alpha_norm(seen["h"])) * 100 - 5).transpose(1, 2)  # [B, H, T]

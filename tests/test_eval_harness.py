@@ -91,13 +91,13 @@ def test_baselines_run_at_dms_measured_cr(models, tokenizer):
         dms_cr = combine_cr(r.measured_cr for r in by[("dms", "4", length)])
         assert 1.3 < dms_cr < 3.5  # random decisions evict about half of what leaves the window
         assert targets["4"][str(length)] == pytest.approx(dms_cr, abs=1e-3)
-        for method in ("window", "h2o", "tova"):
+        for method in ("window", "h2o", "tova", "kvzip"):
             rows = by[(method, "4", length)]
             got = combine_cr(r.measured_cr for r in rows)
             # The budget is set for prompt + max new tokens; fewer generated tokens lower the CR a bit.
             assert 0.85 * dms_cr <= got <= 1.02 * dms_cr, (method, length, got, dms_cr)
             assert max(r.peak_kv_bytes for r in rows) < vanilla_bytes
-    assert {r.method for r in results} == {"vanilla", "dms", "window", "h2o", "tova"}
+    assert {r.method for r in results} == {"vanilla", "dms", "window", "h2o", "tova", "kvzip"}
     assert all(r.measured_cr == 1.0 for r in results if r.method == "vanilla")
 
 
@@ -141,7 +141,7 @@ def test_evaluate_stage_outputs_and_gate(tmp_path, models):
 
     ctx = _stage_ctx(tmp_path, models)
     report = evaluate.run(ctx)
-    assert set(report["accuracy"]) == {"vanilla", "dms", "window", "h2o", "tova"}
+    assert set(report["accuracy"]) == {"vanilla", "dms", "window", "h2o", "tova", "kvzip"}
     assert set(report["accuracy"]["vanilla"]) == {"1"} and set(report["accuracy"]["tova"]) == {"8"}
     assert set(report["accuracy"]["dms"]["8"]) == {"needle", "variables", "arithmetic", "average"}
     assert report["measured_cr"]["dms"]["8"]["average"] > 1.0
@@ -149,7 +149,7 @@ def test_evaluate_stage_outputs_and_gate(tmp_path, models):
         assert (ctx.out_dir / name).stat().st_size > 0
     assert report["plot"].endswith("tiny-qwen3/evaluate/accuracy_vs_cr.png")
     full = json.loads((ctx.out_dir / "results.json").read_text())
-    assert len(full["items"]) == 5 * 3 * 2  # methods x tasks x items
+    assert len(full["items"]) == 6 * 3 * 2  # methods x tasks x items
     # The gate judges the report: random models answer nothing, vanilla and DMS both score 0, and a
     # drop of 0 passes a limit of 3...
     gate = evaluate.gate(report, ctx.card)

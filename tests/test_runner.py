@@ -308,7 +308,7 @@ def test_leftovers_of_killed_runs_are_removed(card, tmp_path):
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_sigterm_and_sighup_stop_like_ctrl_c(signum):
-    from pipeline.cli import stop_on_sigterm
+    from pipeline.signals import stop_on_sigterm
 
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:

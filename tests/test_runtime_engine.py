@@ -7,7 +7,7 @@ import threading
 
 import pytest
 import torch
-from runtime_models import make_tiny_hf
+from tiny_models import make_tiny_hf
 
 from pipeline.runtime.engine import Engine
 from pipeline.runtime.engine_dir import (

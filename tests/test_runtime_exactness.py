@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from runtime_models import make_tiny_hf
+from tiny_models import make_tiny_hf
 
 from pipeline.runtime.engine import Engine
 from pipeline.runtime.policies import DMSPolicy

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from runtime_models import make_tiny_hf
+from tiny_models import make_tiny_hf
 
 from pipeline.runtime.engine import Engine
+from pipeline.runtime.model_runner import gathered_attention
 from pipeline.runtime.policies import DMSPolicy, H2OPolicy, NoEviction, TOVAPolicy, WindowPolicy
-from pipeline.runtime.runner import gathered_attention
 from pipeline.runtime.sampling import SamplingParams
 from pipeline.runtime.sequence import Sequence
 
@@ -101,7 +101,7 @@ def test_gathered_attention_matches_kernel_reference():
 
 
 def test_block_gather_attention_matches_kernel_reference():
-    from pipeline.runtime.runner import BlockGatherAttention
+    from pipeline.runtime.model_runner import BlockGatherAttention
     from plugins.dms_attention.reference import reference_paged_decode_attention
 
     g = torch.Generator().manual_seed(1)

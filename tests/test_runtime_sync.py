@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from runtime_models import make_tiny_hf
+from tiny_models import make_tiny_hf
 from torch.overrides import TorchFunctionMode
 
 from pipeline.runtime.engine import Engine

@@ -246,7 +246,7 @@ def test_engine_data_flow_emulated_matches_hf_dms(tmp_path):
     from pipeline.dms.checkpoint import load_dms_model
     from pipeline.dms.patch import dms_mode
     from plugins.dms_attention.reference import reference_paged_decode_attention
-    from tests.convert_models import make_hf
+    from tests.tiny_models import make_hf
 
     torch.set_num_threads(1)
     model = load_dms_model(make_hf(tmp_path / "hf", "qwen3", "borrowed", window=8))

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from pipeline.bench.decode import task_prompts, tiny_model
 from pipeline.runtime.engine import Engine
-from pipeline.runtime.engine_dir import EngineLimits
+from pipeline.runtime.limits import EngineLimits
 from pipeline.runtime.model import ModelArgs
 from pipeline.runtime.policies import DMSPolicy, NoEviction
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from pipeline.runtime.engine import Engine
-from pipeline.runtime.engine_dir import EngineLimits
+from pipeline.runtime.limits import EngineLimits
 from pipeline.runtime.model import ModelArgs, Transformer
 
 # aten ops that only describe a tensor (no data touched): their time is host work
@@ -105,7 +105,7 @@ def random_state(
 def _host_fraction(engine: Engine, steps: int) -> float:
     from torch.profiler import ProfilerActivity, profile
 
-    cuda = engine.runner.device.type == "cuda"
+    cuda = engine.cache.k.device.type == "cuda"
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
     start = time.perf_counter()
     with profile(activities=activities) as prof:

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.convert.config import hf_config_from_trtllm, model_shape
 from pipeline.convert.names import ConversionError, ModelShape, check_tp_size, trtllm_to_hf
+from pipeline.hf_files import generation_ids
 
 
 @dataclass(frozen=True)
@@ -78,16 +79,6 @@ def to_hf(ckpt: TrtllmCheckpoint) -> tuple[dict[str, Any], dict[str, torch.Tenso
     return hf_config_from_trtllm(ckpt.config), trtllm_to_hf(ranks, ckpt.shape)
 
 
-def token_ids(tokenizer_dir: str | Path | None) -> dict[str, Any]:
-    """bos/eos/pad token ids from a tokenizer directory's generation_config.json (TensorRT-LLM's config
-    does not carry them; the convert stage keeps them beside the tokenizer)."""
-    gen = Path(tokenizer_dir) / "generation_config.json" if tokenizer_dir is not None else None
-    if gen is None or not gen.is_file():
-        return {}
-    ids = json.loads(gen.read_text())
-    return {k: ids[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in ids}
-
-
 def write_hf_dir(ckpt_dir: str | Path, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
     """An HF model directory (config.json, model.safetensors, tokenizer files) from a TRT-LLM checkpoint."""
     ckpt = read_checkpoint(ckpt_dir)
@@ -98,7 +89,7 @@ def write_hf_dir(ckpt_dir: str | Path, out_dir: str | Path, tokenizer_dir: str |
         for file in Path(tokenizer_dir).iterdir():
             if file.is_file():
                 shutil.copy2(file, out / file.name)
-        hf_cfg |= token_ids(tokenizer_dir)
+        hf_cfg |= generation_ids(tokenizer_dir)
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2))
     tensors = {k: v.contiguous() for k, v in state.items()}
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})

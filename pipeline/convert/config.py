@@ -9,7 +9,7 @@ export leaves out is added here (sources: tests/fixtures/trtllm_1_2_1_names.json
   (QWenConfig defaults to True, Qwen3 has none), `mlp_bias`, `seq_length` (read by QWenDecoderLayer),
   `use_logn_attn`, `moe_intermediate_size`, `moe_shared_expert_intermediate_size`, `tie_word_embeddings`.
 - Llama: `rotary_base`, `rotary_scaling`, `attn_bias`, `mlp_bias`, `residual_mlp`, `tie_word_embeddings`.
-- Both: the dms_* keys (docs/dms.md section 6, dms_core.config.DmsConfig), stored under the same names;
+- Both: the dms_* keys (docs/dms.md section 7, dms_core.config.DmsConfig), stored under the same names;
   PretrainedConfig keeps unknown keys as attributes, so TensorRT-LLM's loaders accept them and our model
   class reads them.
   A plain model (no dms_* keys) gets only `dms_disable_eviction: true`.

@@ -56,7 +56,7 @@ def engine_logits(
     the prefill's last position, then one row per decoded token. `policy`: the engine's eviction policy
     (default: what the checkpoint's dms_* keys say; "none" runs it with eviction off)."""
     from pipeline.runtime.engine import Engine
-    from pipeline.runtime.engine_dir import EngineLimits
+    from pipeline.runtime.limits import EngineLimits
 
     hf_cfg, state = to_hf(read_checkpoint(ckpt_dir))
     pool = -(-len(ids) // kv_block_size) * kv_block_size

@@ -20,7 +20,8 @@ from transformers import Qwen3ForCausalLM
 from pipeline.card import Card, CardError, load_card
 from pipeline.data.pretrain import build_model, pretrain
 from pipeline.data.tasks import TASKS, Item, eval_items
-from pipeline.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from pipeline.data.tokenizer import save_tokenizer, train_tokenizer
+from pipeline.hf_files import load_tokenizer
 
 ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny-qwen3"
 _MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",

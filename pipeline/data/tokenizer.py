@@ -10,7 +10,7 @@ import random
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from pipeline.data.tasks import TASKS, VOCAB_WORDS, make_item
 
@@ -48,8 +48,3 @@ def train_tokenizer(vocab_size: int = 512, seed: int = 0, n_items: int = 60) -> 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> None:
     tokenizer.save_pretrained(str(out_dir))
-
-
-def load_tokenizer(model_dir: Path | str) -> PreTrainedTokenizerFast:
-    """Load a saved tokenizer with the standard Hugging Face loader (no remote code)."""
-    return AutoTokenizer.from_pretrained(str(model_dir))

@@ -1,4 +1,4 @@
-"""Training-time DMS attention: delayed eviction as an additive soft mask (dms-spec.md section 3).
+"""Training-time DMS attention: delayed eviction as an additive soft mask (docs/dms.md section 3).
 
 Two implementations of the same function:
 - `reference_attention`: plain matmul + float bias from `rule.soft_eviction_bias` (any device; the

@@ -1,4 +1,4 @@
-"""DMS checkpoints: HF directories with NVIDIA's `dms_*` config keys (docs/dms.md section 6), and the
+"""DMS checkpoints: HF directories with NVIDIA's `dms_*` config keys (docs/dms.md section 7), and the
 training state for resume.
 
 Both layouts load with plain transformers classes plus `patch_model`, never `trust_remote_code`:

@@ -1,4 +1,4 @@
-"""DMS training losses (dms-spec.md section 4): L = L_distill + L_dms.
+"""DMS training losses (docs/dms.md section 3): L = L_distill + L_dms.
 
 We compute the KL ourselves in vocabulary chunks rather than through `modelopt.torch.distill`: its
 `LogitsDistillationLoss` materialises full-vocabulary softmaxes of both models at once and wraps a

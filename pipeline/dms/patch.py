@@ -128,10 +128,8 @@ def _dms_attention_forward(
         if s.separate_alpha:
             if residual is None or residual.shape != hidden_states.shape:
                 raise RuntimeError("DMS adapter: the decoder layer's residual input was not captured")
-            x = self.dms_proj_alpha(self.dms_proj_alpha_norm(residual))  # [B, T, Hkv]
-            logit = x.transpose(1, 2) * s.alpha_scale - s.initial_alpha_offset
-            if s.alpha_per == "layer":
-                logit = logit[:, :1].expand(-1, hkv, -1)
+            projected = self.dms_proj_alpha(self.dms_proj_alpha_norm(residual))  # [B, T, Hkv]
+            logit = rule.adapter_logits(projected, s.alpha_per, s.alpha_scale, s.initial_alpha_offset)
         else:
             logit = rule.borrowed_logits(q, hkv, s.alpha_per, s.alpha_scale, s.initial_alpha_offset)
             q = rule.zero_borrowed_channel(q, hkv, s.alpha_per)
@@ -156,7 +154,7 @@ def _dms_attention_forward(
             )
         else:
             noisy = logit.float()
-            hard = (noisy > 0).float()
+            hard = rule.evicts(noisy).float()
         # Shift by one: the decision at t decides key t-1; the last key has no decision and is kept.
         key_logit = rule.shift_by_one(noisy, rule.KEEP_LOGIT)
         if rt.recorder is not None:
@@ -167,7 +165,7 @@ def _dms_attention_forward(
     if k.shape[2] != t:  # cached decode with eviction off: plain attention over the cache
         out = reference_attention_offset(q, k, v, self.scaling)
     elif rt.mode == "hard" and key_logit is not None:
-        out = hard_attention(q, k, v, key_logit > 0, s.window_size, self.scaling)
+        out = hard_attention(q, k, v, rule.evicts(key_logit), s.window_size, self.scaling)
     elif rt.use_flex:
         out = flex_attention_dms(q, k, v, key_logit, s.window_size, self.scaling)
     else:

@@ -1,4 +1,4 @@
-"""The compression-ratio schedule and reproducible noise seeds (dms-spec.md section 4)."""
+"""The compression-ratio schedule and reproducible noise seeds (docs/dms.md section 3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The DMS retrofit loop (dms-spec.md section 4), readable top to bottom like nanoGPT's train.py.
+"""The DMS retrofit loop (docs/dms.md section 3), readable top to bottom like nanoGPT's train.py.
 
 Per step: teacher logits (same model, eviction off; in borrowed mode the trained attention weights'
 frozen originals are copied in for that one no-grad forward, so there is never a second model),

@@ -16,7 +16,7 @@ from pipeline.eval.harness import make_engine, run_items
 from pipeline.eval.scoring import exact_match
 from pipeline.eval.summary import ItemResult, combine_cr
 
-BASELINES: tuple[str, ...] = ("window", "h2o", "tova")
+BASELINES: tuple[str, ...] = ("window", "h2o", "tova", "kvzip")
 METHOD_ORDER: tuple[str, ...] = ("vanilla", "dms", *BASELINES)
 
 

@@ -53,7 +53,7 @@ def engine_for(
     from pipeline.runtime.engine import Engine, EngineLimits
     from pipeline.runtime.policies import make_policy
 
-    if policy in ("window", "h2o", "tova") and target_cr is None:
+    if policy not in ("none", "dms") and target_cr is None:
         raise ValueError(f"policy {policy} needs a target compression ratio (cr=...)")
     if kv_block_size is None:
         config = json.loads((Path(hf_dir) / "config.json").read_text())

@@ -11,6 +11,7 @@ STYLE = {
     "window": ("tab:blue", "s"),
     "h2o": ("tab:orange", "^"),
     "tova": ("tab:red", "v"),
+    "kvzip": ("tab:purple", "D"),
 }
 
 

@@ -1,6 +1,6 @@
 """Per-item results -> the report's tables: accuracy, measured CR, KV bytes, generated length.
 
-Accuracy is in points (0-100). A set of requests' compression ratio follows dms-spec.md section 5:
+Accuracy is in points (0-100). A set of requests' compression ratio follows docs/dms.md section 6:
 CR = 1 / mean(kept / length), so per-request CRs combine as a harmonic mean, never an arithmetic one.
 """
 

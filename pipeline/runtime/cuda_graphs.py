@@ -16,7 +16,19 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.runtime.runner import ModelRunner
+from pipeline.runtime.model_runner import ModelRunner
+
+
+def capture_decode(runner: ModelRunner) -> bool:
+    """Give the runner CUDA-graph decode when it runs on a GPU and its policy's decode needs no attention
+    probabilities. Returns whether it did. Call before any request is attached."""
+    if runner.device.type != "cuda" or runner.policy.needs_probs:
+        return False
+    assert runner.streams.num_active == 0, "capture before any request is attached"
+    graphs = CudaGraphDecoder(runner)
+    graphs.capture()
+    runner.graphs = graphs
+    return True
 
 
 def batch_buckets(max_batch_size: int) -> list[int]:

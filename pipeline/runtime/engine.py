@@ -52,6 +52,8 @@ import torch
 
 from dms_core import rule
 from dms_core.streams import BlockPool, StreamTable
+from pipeline.hf_files import has_tokenizer, load_tokenizer, read_eos_ids
+from pipeline.runtime.cuda_graphs import capture_decode
 from pipeline.runtime.detokenize import IncrementalDecoder
 from pipeline.runtime.engine_dir import (
     DTYPES,
@@ -62,8 +64,8 @@ from pipeline.runtime.engine_dir import (
 )
 from pipeline.runtime.kv_cache import KVCache
 from pipeline.runtime.model import ModelArgs, Transformer, rope_inv_freq
+from pipeline.runtime.model_runner import AttentionFn, ModelRunner
 from pipeline.runtime.policies import EvictionPolicy, NoEviction, make_policy
-from pipeline.runtime.runner import AttentionFn, ModelRunner
 from pipeline.runtime.sampling import SamplingParams, sample_batch
 from pipeline.runtime.scheduler import Scheduler
 from pipeline.runtime.sequence import Sequence
@@ -186,7 +188,7 @@ class Engine:
         self.runner = ModelRunner(model, self.policy, self.cache, self.streams, attention)
         self.scheduler = Scheduler(self.runner, limits.max_batch_size, prefill_chunk_tokens)
         # On a GPU the decode step replays from CUDA graphs (one launch a step); elsewhere it runs eagerly.
-        self.cuda_graphs = cuda_graphs and attention is None and self.runner.use_cuda_graphs()
+        self.cuda_graphs = cuda_graphs and attention is None and capture_decode(self.runner)
         self._ids = itertools.count()
         self._inbox: list[RequestHandle] = []
         self._cancelled: set[int] = set()
@@ -230,8 +232,8 @@ class Engine:
         model = model.to_empty(device=device).to(torch_dtype)
         model.load_hf_state_dict({k: v.to(device, torch_dtype) for k, v in state.items()})
         model.inv_freq = rope_inv_freq(args).to(device)  # a buffer to_empty left uninitialised
-        tokenizer = _load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
-        eos = _eos_ids(config, tokenizer_dir)
+        tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir and has_tokenizer(tokenizer_dir) else None
+        eos = read_eos_ids(config, tokenizer_dir)
         return cls(model, limits, policy, tokenizer, eos, **kwargs)
 
     @classmethod
@@ -515,26 +517,6 @@ class Engine:
             if ran == 0 and not self.has_work():
                 self._wake.wait(0.05)
                 self._wake.clear()
-
-
-def _load_tokenizer(path: str | Path) -> Any:
-    path = Path(path)
-    if not any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path))
-
-
-def _eos_ids(config: dict[str, Any], path: str | Path | None) -> tuple[int, ...]:
-    eos = config.get("eos_token_id")
-    if path is not None and (Path(path) / "generation_config.json").is_file():
-        import json
-
-        eos = json.loads((Path(path) / "generation_config.json").read_text()).get("eos_token_id", eos)
-    if eos is None:
-        return ()
-    return tuple(eos) if isinstance(eos, list) else (int(eos),)
 
 
 __all__ = [

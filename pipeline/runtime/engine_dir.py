@@ -13,13 +13,14 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.runtime.limits import EngineLimits, LimitsError
 from pipeline.runtime.model import ModelArgs
 
 ENGINE_FORMAT = "dms-torch-engine"
@@ -37,41 +38,8 @@ TOKENIZER_FILES = (
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class EngineDirError(ValueError):
+class EngineDirError(LimitsError):
     """An engine or checkpoint directory is incomplete or malformed."""
-
-
-@dataclass(frozen=True)
-class EngineLimits:
-    """Serving limits (the card's `build` section uses the same names)."""
-
-    max_batch_size: int = 8
-    max_input_len: int = 1024
-    max_output_len: int = 1024
-    kv_block_size: int = 16
-    kv_pool_tokens: int = 65536  # tokens per (layer, KV head), summed over all streams
-
-    @classmethod
-    def from_mapping(cls, values: Any) -> EngineLimits:
-        """From a dict or any object with these attributes (e.g. the card's BuildSpec)."""
-        names = [f.name for f in fields(cls)]
-        if isinstance(values, dict):
-            unknown = sorted(set(values) - set(names))
-            if unknown:
-                raise EngineDirError(f"unknown engine limits {unknown}; allowed: {names}")
-            got = values
-        else:
-            got = {n: getattr(values, n) for n in names if hasattr(values, n)}
-        limits = cls(**{n: int(v) for n, v in got.items()})
-        limits.validate()
-        return limits
-
-    def validate(self) -> None:
-        for f in fields(self):
-            if getattr(self, f.name) <= 0:
-                raise EngineDirError(f"engine limit {f.name} must be positive, got {getattr(self, f.name)}")
-        if self.kv_pool_tokens < self.kv_block_size:
-            raise EngineDirError("kv_pool_tokens must hold at least one block (>= kv_block_size)")
 
 
 def load_hf_checkpoint(hf_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -23,7 +23,7 @@ from collections import deque
 
 import numpy as np
 
-from pipeline.runtime.runner import ModelRunner
+from pipeline.runtime.model_runner import ModelRunner
 from pipeline.runtime.sequence import Sequence
 
 

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.cli import stop_on_sigterm
+from pipeline.signals import stop_on_sigterm
 
 EXAMPLE = """\
 endpoints:

@@ -6,7 +6,6 @@ tensors), so the request handling is unit-testable against a real Engine.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.hf_files import read_eos_ids
 from pipeline.serve.text import RequestError, split_stop_words
 
 SCHEDULER_POLICIES = ("max_utilization",)
@@ -145,9 +145,5 @@ def load_engine(params: Mapping[str, str], repo_dir: Path):
     engine = Engine.from_state(
         config, state, limits, policy=params.get("eviction_policy", "dms"), dtype=dtype, device=device
     )
-    gen_config = engine_dir / "generation_config.json"
-    if gen_config.is_file():  # the chat models' end-of-turn ids live here, not in config.json
-        eos = json.loads(gen_config.read_text()).get("eos_token_id")
-        if eos is not None:
-            engine.eos_token_ids = tuple(eos) if isinstance(eos, list) else (int(eos),)
+    engine.eos_token_ids = read_eos_ids(config, engine_dir)
     return engine

@@ -104,9 +104,9 @@ def run_load(
 
 def main(argv: list[str] | None = None) -> int:
     from pipeline.card import CardError, load_card
+    from pipeline.hf_files import load_tokenizer
     from pipeline.serve.perf import input_data, repo_tokenizer_dir
     from pipeline.serve.server import TritonServer
-    from pipeline.serve.text import load_tokenizer
 
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.serve.load", description=__doc__.splitlines()[0]

@@ -326,7 +326,7 @@ def measure(
     """
     from tqdm import tqdm
 
-    from pipeline.serve.text import load_tokenizer
+    from pipeline.hf_files import load_tokenizer
 
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(repo_tokenizer_dir(model_repo))

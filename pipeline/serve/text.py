@@ -12,23 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.hf_files import load_tokenizer
 from pipeline.runtime.detokenize import IncrementalDecoder
 
 
 class RequestError(ValueError):
     """A request the server refuses; the message names the input and what is allowed."""
-
-
-def load_tokenizer(tokenizer_dir: str | Path):
-    """The model's Hugging Face tokenizer. The fast class avoids importing torch (seconds per process)."""
-    path = Path(tokenizer_dir)
-    if (path / "tokenizer.json").is_file():
-        from transformers import PreTrainedTokenizerFast
-
-        return PreTrainedTokenizerFast.from_pretrained(str(path))
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path))
 
 
 def as_text(value: object, name: str = "text_input") -> str:

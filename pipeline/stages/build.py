@@ -176,17 +176,18 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
 def build_torch(ckpt: Path, tokenizer: Path, engine: Path, card: Card) -> dict[str, Any]:
     """The runtime's engine directory from the TensorRT-LLM checkpoint (ranks merged, HF names)."""
-    from pipeline.convert.checkpoint import read_checkpoint, to_hf, token_ids
-    from pipeline.runtime.engine_dir import EngineLimits, write_engine_dir
+    from pipeline.convert.checkpoint import read_checkpoint, to_hf
+    from pipeline.hf_files import generation_ids
+    from pipeline.runtime.engine_dir import write_engine_dir
 
     checkpoint = read_checkpoint(ckpt)
     config, state = to_hf(checkpoint)
-    config |= token_ids(tokenizer)
+    config |= generation_ids(tokenizer)
     write_engine_dir(
         engine,
         config=config,
         state_dict=state,
-        limits=EngineLimits.from_mapping(card.build),
+        limits=card.build.limits(),
         tokenizer_dir=tokenizer,
         dtype=card.build.dtype,
         extra={"built_from": "TensorRT-LLM checkpoint", "tp_size_merged": checkpoint.tp_size},

@@ -1,6 +1,6 @@
 """DMS prefill attention (the context phase) as one Triton kernel, for the TensorRT plugin.
 
-Exact prefill (dms-spec.md section 5): query q sees key k when k <= q, unless k is beyond the window
+Exact prefill (docs/dms.md section 4): query q sees key k when k <= q, unless k is beyond the window
 (q - k > window) and k was evicted (its decision, already shifted by one, is set). Sequences are packed
 without padding (TensorRT-LLM's remove_input_padding): token rows of sequence b are
 cu_seqlens[b] .. cu_seqlens[b+1]-1, positions restart at 0 for each sequence.

@@ -8,7 +8,7 @@ TensorRT-LLM's own QWenForCausalLM / LLaMAForCausalLM with each decoder layer's 
 `DmsAttention`, which keeps the checkpoint's parameter names (`attention.qkv`, `attention.dense`,
 `attention.{q,k}_layernorm`; adapter mode `attention.dms_proj_alpha{,_norm}`), so `from_checkpoint` loads
 what pipeline/convert wrote. Per layer: q, k, v; the decision logit per token and KV head (borrowed
-channel or adapter, dms-spec.md section 1); the borrowed channel zeroed before and after RoPE; RoPE at the
+channel or adapter, docs/dms.md section 1); the borrowed channel zeroed before and after RoPE; RoPE at the
 logical positions; then the DMS plugins (plugins/dms_attention/trt_plugin.py). Two engines are built from
 one checkpoint (build_engine.py sets DMS_TRTLLM_PHASE):
 

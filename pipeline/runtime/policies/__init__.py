@@ -5,11 +5,12 @@ from __future__ import annotations
 from pipeline.runtime.policies.base import Candidates, EvictionPolicy
 from pipeline.runtime.policies.dms import DMSPolicy
 from pipeline.runtime.policies.h2o import H2OPolicy
+from pipeline.runtime.policies.kvzip import KVzipPolicy
 from pipeline.runtime.policies.none import NoEviction
 from pipeline.runtime.policies.tova import TOVAPolicy
 from pipeline.runtime.policies.window import WindowPolicy
 
-POLICY_NAMES = ("dms", "none", "window", "h2o", "tova")
+POLICY_NAMES = ("dms", "none", "window", "h2o", "tova", "kvzip")
 
 
 def make_policy(name: str, cr: float = 8.0) -> EvictionPolicy:
@@ -24,6 +25,8 @@ def make_policy(name: str, cr: float = 8.0) -> EvictionPolicy:
         return H2OPolicy(cr=cr)
     if name == "tova":
         return TOVAPolicy(cr=cr)
+    if name == "kvzip":
+        return KVzipPolicy(cr=cr)
     raise ValueError(f"unknown eviction policy {name!r}; choose one of {', '.join(POLICY_NAMES)}")
 
 
@@ -33,6 +36,7 @@ __all__ = [
     "DMSPolicy",
     "EvictionPolicy",
     "H2OPolicy",
+    "KVzipPolicy",
     "NoEviction",
     "TOVAPolicy",
     "WindowPolicy",

@@ -75,6 +75,7 @@ class EvictionPolicy(ABC):
     name: str = "policy"
     needs_probs: bool = False  # decode attention must return probabilities (observe)
     tracks_scores: bool = False  # keeps per-slot attention statistics in StreamTable.slot_score
+    reconstructs: bool = False  # compresses the context after a reconstruction pass (KVzip)
 
     def decisions(
         self, logits: torch.Tensor | None, pos: torch.Tensor, num_kv_heads: int

@@ -175,7 +175,7 @@ class ModelRunner:
         self.scale = self.args.head_dim**-0.5
         self.slots: list[Sequence] = []  # slots[i]: the sequence in batch slot i
         self._pending: tuple[torch.Tensor, torch.Tensor, int] | None = None  # a decode not yet synced
-        self.graphs = None  # a CudaGraphDecoder once `use_cuda_graphs` captured one
+        self.graphs = None  # a CudaGraphDecoder (pipeline.runtime.cuda_graphs) replaying decode steps
 
     # -- stream lifetime ---------------------------------------------------------------------------
     def attach(self, seq: Sequence) -> None:
@@ -237,9 +237,48 @@ class ModelRunner:
             keep, score = policy.prefill_keep(cand)  # bool [Hkv, L]
             self._rewrite(li, streams, K, V, cand, keep & valid, score, seen)
         seq.num_cached = seen
+        context_end = seq.context_len or len(seq.prompt_ids)
+        if policy.reconstructs and start < context_end <= seen:
+            self._reconstruct(seq)
         rows = st.rows_of(seq.slot)
         st.grows_host[:, rows] = self._grows_of(seq)
         return self.model.logits(x[0, -1])
+
+    @torch.inference_mode()
+    def _reconstruct(self, seq: Sequence) -> None:
+        """KVzip's compression (policies/kvzip.py): read the stored context again, teacher-forced after
+        itself, score each context token by the most attention any reconstruction query of its stream's
+        GQA group pays to it, keep each stream's top tokens. The reconstruction's KV is not stored."""
+        dev, st, policy, a = self.device, self.streams, self.policy, self.args
+        hkv, g = a.num_kv_heads, a.num_heads // a.num_kv_heads
+        n0 = seq.num_cached
+        ids = [*policy.repeat_ids, *seq.token_ids[:n0]]
+        t = len(ids)
+        pos = torch.arange(n0, n0 + t, device=dev)[None]
+        x = self.model.embed(torch.tensor([ids], device=dev))
+        rope = self.model.rope(pos)
+        streams = torch.arange(seq.slot * hkv, (seq.slot + 1) * hkv, device=dev)
+        keep = policy.context_keep(policy.budget(seq.total_budget_tokens), seq.total_budget_tokens - n0)
+        ctx_pos = torch.arange(n0, device=dev).expand(hkv, n0)
+        causal = torch.ones(t, n0 + t, dtype=torch.bool, device=dev).tril(n0)  # all context, then causal
+        for li, layer in enumerate(self.model.layers):
+            q, k, v, _ = layer.project(x, rope)
+            stored = [self.cache.read(st.pool_rows(li, row, n0)) for row in streams.tolist()]
+            K = torch.stack([torch.cat([ks, k[0, :, h]]) for h, (ks, _) in enumerate(stored)])  # [Hkv, L, D]
+            V = torch.stack([torch.cat([vs, v[0, :, h]]) for h, (_, vs) in enumerate(stored)])
+            qg = q[0].reshape(t, hkv, g, a.head_dim).permute(1, 2, 0, 3).float()  # [Hkv, G, T, D]
+            scores = torch.einsum("hgtd,hld->hgtl", qg, K.float()) * self.scale
+            probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+            out = torch.einsum("hgtl,hld->thgd", probs, V.float()).reshape(1, t, a.num_heads, a.head_dim)
+            x = layer.finish(x, out.to(x.dtype))
+            importance = probs[..., :n0].amax(dim=(1, 2))  # [Hkv, n0]
+            valid = torch.ones(hkv, n0, dtype=torch.bool, device=dev)
+            cand = Candidates(
+                pos=ctx_pos, flag=torch.zeros_like(valid), score=torch.zeros(hkv, n0, device=dev),
+                valid=valid, probs_sum=None, probs_last=None, budget=keep, seen=n0,
+            )  # fmt: skip
+            mask = policy.keep_by_importance(importance, valid, keep)
+            self._rewrite(li, streams, K[:, :n0], V[:, :n0], cand, mask, cand.score, n0)
 
     def _candidates(self, li: int, streams: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
                     flag_new: torch.Tensor, dec: torch.Tensor | None, start: int):
@@ -349,20 +388,6 @@ class ModelRunner:
                 )
             x = layer.finish(x, out[:, None])
         return self.model.logits(x[:, 0]), policy.appends(st, n, pos_rows + 1)
-
-    def use_cuda_graphs(self) -> bool:
-        """Capture the decode step in CUDA graphs (pipeline.runtime.cuda_graphs) when the engine is on a
-        GPU and the policy's decode needs no attention probabilities. Returns whether it did."""
-        if self.device.type != "cuda" or self.policy.needs_probs:
-            return False
-        from pipeline.runtime.cuda_graphs import CudaGraphDecoder
-
-        self.sync()
-        assert self.streams.num_active == 0, "capture before any request is attached"
-        graphs = CudaGraphDecoder(self)
-        graphs.capture()
-        self.graphs = graphs
-        return True
 
     def finish_step(self, tokens: torch.Tensor | None = None) -> list[int]:
         """End a step: the sampled tokens [S] (device) and, after a decode, the new lengths and next
