@@ -42,7 +42,7 @@ import itertools
 import queue
 import threading
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -94,13 +94,19 @@ class Completion:
 _DONE = object()
 
 
-class RequestHandle:
-    """A submitted request: iterate for TokenEvents as they are produced; `result()` when done."""
+Listener = Callable[["RequestHandle", "TokenEvent | Completion"], None]
 
-    def __init__(self, engine: Engine, seq: Sequence):
+
+class RequestHandle:
+    """A submitted request: iterate for TokenEvents as they are produced; `result()` when done.
+
+    With a listener (Engine.submit's on_event) the events go to it instead, on the engine's thread."""
+
+    def __init__(self, engine: Engine, seq: Sequence, on_event: Listener | None = None):
         self._engine = engine
         self.seq = seq
         self.request_id = seq.request_id
+        self._on_event = on_event
         self._events: queue.Queue = queue.Queue()
         self._done = threading.Event()
         self._completion: Completion | None = None
@@ -111,12 +117,19 @@ class RequestHandle:
 
     def _emit(self, token_id: int, live_kv_tokens: int, compression_ratio: float) -> None:
         text = self._text.push([token_id]) if self._text is not None else ""
-        self._events.put(TokenEvent(token_id, text, live_kv_tokens, compression_ratio))
+        event = TokenEvent(token_id, text, live_kv_tokens, compression_ratio)
+        if self._on_event is not None:
+            self._on_event(self, event)
+        else:
+            self._events.put(event)
 
     def _finish(self, completion: Completion) -> None:
         self._completion = completion
         self._done.set()
-        self._events.put(_DONE)
+        if self._on_event is not None:
+            self._on_event(self, completion)
+        else:
+            self._events.put(_DONE)
 
     def _wait(self, timeout: float | None) -> None:
         while not self._done.is_set():
@@ -279,13 +292,17 @@ class Engine:
         context_len: int | None = None,
         forced_ids: Seq[int] | None = None,
         keep_logits: bool = False,
+        on_event: Listener | None = None,
         **kw: Any,
     ) -> RequestHandle:
         """Queue a request (thread-safe). Raises ValueError for invalid requests.
 
         context_len: end of the first prefill chunk (None: the engine's chunking). forced_ids: generate
         these tokens instead of sampling (max_tokens becomes their number). keep_logits: return the
-        logits of every generated position in Completion.logits."""
+        logits of every generated position in Completion.logits. on_event(handle, item): called on the
+        engine's thread with each TokenEvent and then the Completion, instead of queueing them for
+        iteration (a server forwards all its requests from one thread so); it must return at once and
+        not raise."""
         if forced_ids is not None:
             if not forced_ids:
                 raise ValueError("forced_ids: give at least one token")
@@ -317,7 +334,7 @@ class Engine:
         )  # fmt: skip
         if params.seed is not None:
             seq.generator = torch.Generator().manual_seed(params.seed)
-        handle = RequestHandle(self, seq)
+        handle = RequestHandle(self, seq, on_event)
         with self._lock:
             self._inbox.append(handle)
         self._wake.set()
