@@ -11,4 +11,7 @@ implements it.
 - `config`: `DmsConfig`, NVIDIA's `dms_*` checkpoint keys and their defaults.
 - `rope`: RoPE frequencies (plain and llama3-scaled), the same for the runtime and TensorRT-LLM.
 - `streams`: `StreamTable`, the per-(layer, sequence, KV head) block tables, lengths and DMS rings.
+- `sampling`: the sampler (greedy, temperature, top-k, top-p, per-request seeds).
+- `serving`: what a request looks like from outside (events, completion, handle) and the step loop,
+  the same for the torch engine and the TensorRT pair's driver.
 """

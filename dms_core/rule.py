@@ -168,6 +168,22 @@ def survivors(pos: torch.Tensor, evicted: torch.Tensor, num_tokens: int, window:
     return (pos >= num_tokens - 1 - window) | ~evicted
 
 
+def stored_evicted(ring_flag: torch.Tensor, pos: torch.Tensor, seen: torch.Tensor | int) -> torch.Tensor:
+    """Eviction flags of a stream's stored tokens at positions pos [..., N] once it has seen `seen`
+    tokens: a stored token outside the ring of the last window + 1 positions was kept (never flagged);
+    one inside reads the ring's flag. ring_flag [..., W+1] (the stream's ring; leading dims as pos's);
+    seen an int or [..., 1]. Returns bool [..., N]."""
+    ring = ring_flag.shape[-1]
+    in_ring = pos >= seen - ring
+    return in_ring & ring_flag.gather(-1, pos % ring)
+
+
+def visible_until(pos: torch.Tensor, evicted: torch.Tensor, window: int, never: int) -> torch.Tensor:
+    """The first query position that no longer sees each key (`hard_visibility` as one number per key, for
+    kernels that read a stored stream): pos + window + 1 for an evicted key, `never` for a kept one."""
+    return torch.where(evicted, pos + window + 1, torch.full_like(pos, never))
+
+
 # -- section 5: the decode-step ring ---------------------------------------------------------------
 # A stream's ring holds where its last window + 1 tokens are stored and whether each is evicted, indexed
 # by position modulo window + 1: ring_row[r, p % (W+1)] is the pool row of token p, ring_flag[r, p %

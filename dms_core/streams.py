@@ -56,6 +56,11 @@ class BlockPool:
     def num_used_blocks(self) -> int:
         return self.num_blocks - self._top
 
+    def stats(self) -> dict[str, int]:
+        """The pool's figures as the engines report them (pool_stats; the Triton model's gauges)."""
+        return {"blocks_total": self.num_blocks, "blocks_used": self.num_used_blocks,
+                "blocks_free": self.num_free_blocks, "block_size": self.block_size}  # fmt: skip
+
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 

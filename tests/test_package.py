@@ -185,17 +185,43 @@ def test_package_serves_a_stock_trtllm_engine_with_the_cpp_backend(tmp_path):
     assert 'backend: "tensorrtllm"' in config
 
 
-def test_package_serves_the_torch_engine_beside_a_dms_trtllm_pair(tmp_path, capsys):
+def test_package_serves_a_dms_trtllm_pair_with_its_driver(tmp_path, capsys):
+    """A build directory laid out like the pair's (tests/trt_pair.py): the engine model runs the host
+    driver (the torch engine's model.py, the pair's config), the vanilla twin forwards to it."""
     from pipeline.stages import package
+    from tests.tiny_models import make_tiny_hf
+    from tests.trt_pair import make_pair_dir
 
-    ctx = _trtllm_ctx(tmp_path, {
-        "servable_by_tensorrtllm_backend": False,
-        "trtllm_engines": {"context": "engine/context", "generation": "engine/generation"},
-        "serving": {"backend": "torch", "engine_dir": "torch_engine"},
-    })  # fmt: skip
-    make_engine_dir(ctx.inputs["build"] / "torch_engine", max_input_len=77, max_output_len=33)
+    build_dir = tmp_path / "stages" / "build-abc"
+    hf = make_tiny_hf(tmp_path / "hf", "qwen3", dms="borrowed")
+    tokenizer = tmp_path / "tok"
+    tokenizer.mkdir()
+    (tokenizer / "tokenizer_config.json").write_text("{}")
+    make_pair_dir(build_dir, hf, max_input_len=77, max_output_len=33, kv_pool_tokens=512,
+                  tokenizer_dir=tokenizer)
+    out = tmp_path / "stages" / ".package-key.tmp-1"
+    out.mkdir(parents=True)
+    built = {"backend": "trtllm", "engine_dir": "engine", "tokenizer_dir": "engine/tokenizer",
+             "servable_by_tensorrtllm_backend": False,
+             "trtllm_engines": {"context": "engine/context", "generation": "engine/generation"}}  # fmt: skip
+    ctx = StageContext(card=load_card("tiny-qwen3"), out_dir=out, inputs={"build": build_dir},
+                       reports={"build": built})  # fmt: skip
     report = package.run(ctx)
-    assert report["built_backend"] == "trtllm" and report["backend"] == "torch"
-    assert report["engine_dir"] == "../../build-abc/torch_engine" and report["max_input_len"] == 77
-    assert "ensemble_vanilla" in report["models"]  # a torch engine is measured against eviction off
-    assert "cannot drive its per-head KV pool" in capsys.readouterr().out
+    assert report["built_backend"] == "trtllm" and report["served_engine"] == "trtllm-dms-pair"
+    assert report["engine_dir"] == "../../build-abc/engine"
+    assert report["max_input_len"] == 77  # the manifest's limits, not the card's
+    assert report["max_tokens_in_paged_kv_cache"] == 512 and set(report["models"]) == MODELS
+    repo = out / "model_repo"
+    configs = validate_repository({str(p.relative_to(repo)): p.read_text() if p.suffix == ".pbtxt" else p
+                                   for p in repo.rglob("*") if p.is_file()})  # fmt: skip
+    engine = configs["tensorrt_llm"]
+    params = {k: v.string_value for k, v in engine.parameters.items()}
+    assert engine.backend == "python" and params["dms_session"] == "trtllm"
+    assert params["eviction_policy"] == "dms"
+    assert "eviction" in {t.name for t in engine.input}
+    shipped = (repo / "tensorrt_llm" / "1" / "model.py").read_text()  # the torch engine's model.py
+    assert shipped == (Path(__file__).parents[1] / "model_repo/tensorrt_llm/1/model.py").read_text()
+    twin = configs["tensorrt_llm_vanilla"]
+    assert twin.parameters["engine_model"].string_value == "tensorrt_llm"
+    assert {t.name for t in configs["ensemble_vanilla"].output} >= {"kv_live_tokens", "kv_compression_ratio"}
+    assert "host driver" in capsys.readouterr().out

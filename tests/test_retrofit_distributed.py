@@ -56,6 +56,7 @@ def test_two_processes_train_and_save_loadable_checkpoints(micro_model, tmp_path
     assert report["processes"] == 2 and report["steps"] == 4
     assert report["checkpoints"] == {"2": "checkpoints/cr2", "4": "checkpoints/cr4"}
     assert report["measured_cr"] >= 1.0 and report["final_loss"] == pytest.approx(report["final_loss"])
+    assert report["warm_start"] and report["first_step"]["train_cr"] < 1.05  # sharded q_proj rows zeroed
     for rel in report["checkpoints"].values():
         config = json.loads((out / rel / "config.json").read_text())
         assert config["dms_window_size"] == 16

@@ -79,6 +79,23 @@ def test_ramp_then_hold_makes_the_final_state_the_target_checkpoint(micro_model,
     assert report["measured_cr"] >= 4.0
 
 
+@pytest.mark.parametrize("warm_start", [False, True])
+def test_borrowed_warm_start_trains_from_the_base_model(micro_model, tmp_path, warm_start):
+    """Borrowed decisions on the random-init micro model evict about half the tokens at step one; with
+    the warm start they evict (almost) nothing, so the run starts at CR 1. Adapter runs ignore the key
+    (not in their cache key either)."""
+    torch.set_num_threads(1)
+    card = _card(steps=1, warm_start=warm_start)
+    card = dataclasses.replace(card, dms=dataclasses.replace(card.dms, decision="borrowed"))
+    ctx = StageContext(card=card, out_dir=tmp_path, inputs={"prepare": micro_model}, reports={})
+    report = retrofit.run(ctx)
+    assert report["warm_start"] is warm_start
+    first_cr = report["first_step"]["train_cr"]
+    assert (first_cr < 1.05) if warm_start else (first_cr > 1.3)
+    adapter = _card(warm_start=warm_start)
+    assert retrofit.settings(adapter, None) == retrofit.settings(_card(warm_start=not warm_start), None)
+
+
 def test_unsupported_architecture_refused_before_training(tmp_path):
     prepare = tmp_path / "prepare"
     cfg = MistralConfig(

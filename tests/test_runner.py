@@ -337,3 +337,62 @@ def test_prune_removes_only_what_no_link_uses(card, tmp_path):
     assert rec.calls.count("evaluate") == 2
     run(card, tmp_path, rec)  # everything the links name is still there: nothing reruns
     assert rec.calls.count("evaluate") == 2
+
+
+def _corrupt(path: Path, data: bytes, keep_time: bool = False) -> None:
+    info = path.stat()
+    path.write_bytes(data)
+    if keep_time:
+        os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
+    else:
+        os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns + 10**9))
+
+
+@pytest.mark.parametrize(
+    "damage, why",
+    [
+        (lambda f: _corrupt(f, b"retro"), "out.txt is 5 bytes, the manifest says 11"),  # truncated
+        (lambda f: _corrupt(f, b"retrofit:NaN"[:11]), "out.txt was modified after the stage finished"),
+        (lambda f: f.unlink(), "out.txt is missing"),
+        (lambda f: (f.parent / "__pycache__").mkdir() or (f.parent / "__pycache__" / "x.pyc").write_text("b"),
+         "__pycache__/x.pyc was added after the stage finished"),  # fmt: skip
+        (lambda f: (f.parent / "manifest.json").write_text("{truncated"),
+         "manifest.json is missing or unreadable"),  # fmt: skip
+    ],
+    ids=["truncated", "same-size-edit", "deleted", "added", "bad-manifest"],
+)
+def test_a_cached_output_that_no_longer_matches_its_manifest_runs_again(card, tmp_path, damage, why):
+    """A truncated engine, NaNs written into a checkpoint or serving's __pycache__ were once reported as
+    "up to date"; the next run now sees the change, says why, and rebuilds only that stage."""
+    rec = Recorder()
+    run(card, tmp_path, rec)
+    damage(tmp_path / card.name / "retrofit" / "out.txt")
+    logs: list[str] = []
+    report = run_pipeline(card, tmp_path, load=rec.loader(), log=logs.append)
+    assert rec.calls == ["prepare", "retrofit", "evaluate", "retrofit"]  # evaluate's input is whole again
+    said = [line for line in logs if line.startswith("[retrofit]") and "does not match its manifest" in line]
+    assert len(said) == 1 and why in said[0] and "running the stage again" in said[0]
+    assert (tmp_path / card.name / "retrofit" / "out.txt").read_text() == "retrofit:v1"
+    assert report["stages"]["evaluate"]["cached"] and not report["stages"]["retrofit"]["cached"]
+
+
+def test_a_touched_but_unchanged_output_is_still_cached(card, tmp_path):
+    rec = Recorder()
+    run(card, tmp_path, rec)
+    out = tmp_path / card.name / "retrofit" / "out.txt"
+    _corrupt(out, out.read_bytes())  # a copy that did not keep times: same bytes, new mtime
+    run(card, tmp_path, rec)
+    assert rec.calls == ["prepare", "retrofit", "evaluate"]
+
+
+def test_verify_hashes_what_the_cheap_check_cannot_see(card, tmp_path):
+    rec = Recorder()
+    run(card, tmp_path, rec)
+    out = tmp_path / card.name / "retrofit" / "out.txt"
+    _corrupt(out, b"retrofit:v2", keep_time=True)  # same size, same mtime, other bytes
+    run(card, tmp_path, rec)
+    assert rec.calls == ["prepare", "retrofit", "evaluate"]  # sizes and times cannot tell
+    logs: list[str] = []
+    run_pipeline(card, tmp_path, load=rec.loader(), log=logs.append, verify=True)
+    assert rec.calls[-1] == "retrofit" and out.read_text() == "retrofit:v1"
+    assert any("its content hash differs from the manifest's" in line for line in logs)

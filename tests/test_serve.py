@@ -81,7 +81,7 @@ def served(tmp_path_factory):
     proc.send_signal(signal.SIGINT)
     rest = proc.communicate(timeout=60)[0]
     assert proc.returncode == 0, rest
-    assert "stopping the server" in rest
+    assert "stopped the server" in rest
     with pytest.raises(client.ClientError):  # nothing listens any more
         client.generate_http(f"127.0.0.1:{ports[0]}", "hi", 1)
 
@@ -303,7 +303,8 @@ def test_load_tool_bad_input_is_one_line(argv, message, capsys):
 def test_a_cancelled_request_frees_its_kv_blocks_at_the_next_token(tmp_path):
     """4000 tokens take ~11 s here. A gRPC client calling the engine model directly (as TensorRT-LLM
     backend clients do) that cancels after 1 s must not keep it generating, and its KV blocks held, that
-    long. (Triton 2.51 does not pass an ensemble request's cancellation on to the models inside it.)"""
+    long; nor must one cancelling a request to the BLS model. (Triton 2.51 does not pass an ensemble
+    request's cancellation on to the models inside it.)"""
     import queue
     import time
 
@@ -335,3 +336,14 @@ def test_a_cancelled_request_frees_its_kv_blocks_at_the_next_token(tmp_path):
         wait_pool_empty(metrics, timeout_s=30)
         assert time.monotonic() - cancelled < 3.0
         grpc.close()
+        # Through the BLS model (ours): it passes the cancellation on to its engine request. It once
+        # ran on for ~20 s after the client had gone.
+        pieces = client.stream_grpc(server.grpc_url, "hello world", 4000, model="tensorrt_llm_bls", end_id=-1)
+        started = time.monotonic()
+        while time.monotonic() - started < 1.5:
+            next(pieces)
+        assert kv_pool_metrics(metrics)["tensorrt_llm"]["running"] == 1
+        cancelled = time.monotonic()
+        pieces.close()  # the client leaves: stream_grpc cancels its request
+        wait_pool_empty(metrics, timeout_s=30)
+        assert time.monotonic() - cancelled < 3.0

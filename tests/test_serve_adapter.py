@@ -89,3 +89,59 @@ def test_load_engine_reads_parameters(tmp_path):
     assert engine.policy.name == "none" and engine.limits.kv_pool_tokens == 512 and engine.tokenizer is None
     with pytest.raises(ValueError, match="guaranteed_no_evict"):
         load_engine({**params, "batch_scheduler_policy": "guaranteed_no_evict"}, tmp_path)
+
+
+def _engine_tensors(**over):
+    tensors = {"input_ids": np.array([[5, 6, 7, 8, 9, 10]], np.int32),
+               "input_lengths": np.array([[6]], np.int32), "request_output_len": np.array([[4]], np.int32)}
+    return {**tensors, **{k: np.array([[v]], dtype) for k, (v, dtype) in over.items()}}
+
+
+INCONSISTENT = [
+    (dict(input_lengths=(-3, np.int32)), "input_lengths is -3; it must be between 1 and 6"),
+    (dict(input_lengths=(1000, np.int32)), "input_lengths is 1000; it must be between 1 and 6"),
+    (dict(input_lengths=(0, np.int32)), "input_lengths is 0"),
+    (dict(request_output_len=(0, np.int32)), "request_output_len (max_tokens) must be an integer >= 1"),
+    (dict(temperature=(np.nan, np.float32)), "temperature must be a finite number"),
+    (dict(temperature=(np.inf, np.float32)), "temperature must be a finite number"),
+    (dict(temperature=(2e-38, np.float32)), "is too small to sample with"),
+    (dict(runtime_top_p=(np.nan, np.float32)), "runtime_top_p (top_p) must be in (0, 1]"),
+    (dict(runtime_top_k=(-2, np.int32)), "runtime_top_k (top_k) must be an integer >= 0"),
+]
+
+
+@pytest.mark.parametrize("over, message", INCONSISTENT, ids=[str(o[0]) for o in INCONSISTENT])
+def test_parse_request_refuses_inconsistent_and_non_finite_inputs(over, message):
+    with pytest.raises(RequestError) as err:
+        parse_request(_engine_tensors(**over))
+    assert message in str(err.value)
+
+
+def test_parse_request_refuses_a_malformed_stop_words_list():
+    with pytest.raises(RequestError, match=r"stop_words_list has shape \(1, 3\)"):
+        parse_request({**_engine_tensors(), "stop_words_list": np.array([[1, 2, 3]], np.int32)})
+
+
+def test_prompt_size_is_checked_before_tokenizing(codec):
+    """A 20 MiB prompt once grew the preprocessing stub to 3.8 GiB and held a good request 22 s behind
+    it: the byte bound refuses it before the tokenizer sees it."""
+    import time
+
+    calls = []
+    real_encode = codec.tokenizer.encode
+    codec.tokenizer.encode = lambda *a, **k: calls.append(1) or real_encode(*a, **k)
+    try:
+        start = time.monotonic()
+        with pytest.raises(RequestError) as err:
+            codec.encode(b"fox " * (5 << 20))
+        assert time.monotonic() - start < 1.0 and not calls
+        message = str(err.value)
+        assert "text_input is 20971520 bytes" in message and "max_input_len of 20 tokens" in message
+        with pytest.raises(RequestError, match="stop_words is"):
+            codec.stop_words_ids([b"x" * (codec.max_prompt_bytes + 1)])
+        # the bound never refuses what fits: the longest entry repeated max_input_len times
+        longest = max(codec.tokenizer.get_vocab(), key=lambda t: len(t.encode()))
+        text = codec.tokenizer.convert_tokens_to_string([longest] * 20)
+        codec.check_size(text)
+    finally:
+        codec.tokenizer.encode = real_encode

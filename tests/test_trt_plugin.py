@@ -1,5 +1,7 @@
 """The TensorRT plugin and TensorRT-LLM pieces that run without TensorRT: kernels under Triton's interpreter,
-ahead-of-time PTX, pool sizing, the build driver's commands. TensorRT parts skip where it is absent."""
+ahead-of-time PTX, pool and memory sizing, the build driver's commands. TensorRT parts skip where it is
+absent. The engines' data flow (the host driver over emulated sessions) is tests/test_trt_driver.py; the
+model class's math, tests/test_trt_model_class.py."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import pytest
 import torch
 
 from plugins.dms_attention.prefill import dms_prefill_attention, reference_prefill_attention
+from plugins.dms_attention.reference import reference_pool_write
 from plugins.dms_attention.trt_plugin import (
     compile_decode_aot,
     compile_pool_write_aot,
@@ -42,6 +45,30 @@ def test_prefill_kernel_matches_reference_with_evictions():
     assert (plain - want).abs().max() > 1e-2  # the evictions beyond the window changed the result
 
 
+def test_prefill_kernel_reads_the_past_of_a_chunk():
+    """Chunked prefill: each sequence's chunk also attends to its streams' stored tokens (paged, in any
+    slot order), hidden from queries at or after their expiry."""
+    from plugins.dms_attention.prefill import NEVER, PrefillPast
+
+    torch.manual_seed(0)
+    lens, starts, hkv, hq, d, bs, nb = [5, 37, 20], [0, 30, 12], 2, 4, 16, 4, 40
+    n = sum(lens)
+    q, k, v = torch.randn(n, hq, d), torch.randn(n, hkv, d), torch.randn(n, hkv, d)
+    evicted = (torch.rand(n, hkv) > 0.5).int()
+    cu = torch.tensor([0, 5, 42, 62], dtype=torch.int32)
+    positions = torch.cat([torch.arange(s, s + t) for s, t in zip(starts, lens, strict=True)]).int()
+    stored = torch.tensor([0, 0, 9, 3, 17, 12], dtype=torch.int32)  # the first sequence has no past
+    expiry = torch.full((6, 20), NEVER, dtype=torch.int32)
+    expiry[2:] = torch.randint(0, 60, (4, 20)).int()
+    tables = torch.randperm(nb)[:30].view(6, 5).int().contiguous()
+    past = PrefillPast(positions, torch.randn(nb, bs, d), torch.randn(nb, bs, d), tables, stored, expiry)
+    got = dms_prefill_attention(q, k, v, evicted, cu, window=4, scale=0.25, past=past, block_m=16, block_n=16)
+    want = reference_prefill_attention(q, k, v, evicted, cu, 4, 0.25, past)
+    assert (got.double() - want).abs().max() < 1e-5
+    assert (reference_prefill_attention(q, k, v, evicted, cu, 4, 0.25) - want)[5:].abs().max() > 1e-1
+    assert (reference_prefill_attention(q, k, v, evicted, cu, 4, 0.25) - want)[:5].abs().max() == 0
+
+
 def test_decode_plugin_kernel_matches_reference():
     """The AOT plugin's kernel (the runtime kernel, single split) through the interpreter; it calls the
     runtime kernel as a function, which needs TRITON_INTERPRET=1 before import: a fresh process."""
@@ -69,7 +96,10 @@ def test_pool_write_puts_each_stream_in_its_row():
     k_pool, v_pool = torch.zeros(5, 4, 16), torch.zeros(5, 4, 16)
     k_new, v_new = torch.randn(2, 3, 16), torch.randn(2, 3, 16)
     rows = torch.tensor([0, 7, 19, 3, 12, 5], dtype=torch.int32)
+    k_ref, v_ref = torch.zeros(5, 4, 16), torch.zeros(5, 4, 16)
+    reference_pool_write(k_ref, v_ref, k_new, v_new, rows)
     trt_pool_write(k_pool, v_pool, k_new, v_new, rows)
+    assert torch.equal(k_pool, k_ref) and torch.equal(v_pool, v_ref)
     assert torch.equal(k_pool.view(-1, 16)[rows.long()], k_new.reshape(-1, 16))
     assert torch.equal(v_pool.view(-1, 16)[rows.long()], v_new.reshape(-1, 16))
     assert int(k_pool.abs().sum(-1).ne(0).sum()) == 6  # nothing else touched
@@ -127,14 +157,52 @@ def _trt_config(dms: bool, tp: int = 2) -> dict:
 
 
 def test_pool_plan_for_qwen3_8b():
-    plan = plan_pool(_trt_config(True, tp=1), block_size=256, pool_tokens=370_000, dtype="bfloat16")
-    # 36 layers x 8 KV heads x 128 x 2 (K, V) x 2 bytes = 144 KiB per token slot (stack-notes' anchor)
-    assert plan.pool_bytes == 36 * 8 * 128 * 2 * 2 * plan.blocks_per_layer // 8 * 256
-    check_fits(plan, device_bytes=80 * 2**30, weights_bytes=16 * 2**30)
-    with pytest.raises(ValueError, match="kv_pool_tokens <="):
-        check_fits(plan_pool(_trt_config(True, tp=1), 256, 3_000_000, "bfloat16"), 80 * 2**30, 16 * 2**30)
+    plan = plan_pool(_trt_config(True, tp=1), block_size=256, pool_tokens=240_000, dtype="bfloat16")
+    # 36 layers x 8 KV heads x 128 x 2 (K, V) x 2 bytes = 144 KiB per slot of every (layer, KV head)
+    assert plan.pool_bytes == 36 * 8 * 128 * 2 * 2 * plan.total_blocks // (36 * 8) * 256
+    assert plan.total_blocks == plan.blocks_per_layer * 36
     with pytest.raises(ValueError, match="smaller than dms_window_size"):
         plan_pool(_trt_config(True), 512, 1000, "bfloat16")
+
+
+# The GPU cards' models (their public config.json): what plugins/trtllm/pool.py needs to size them.
+GPU_MODELS = {
+    "qwen3-8b": dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_size=128,
+                     num_hidden_layers=36, intermediate_size=12288, vocab_size=151936),
+    "qwen3-1.7b": dict(hidden_size=2048, num_attention_heads=16, num_key_value_heads=8, head_size=128,
+                       num_hidden_layers=28, intermediate_size=6144, vocab_size=151936,
+                       tie_word_embeddings=True),
+    "llama-3.2-1b": dict(hidden_size=2048, num_attention_heads=32, num_key_value_heads=8, head_size=64,
+                         num_hidden_layers=16, intermediate_size=8192, vocab_size=128256,
+                         tie_word_embeddings=True),
+}  # fmt: skip
+H100_BYTES = 81559 * 2**20  # nvidia-smi's memory.total of an H100 80GB (SXM and PCIe)
+
+
+@pytest.mark.parametrize("card_name", sorted(GPU_MODELS))
+def test_gpu_cards_fit_an_h100_at_max_batch_size(card_name):
+    """build.kv_pool_tokens counts slots per (layer, KV head) everywhere; each GPU card's value, with both
+    engines' weights and the context engine at its token budget, fits 90 % of one H100, and the pool holds
+    max_batch_size requests of the card's perf workload with eviction off (perf's vanilla baseline)."""
+    from pipeline.card import load_card
+    from plugins.trtllm.pool import plan_memory, weights_bytes
+
+    card = load_card(card_name)
+    b = card.build
+    config = GPU_MODELS[card_name] | {"dms_window_size": card.dms.window, "mapping": {"tp_size": b.tp_size}}
+
+    def memory(pool_tokens: int):
+        plan = plan_pool(config, b.kv_block_size, pool_tokens, b.dtype)
+        weights = weights_bytes(config, b.dtype)
+        longest = b.max_input_len + b.max_output_len
+        return plan_memory(config, plan, weights, b.max_batch_size, b.max_input_len, longest)
+
+    check_fits(memory(b.kv_pool_tokens), H100_BYTES)
+    request = card.perf.input_tokens + card.perf.output_tokens
+    per_stream = (-(-request // b.kv_block_size) + 1) * b.kv_block_size  # + the block handed out a step ahead
+    assert b.max_batch_size * per_stream <= b.kv_pool_tokens
+    with pytest.raises(ValueError, match=r"set build.kv_pool_tokens <= \d+"):
+        check_fits(memory(4 * b.kv_pool_tokens), H100_BYTES)
 
 
 def test_build_driver_commands(tmp_path):
@@ -149,174 +217,13 @@ def test_build_driver_commands(tmp_path):
     assert cmd[cmd.index("--model_cls_name") + 1] == "DmsQWenForCausalLM"
     assert cmd[cmd.index("--paged_kv_cache") + 1] == "disable" and cmd[cmd.index("--workers") + 1] == "2"
     assert cmd[cmd.index("--max_seq_len") + 1] == "1536"
-    assert env["DMS_TRTLLM_PHASE"] == "generation" and env["DMS_TRTLLM_POOL_BLOCKS"] == str(64 * 4)
+    # one pool tensor for every layer: 4096 slots / 64 x 4 KV heads per rank x 36 layers, + the scratch block
+    assert env["DMS_TRTLLM_PHASE"] == "generation" and env["DMS_TRTLLM_POOL_BLOCKS"] == str(64 * 4 * 36 + 1)
+    assert cmd[cmd.index("--max_num_tokens") + 1] == "8"  # the generation engine: a token per sequence
+    context = dms["context"][0]
+    assert context[context.index("--max_num_tokens") + 1] == "1024"  # a chunk budget, not batch x input
     stock = build_commands(args, _trt_config(False))
     assert list(stock) == ["engine"] and "--model_cls_file" not in stock["engine"][0]
-
-
-def _host_streams(num_layers: int, num_kv_heads: int, num_blocks: int, block: int, window: int):
-    """The host bookkeeping a TensorRT driver keeps: dms_core's StreamTable with a DMS ring."""
-    from dms_core.streams import BlockPool, StreamTable
-
-    return StreamTable(num_layers, num_kv_heads, 1, 32, BlockPool(num_blocks, block), ring=window + 1)
-
-
-def _admit(st, layer: int, row: int, evicted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """After the context engine: keep a stream's survivors (rule.survivors) in slots 0..n-1 and load its
-    ring. Returns (positions kept, pool rows to copy their K/V to)."""
-    from dms_core import rule
-
-    t = evicted.shape[0]
-    pos = torch.arange(t)
-    kept = pos[rule.survivors(pos, evicted, t, st.ring_size - 1)]
-    st.resize(layer, row, len(kept))
-    rows = st.pool_rows(layer, row, len(kept))
-    st.slot_pos[rows] = kept
-    rule.ring_load_(st.ring_row[layer], st.ring_flag[layer], row, kept, evicted[kept], rows, t)
-    return kept, rows
-
-
-def _plan_step(st, layer: int, n: int, t: int) -> torch.Tensor:
-    """Before a generation call: where each stream's new token (position t) goes (the row the
-    pool_write plugin writes), from dms_core's ring step with the decision still unknown."""
-    from dms_core import rule
-
-    pos = torch.full((n,), t)
-    step = rule.RingStep.at(st.row_index[:n], pos, st.ring_size)
-    append = st.append_rows(n)[layer]
-    rows = rule.ring_place_(st.ring_row[layer], st.ring_flag[layer], st.lens[layer], step, append, None)
-    st.slot_pos[rows] = t
-    return rows
-
-
-def _record(st, layer: int, n: int, t: int, logit: torch.Tensor) -> None:
-    """After the call: dms_logit_L decides the previous token's fate (shift by one)."""
-    from dms_core import rule
-
-    step = rule.RingStep.at(st.row_index[:n], torch.full((n,), t), st.ring_size)
-    rule.ring_record_(st.ring_flag[layer], step, rule.evicts(logit))
-
-
-def _before_step(st, n: int, t: int) -> None:
-    """Blocks for the streams about to grow (known a step ahead: rule.ring_appends)."""
-    from dms_core import rule
-
-    step = rule.RingStep.at(st.row_index[:n], torch.full((n,), t), st.ring_size)
-    grows = rule.ring_appends(st.ring_flag, step)
-    st.refresh(n, st.lens[:, :n].clone(), grows)
-    st.reserve(n)
-
-
-@pytest.mark.parametrize("window,block", [(4, 2), (8, 4)])
-def test_host_streams_follow_the_dms_rule(window, block):
-    """Prefill then decode with random decisions: the live set is always the DMS rule's, slots stay
-    dense, an evicted token's slot is reused in place, and released blocks return to the pool."""
-    g = torch.Generator().manual_seed(0)
-    st = _host_streams(1, 1, 64, block, window)
-    st.open()
-    prompt, steps = 11, 40
-    decision = torch.rand(prompt + steps, generator=g) > 0.4  # decision made AT position p (about p - 1)
-    evicted = torch.zeros(prompt, dtype=torch.bool)
-    evicted[:-1] = decision[1:prompt]
-    _, rows = _admit(st, 0, 0, evicted)
-    assert len(set(rows.tolist())) == len(rows)
-    for t in range(prompt, prompt + steps):
-        before = dict(zip(st.positions(0, 0), range(10**6), strict=False))
-        _before_step(st, 1, t)
-        (row,) = _plan_step(st, 0, 1, t).tolist()
-        st.lens_host[0, 0] = int(st.lens[0, 0])
-        live = dict(zip(st.positions(0, 0), range(10**6), strict=False))  # position -> slot
-        want = {p for p in range(t + 1) if t - p <= window or not decision[p + 1]}
-        assert set(live) == want, t
-        if len(live) == len(before):  # reuse: the new token took the slot of the one that left
-            gone = set(before) - set(live)
-            assert len(gone) == 1 and live[t] == before[gone.pop()]
-        assert row == st.tables_host[0, 0, live[t] // block] * block + live[t] % block
-        _record(st, 0, 1, t, torch.tensor([1.0 if decision[t] else -1.0]))
-    used = st.pool.num_used_blocks
-    st.close(0)
-    assert used > 0 and st.pool.num_used_blocks == 0
-
-
-def test_engine_data_flow_emulated_matches_hf_dms(tmp_path):
-    """The TensorRT engines' data flow on CPU: the prefill kernel, survivors into the pool, then per
-    decode step the host's row plan -> pool_write kernel -> paged decode -> decisions recorded (shift by
-    one), all bookkeeping from dms_core. Logits must equal the HF DMS model's (hard decisions)."""
-    from dms_core import rule
-    from pipeline.dms.checkpoint import load_dms_model
-    from pipeline.dms.patch import dms_mode
-    from plugins.dms_attention.reference import reference_paged_decode_attention
-    from tests.tiny_models import make_hf
-
-    torch.set_num_threads(1)
-    model = load_dms_model(make_hf(tmp_path / "hf", "qwen3", "borrowed", window=8))
-    cfg = model.config
-    window, block, d = cfg.dms_window_size, 4, cfg.head_dim
-    hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
-    scale = d**-0.5
-    ids = torch.randint(0, cfg.vocab_size, (1, 30), generator=torch.Generator().manual_seed(1))
-    prompt = 12
-    with torch.inference_mode(), dms_mode(model, "hard"):
-        want = model(ids).logits[0]
-
-    def rot(x, cos, sin):
-        x1, x2 = x.chunk(2, -1)
-        return x * cos + torch.cat([-x2, x1], -1) * sin
-
-    keep = (~rule.borrowed_channel_mask(hq, hkv, d, "head")).float()  # as DmsAttention.channel_keep
-
-    def project(layer, x, pos):  # what DmsAttention.project computes in the engine
-        a, t = layer.self_attn, x.shape[0]
-        h = layer.input_layernorm(x)
-        q = a.q_norm(a.q_proj(h).view(t, hq, d))
-        k, v = a.k_norm(a.k_proj(h).view(t, hkv, d)), a.v_proj(h).view(t, hkv, d)
-        logit = rule.borrowed_logits(q.transpose(0, 1)[None], hkv, "head", cfg.dms_alpha_scale,
-                                     cfg.dms_initial_alpha_offset)[0].T  # [t, Hkv]
-        cos, sin = (c[0][:, None] for c in model.model.rotary_emb(x[None], pos[None]))
-        return rot(q * keep, cos, sin) * keep, rot(k, cos, sin), v, logit
-
-    def finish(layer, x, out):
-        x = x + layer.self_attn.o_proj(out.reshape(x.shape[0], -1))
-        return x + layer.mlp(layer.post_attention_layernorm(x))
-
-    layers = model.model.layers
-    st = _host_streams(len(layers), hkv, 64 * len(layers), block, window)
-    st.open()
-    k_pool, v_pool = torch.zeros(2, st.pool.num_blocks + 1, block, d)  # one pool for every layer
-    got = []
-    with torch.inference_mode():
-        x, pos = model.model.embed_tokens(ids[0, :prompt]), torch.arange(prompt)
-        for li, layer in enumerate(layers):  # context engine
-            q, k, v, logit = project(layer, x, pos)
-            evicted = rule.shift_by_one(rule.evicts(logit.T), False).T  # [prompt, Hkv]; the last is kept
-            cu = torch.tensor([0, prompt], dtype=torch.int32)
-            out = dms_prefill_attention(q.contiguous(), k.contiguous(), v.contiguous(),
-                                        evicted.int().contiguous(), cu, window, scale, block_m=16, block_n=16)
-            for h in range(hkv):  # host: survivors into the pool
-                kept, rows = _admit(st, li, h, evicted[:, h])
-                k_pool.view(-1, d)[rows] = k[kept, h]
-                v_pool.view(-1, d)[rows] = v[kept, h]
-            x = finish(layer, x, out)
-        got.append(model.lm_head(model.model.norm(x))[-1])
-        for t in range(prompt, ids.shape[1]):  # generation engine, one token per step
-            x, pos = model.model.embed_tokens(ids[0, t : t + 1]), torch.tensor([t])
-            _before_step(st, hkv, t)
-            width = st.width(hkv)
-            for li, layer in enumerate(layers):
-                q, k, v, logit = project(layer, x, pos)
-                rows = _plan_step(st, li, hkv, t)
-                trt_pool_write(k_pool, v_pool, k, v, rows.int())
-                table, lens = st.tables[li, :hkv, :width].contiguous(), st.lens[li, :hkv]
-                out = reference_paged_decode_attention(q, k_pool, v_pool, table, lens, scale, hkv)
-                _record(st, li, hkv, t, logit[0])
-                x = finish(layer, x, out)
-            got.append(model.lm_head(model.model.norm(x))[-1])
-    assert (torch.stack(got) - want[prompt - 1 :]).abs().max() < 1e-5
-    with torch.inference_mode(), dms_mode(model, "teacher"):
-        base = model(ids).logits[0]
-    assert (base - want).abs().max() > 1e-2  # evictions (and the zeroed channel) matter here
-    st.close(0)
-    assert st.pool.num_used_blocks == 0
 
 
 def test_code_for_the_trtllm_environment_imports_nothing_from_our_stack():
@@ -335,3 +242,26 @@ def test_code_for_the_trtllm_environment_imports_nothing_from_our_stack():
                 names = [node.module or ""]
             bad = [n for n in names if n == "pipeline" or n.startswith("pipeline.")]
             assert not bad, f"{file.relative_to(root)}:{node.lineno} imports {bad[0]}"
+
+
+def test_engine_io_of_each_phase_from_the_build_drivers_environment(tmp_path):
+    """What model.py declares at trtllm-build time: the sizes build_engine.py passes in the environment,
+    one pool tensor for every layer, per-layer tables and lengths, the context's past, the generation's
+    write rows."""
+    from plugins.trtllm import engine_io
+    from plugins.trtllm.build_engine import build_commands, parse_args
+
+    args = parse_args(["--checkpoint_dir", "C", "--output_dir", str(tmp_path), "--max_batch_size", "8",
+                       "--max_input_len", "1024", "--max_output_len", "512", "--tokens_per_block", "64",
+                       "--kv_pool_tokens", "4096"])  # fmt: skip
+    for phase, (_, env) in build_commands(args, _trt_config(True, tp=1)).items():
+        shapes = engine_io.Shapes.from_env(env, num_layers=36, kv_heads=8, head_dim=128, max_batch=8,
+                                           max_tokens=1024 if phase == "context" else 8)  # fmt: skip
+        declared = engine_io.inputs(phase, shapes)
+        kind, pool = declared[engine_io.K_POOL]
+        assert kind == "pool" and pool["pool_blocks"] == [(1, 36 * 8 * 64 + 1, 36 * 8 * 64 + 1)]
+        assert declared[engine_io.tables(35)][1]["max_blocks"][0][2] == 24  # (1024 + 512) / 64
+        assert (engine_io.expiry(0) in declared) == (phase == "context")
+        assert (engine_io.write_rows(0) in declared) == (phase == "generation")
+    with pytest.raises(RuntimeError, match="build the DMS engines with plugins/trtllm/build_engine.py"):
+        engine_io.Shapes.from_env({}, num_layers=1, kv_heads=1, head_dim=8, max_batch=1, max_tokens=1)

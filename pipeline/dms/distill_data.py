@@ -137,11 +137,13 @@ def read_records(path: Path) -> list[Any]:
             ds = ds["train"] if "train" in ds else next(iter(ds.values()))
         rows: Iterable[dict[str, Any]] = ds
     elif path.is_file():
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = _read_jsonl(path)
     else:
         raise FileNotFoundError(f"retrofit.data: {path} is neither a JSONL file nor a datasets directory")
     out = []
     for row in rows:
+        if not isinstance(row, dict):
+            raise ValueError(f"retrofit.data {path}: each record must be a JSON object, got {row!r:.60}")
         if "messages" in row:
             out.append(row["messages"])
         elif "text" in row:
@@ -153,6 +155,26 @@ def read_records(path: Path) -> list[Any]:
     if not out:
         raise ValueError(f"retrofit.data {path}: no records")
     return out
+
+
+def _read_jsonl(path: Path) -> list[Any]:
+    """The records of a JSONL file; an error names the file and line (a binary file, an array file)."""
+    how = 'one JSON object per line ({"messages": [...]} or {"text": ...})'
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"retrofit.data {path} is not UTF-8 text; it must be JSONL: {how}") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(
+                    f"retrofit.data {path}, line {number}: not JSON ({exc.msg}, column {exc.colno}); "
+                    f"the file must be JSONL: {how}"
+                ) from None
+    return rows
 
 
 def pack_records(tokenizer: Any, records: list[Any], seq_len: int) -> torch.Tensor:

@@ -38,9 +38,11 @@ class UnsupportedModelError(ValueError):
 @dataclass
 class DmsRecorder:
     """What one forward pass produced, per layer in order: hard decisions [B, Hkv, T] (straight-through
-    in "train" mode, 0/1 otherwise; already shifted by one, last position 0)."""
+    in "train" mode, 0/1 otherwise; already shifted by one, last position 0) and the raw decision
+    logits [B, Hkv, T] before noise and shift (detached; not recorded in "teacher" mode)."""
 
     hard: list[torch.Tensor] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)
 
     def stacked(self) -> torch.Tensor:
         """[L, B, Hkv, T]."""
@@ -146,6 +148,8 @@ def _dms_attention_forward(
                 "pipeline.runtime (or load with dms_disable_eviction=True)"
             )
 
+    if logit is not None and rt.recorder is not None:
+        rt.recorder.logits.append(logit.detach())
     key_logit = None
     if logit is not None and not s.disable_eviction:
         if rt.mode == "train":
@@ -248,6 +252,48 @@ def dms_mode(
         yield recorder
     finally:
         rt.mode, rt.generator, rt.recorder, rt.use_flex, rt.logit_clip = saved
+
+
+def warm_start_borrowed(model: nn.Module) -> int:
+    """Make every borrowed decision logit start at exactly -initial_alpha_offset ("keep"), as the paper's
+    DMC-style neuron zeroing does before the CR ramp: the q_proj rows (and bias entries) that compute
+    the borrowed channel are set to zero. Returns how many rows were zeroed.
+
+    Without it the first training step already evicts whatever the channel's pretrained values decide
+    (SmolLM2-135M: ~45% of tokens, KL ~2 to the teacher). On Llama the student is otherwise unchanged:
+    the channel is zeroed before QK^T anyway. On Qwen3, q_norm comes after q_proj, so a zero row still
+    gives a zero normed channel (the logit is exact), but the RMS of that head's other channels no
+    longer counts it, which rescales them slightly (measured in tests/test_dms_patch.py).
+    Works on FSDP2-sharded (DTensor) parameters: every process calls it; each zeroes its own rows.
+    """
+    s: DmsConfig = model.dms_settings
+    if s.separate_alpha:
+        raise ValueError("warm_start_borrowed: this model uses adapter decisions (they start at -offset)")
+    hkv = model.config.num_key_value_heads
+    zeroed = 0
+    with torch.no_grad():
+        for attn in _attention_modules(model):
+            hq = attn.q_proj.out_features // attn.head_dim
+            heads = [0] if s.alpha_per == "layer" else range(0, hq, hq // hkv)
+            rows = [h * attn.head_dim + attn.head_dim - 1 for h in heads]
+            for param in (attn.q_proj.weight, attn.q_proj.bias):
+                if param is not None:
+                    _zero_rows_(param, rows)
+            zeroed += len(rows)
+    return zeroed
+
+
+def _zero_rows_(param: torch.Tensor, rows: list[int]) -> None:
+    """param[rows] = 0 in place, for a plain tensor or a DTensor sharded over rows (FSDP2)."""
+    keep = torch.ones(param.shape[0], *([1] * (param.dim() - 1)), dtype=param.dtype)
+    keep[rows] = 0
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        keep = distribute_tensor(keep.to(param.to_local().device), param.device_mesh, param.placements)
+    else:
+        keep = keep.to(param.device)
+    param.mul_(keep)
 
 
 def dms_parameter_names(model: nn.Module) -> list[str]:

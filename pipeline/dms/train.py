@@ -32,7 +32,7 @@ from dms_core import rule
 from pipeline.dms.checkpoint import load_training_state, save_training_state
 from pipeline.dms.distributed import SINGLE_PROCESS, Dist, all_sum, rank_slice
 from pipeline.dms.losses import chunked_kl, compression_loss
-from pipeline.dms.patch import dms_mode, dms_parameter_names
+from pipeline.dms.patch import dms_mode, dms_parameter_names, warm_start_borrowed
 from pipeline.dms.schedule import noise_generator, scheduled_cr
 
 
@@ -51,6 +51,7 @@ class TrainConfig:
     rank: int = 0
     pad_token_id: int | None = None  # rows padded with this id (synthetic data): those positions get no KL
     logit_clip: float | None = None  # noise on logits clipped to +-this (rule.gumbel_sigmoid); None: spec
+    warm_start: bool = False  # borrowed decisions: zero the borrowed neuron first (patch.warm_start_borrowed)
 
 
 def measure_cr(
@@ -163,9 +164,11 @@ def train_dms(
     trainable = [params[n] for n in names]
     # Borrowed mode trains base weights: keep their originals (only those) for the teacher.
     frozen = None if model.dms_settings.separate_alpha else {n: params[n].detach().clone() for n in names}
+    if cfg.warm_start and frozen is not None:  # after `frozen`: the teacher stays the base model
+        warm_start_borrowed(model)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
 
-    start_step, saved, first_loss = 0, {}, None
+    start_step, saved, first = 0, {}, {}
     if state_dir is not None and (state_dir / "state.json").is_file():
         meta = load_training_state(state_dir, model, optimizer, d)
         start_step, saved = meta["step"], {float(k): v for k, v in meta["saved"].items()}
@@ -201,8 +204,9 @@ def train_dms(
                 f"retrofit diverged at step {step} (loss {mean_loss}); lower retrofit.lr"
             )
         train_cr_ema = 0.8 * train_cr_ema + 0.2 * train_cr
-        first_loss = mean_loss if first_loss is None else first_loss
-        last = {"loss": mean_loss, "kl": kl.item(), "l_dms": l_dms.item(), "grad_norm": float(grad_norm)}
+        last = {"loss": mean_loss, "kl": kl.item(), "l_dms": l_dms.item(), "grad_norm": float(grad_norm),
+                "train_cr": train_cr}
+        first = first or last
         bar.set_postfix(
             loss=f"{mean_loss:.4f}", kl=f"{last['kl']:.4f}", cr_target=f"{target:.2f}", cr=f"{train_cr:.2f}"
         )
@@ -239,7 +243,9 @@ def train_dms(
     return {
         "steps": cfg.steps,
         "seconds": time.monotonic() - t0,
-        "first_loss": first_loss,
+        "first_loss": first.get("loss"),
+        # The first step of this run: how far from the base model training starts.
+        "first_step": {k: first[k] for k in ("kl", "train_cr")} if first else None,
         "final_loss": last.get("loss"),
         "final_kl": last.get("kl"),
         "saved": saved,

@@ -107,17 +107,40 @@ def markdown_table(summary: dict[str, Any], method_order: Iterable[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def agreement_table(agreement: dict[str, dict[str, dict[str, float]]], method_order: Iterable[str]) -> str:
-    """Agreement with vanilla: one row per (method, CR): mean KL, token-match rate, measured CR."""
+def quality_summary(summary: dict[str, Any], agreement: dict[str, dict[str, dict[str, float]]]) -> dict:
+    """A real model's figures per (method, CR) in one place: {method: {cr_label: {passkey (%),
+    passkey_cr, peak_kv_bytes, kl, token_match, agreement_cr}}} (passkey from the item summary,
+    the rest of agreement with vanilla over generated tokens)."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for method, per_cr in summary["accuracy"].items():
+        for label, accs in per_cr.items():
+            a = agreement.get(method, {}).get(label, {})
+            out.setdefault(method, {})[label] = {
+                "passkey": accs[AVERAGE],
+                "passkey_cr": summary["measured_cr"][method][label][AVERAGE],
+                "peak_kv_bytes": summary["peak_kv_bytes"][method][label][AVERAGE],
+                "kl": a.get("kl"),
+                "token_match": a.get("token_match"),
+                "agreement_cr": a.get("measured_cr"),
+            }
+    return out
+
+
+def quality_table(quality: dict[str, dict[str, dict[str, float]]], method_order: Iterable[str]) -> str:
+    """quality_summary as Markdown: one row per (method, CR)."""
     lines = [
-        "| method | CR (target) | KL(vanilla \\|\\| method) | token match | measured CR |",
-        "| --- | --- | ---: | ---: | ---: |",
+        "| method | CR (target) | passkey (%) | measured CR (passkey) | peak KV (KiB) "
+        "| KL(vanilla \\|\\| method) | token match | measured CR (generation) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    methods = [m for m in method_order if m in agreement] + [m for m in agreement if m not in method_order]
+    methods = [m for m in method_order if m in quality] + [m for m in quality if m not in method_order]
+    num = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for method in methods:
-        for label in sorted(agreement[method], key=float):
-            a = agreement[method][label]
+        for label in sorted(quality[method], key=float):
+            q = quality[method][label]
             lines.append(
-                f"| {method} | {label} | {a['kl']:.4f} | {a['token_match']:.3f} | {a['measured_cr']:.2f} |"
+                f"| {method} | {label} | {q['passkey']:.1f} | {q['passkey_cr']:.2f} "
+                f"| {q['peak_kv_bytes'] / 1024:.1f} | {num(q['kl'], '.4f')} | {num(q['token_match'], '.3f')} "
+                f"| {num(q['agreement_cr'], '.2f')} |"
             )
     return "\n".join(lines) + "\n"

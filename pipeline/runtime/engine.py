@@ -39,18 +39,18 @@ the mean compression ratio of the running requests.
 from __future__ import annotations
 
 import itertools
-import queue
 import threading
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from dms_core import rule
+from dms_core.serving import Completion, RequestHandle, StepLoop, TokenEvent
 from dms_core.streams import BlockPool, StreamTable
 from pipeline.hf_files import has_tokenizer, load_tokenizer, read_eos_ids
 from pipeline.runtime.cuda_graphs import capture_decode
@@ -71,103 +71,7 @@ from pipeline.runtime.scheduler import Scheduler
 from pipeline.runtime.sequence import Sequence
 
 
-@dataclass(frozen=True)
-class TokenEvent:
-    token_id: int
-    text: str  # the text this token adds ("" without a tokenizer)
-    live_kv_tokens: int = 0  # the request's live KV entries (tokens summed over layers and KV heads)
-    compression_ratio: float = 1.0
-
-
-@dataclass
-class Completion:
-    request_id: int
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str
-    finish_reason: str  # "stop" | "length" | "cancelled" | "error"
-    error: str | None = None
-    stats: dict[str, Any] = field(default_factory=dict)
-    logits: torch.Tensor | None = None  # [generated, V] float32 on CPU, when asked for (keep_logits)
-
-
-_DONE = object()
-
-
-Listener = Callable[["RequestHandle", "TokenEvent | Completion"], None]
-
-
-class RequestHandle:
-    """A submitted request: iterate for TokenEvents as they are produced; `result()` when done.
-
-    With a listener (Engine.submit's on_event) the events go to it instead, on the engine's thread."""
-
-    def __init__(self, engine: Engine, seq: Sequence, on_event: Listener | None = None):
-        self._engine = engine
-        self.seq = seq
-        self.request_id = seq.request_id
-        self._on_event = on_event
-        self._events: queue.Queue = queue.Queue()
-        self._done = threading.Event()
-        self._completion: Completion | None = None
-        tok = engine.tokenizer
-        self._text = (
-            None if tok is None else IncrementalDecoder(lambda ids: tok.decode(ids, skip_special_tokens=True))
-        )
-
-    def _emit(self, token_id: int, live_kv_tokens: int, compression_ratio: float) -> None:
-        text = self._text.push([token_id]) if self._text is not None else ""
-        event = TokenEvent(token_id, text, live_kv_tokens, compression_ratio)
-        if self._on_event is not None:
-            self._on_event(self, event)
-        else:
-            self._events.put(event)
-
-    def _finish(self, completion: Completion) -> None:
-        self._completion = completion
-        self._done.set()
-        if self._on_event is not None:
-            self._on_event(self, completion)
-        else:
-            self._events.put(_DONE)
-
-    def _wait(self, timeout: float | None) -> None:
-        while not self._done.is_set():
-            if self._engine.loop_running:
-                self._done.wait(timeout)
-                if timeout is not None and not self._done.is_set():
-                    raise TimeoutError(f"request {self.request_id} not finished after {timeout} s")
-            else:
-                self._engine.step()
-
-    def __iter__(self) -> Iterator[TokenEvent]:
-        while True:
-            try:
-                item = self._events.get_nowait()
-            except queue.Empty:
-                if self._engine.loop_running:
-                    item = self._events.get()
-                else:
-                    self._engine.step()
-                    continue
-            if item is _DONE:
-                return
-            yield item
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def result(self, timeout: float | None = None) -> Completion:
-        self._wait(timeout)
-        assert self._completion is not None
-        return self._completion
-
-    def cancel(self) -> None:
-        self._engine._cancel(self.request_id)
-
-
-class Engine:
+class Engine(StepLoop):
     def __init__(
         self,
         model: Transformer,
@@ -202,15 +106,10 @@ class Engine:
         self.scheduler = Scheduler(self.runner, limits.max_batch_size, prefill_chunk_tokens)
         # On a GPU the decode step replays from CUDA graphs (one launch a step); elsewhere it runs eagerly.
         self.cuda_graphs = cuda_graphs and attention is None and capture_decode(self.runner)
+        super().__init__("dms-engine-loop")
         self._ids = itertools.count()
-        self._inbox: list[RequestHandle] = []
-        self._cancelled: set[int] = set()
         self._handles: dict[int, RequestHandle] = {}
-        self._lock = threading.Lock()  # guards _inbox and _cancelled (submit/cancel from any thread)
         self._step_lock = threading.Lock()  # one step at a time
-        self._loop: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._wake = threading.Event()
         self.last_step_kind = "idle"  # what the last step() did: idle | prefill | decode (benchmarks)
 
     def _resolve_policy(self, policy: EvictionPolicy | str | None) -> EvictionPolicy:
@@ -237,6 +136,7 @@ class Engine:
         device: str | torch.device | None = None,
         **kwargs: Any,
     ) -> Engine:
+        _check_finite(state)
         args = ModelArgs.from_hf_config(config)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch_dtype = DTYPES[dtype or "float32"]
@@ -292,17 +192,13 @@ class Engine:
         context_len: int | None = None,
         forced_ids: Seq[int] | None = None,
         keep_logits: bool = False,
-        on_event: Listener | None = None,
         **kw: Any,
     ) -> RequestHandle:
         """Queue a request (thread-safe). Raises ValueError for invalid requests.
 
         context_len: end of the first prefill chunk (None: the engine's chunking). forced_ids: generate
         these tokens instead of sampling (max_tokens becomes their number). keep_logits: return the
-        logits of every generated position in Completion.logits. on_event(handle, item): called on the
-        engine's thread with each TokenEvent and then the Completion, instead of queueing them for
-        iteration (a server forwards all its requests from one thread so); it must return at once and
-        not raise."""
+        logits of every generated position in Completion.logits."""
         if forced_ids is not None:
             if not forced_ids:
                 raise ValueError("forced_ids: give at least one token")
@@ -334,16 +230,12 @@ class Engine:
         )  # fmt: skip
         if params.seed is not None:
             seq.generator = torch.Generator().manual_seed(params.seed)
-        handle = RequestHandle(self, seq, on_event)
-        with self._lock:
-            self._inbox.append(handle)
-        self._wake.set()
-        return handle
-
-    def _cancel(self, request_id: int) -> None:
-        with self._lock:
-            self._cancelled.add(request_id)
-        self._wake.set()
+        text_of = None
+        if self.tokenizer is not None:
+            tok = self.tokenizer
+            decoder = IncrementalDecoder(lambda ids: tok.decode(ids, skip_special_tokens=True))
+            text_of = lambda token: decoder.push([token])  # noqa: E731
+        return self._enqueue(RequestHandle(self, seq.request_id, seq, text_of))
 
     def generate(
         self, prompts: str | Seq[int] | Seq[str | Seq[int]], params: SamplingParams | None = None, **kw: Any
@@ -377,25 +269,17 @@ class Engine:
                 raise RuntimeError(f"engine request failed: {c.error}")
         return done
 
-    # -- the step loop -----------------------------------------------------------------------
-    @property
-    def loop_running(self) -> bool:
-        return self._loop is not None and self._loop.is_alive()
-
-    def has_work(self) -> bool:
-        with self._lock:
-            pending = bool(self._inbox or self._cancelled)
-        return pending or self.scheduler.has_work()
+    # -- the step loop (start / stop / has_work: dms_core.serving.StepLoop) -------------------------
+    def _busy(self) -> bool:
+        return self.scheduler.has_work()
 
     def step(self) -> int:
         """One scheduler step. Returns how many sequences ran (0 = idle)."""
         with self._step_lock:
-            with self._lock:
-                inbox, self._inbox = self._inbox, []
-                cancelled, self._cancelled = self._cancelled, set()
+            inbox, cancelled = self._take_inbox()
             for handle in inbox:
                 self._handles[handle.request_id] = handle
-                self.scheduler.add(handle.seq)
+                self.scheduler.add(handle.request)
             for rid in cancelled:
                 self._cancel_now(rid)
             seqs, failed, is_prefill = self.scheduler.schedule()
@@ -409,9 +293,8 @@ class Engine:
                     logits = torch.stack([self.scheduler.prefill(s) for s in seqs])
                 else:
                     logits = self.runner.decode(seqs)
-                tokens = self.runner.finish_step(
-                    sample_batch(logits, [s.params for s in seqs], [s.generator for s in seqs])
-                )
+                unsampled: dict[int, str] = {}
+                tokens = self.runner.finish_step(self._sample(logits, seqs, unsampled))
             except Exception as exc:  # a failing batch must not take the engine (or other requests) down
                 self.runner.sync()
                 detail = "".join(traceback.format_exception_only(exc)).strip()
@@ -424,8 +307,29 @@ class Engine:
             for seq, token, kv in zip(seqs, tokens, self._kv_figures(seqs), strict=True):
                 if seq.keep_logits:
                     seq.logits.append(next(kept))
-                self._postprocess(seq, token, kv)
+                if seq.request_id in unsampled:
+                    self._fail(seq, f"engine failed this request: sampling: {unsampled[seq.request_id]}")
+                    continue
+                try:
+                    self._postprocess(seq, token, kv)
+                except Exception as exc:  # a stop check, emitting, finishing: this sequence's fault alone
+                    self._fail(seq, f"engine failed this request: {_one_line(exc)}")
             return len(seqs)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], unsampled: dict[int, str]) -> torch.Tensor:
+        """sample_batch; when it raises, row by row, so only the rows that raise fail (their request ids
+        and errors go to `unsampled`; they get their argmax to keep the step's shapes)."""
+        try:
+            return sample_batch(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        except Exception:
+            rows = []
+            for i, seq in enumerate(seqs):
+                try:
+                    rows.append(sample_batch(logits[i : i + 1], [seq.params], [seq.generator]))
+                except Exception as exc:
+                    unsampled[seq.request_id] = _one_line(exc)
+                    rows.append(logits[i : i + 1].argmax(dim=-1))
+            return torch.cat(rows)
 
     def _postprocess(self, seq: Sequence, token: int, kv: tuple[int, float]) -> None:
         if seq.forced_ids is not None:
@@ -438,6 +342,20 @@ class Engine:
             self._complete(seq, "stop")
         elif seq.num_generated >= p.max_tokens:
             self._complete(seq, "length")
+
+    def _fail(self, seq: Sequence, message: str) -> None:
+        """Finish `seq` with an error and free its blocks; the rest of the batch goes on."""
+        seq.error = message
+        if seq.request_id not in self._handles:  # it had already finished
+            return
+        try:
+            self._complete(seq, "error")
+        except Exception:  # _complete itself failed (stats, detokenising): free and finish by hand
+            self.scheduler.finish(seq)
+            handle = self._handles.pop(seq.request_id, None)
+            if handle is not None and not handle.done:
+                prompt = list(seq.prompt_ids)
+                handle._finish(Completion(seq.request_id, prompt, [], "", "error", message, {}))
 
     def _kv_figures(self, seqs: list[Sequence]) -> list[tuple[int, float]]:
         """(live KV tokens over layers and KV heads, compression ratio) of attached sequences now, from
@@ -454,7 +372,7 @@ class Engine:
         handle = self._handles.get(request_id)
         if handle is None or handle.done:
             return
-        self._complete(handle.seq, "cancelled")
+        self._complete(handle.request, "cancelled")
 
     def _complete(self, seq: Sequence, reason: str) -> None:
         stats = self.request_stats(seq)
@@ -489,11 +407,7 @@ class Engine:
         with self._step_lock:
             self.runner.sync()
             used = self.pool.num_used_blocks
-            return {
-                "blocks_total": self.pool.num_blocks,
-                "blocks_used": used,
-                "blocks_free": self.pool.num_free_blocks,
-                "block_size": self.pool.block_size,
+            return self.pool.stats() | {
                 "bytes_used": used * self.cache.bytes_per_block,
                 "bytes_total": self.pool.num_blocks * self.cache.bytes_per_block,
                 "running": len(self.scheduler.running),
@@ -509,31 +423,26 @@ class Engine:
             return 1.0
         return sum(ratio for _, ratio in self._kv_figures(running)) / len(running)
 
-    def start(self) -> None:
-        """Run the step loop in a background daemon thread."""
-        if self.loop_running:
-            return
-        self._stop.clear()
-        self._loop = threading.Thread(target=self._run_loop, name="dms-engine-loop", daemon=True)
-        self._loop.start()
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._loop is not None:
-            self._loop.join()
-            self._loop = None
+def _one_line(exc: BaseException) -> str:
+    return "".join(traceback.format_exception_only(exc)).strip()
 
-    def _run_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                ran = self.step()
-            except Exception:  # never let one bad step kill the server's loop; the step already
-                traceback.print_exc()  # failed its requests where it could
-                ran = 0
-            if ran == 0 and not self.has_work():
-                self._wake.wait(0.05)
-                self._wake.clear()
+
+def _check_finite(state: dict[str, torch.Tensor]) -> None:
+    """EngineDirError for weights holding NaN or inf: such an engine answers with garbage while its
+    server reports ready, so it is refused at load, once, naming the tensors."""
+    bad = {}
+    for name, tensor in state.items():
+        if tensor.is_floating_point():
+            count = int((~torch.isfinite(tensor)).sum())
+            if count:
+                bad[name] = count
+    if bad:
+        names = ", ".join(f"{n} ({c})" for n, c in list(bad.items())[:3]) + (", ..." if len(bad) > 3 else "")
+        raise EngineDirError(
+            f"the weights hold {sum(bad.values())} non-finite values (NaN or inf) in {len(bad)} tensors: "
+            f"{names}; the checkpoint or engine is corrupt: rebuild it (`python -m pipeline engine --verify`)"
+        )
 
 
 __all__ = [

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-import time
 from pathlib import Path
 
 from pipeline.signals import stop_on_sigterm
@@ -13,8 +12,10 @@ from pipeline.signals import stop_on_sigterm
 EXAMPLE = """\
 endpoints:
   HTTP    http://{http}  (generate: /v2/models/ensemble/generate, streaming: .../generate_stream)
-  gRPC    {grpc}  (streaming: the tensorrt_llm_bls or ensemble model)
+          through a proxy refusing bodies over {limit} bytes (Triton's own HTTP endpoint: {upstream})
+  gRPC    {grpc}  (streaming: the tensorrt_llm_bls or ensemble model; the recommended client path)
   metrics http://{metrics}/metrics  (dms_kv_pool_blocks_used, ...)
+administration APIs (model repository, shared memory, logging, trace): {admin}
 try:
   curl -s -X POST http://{http}/v2/models/ensemble/generate \\
        -d '{{"text_input": "k5 31 . the grass is green . k9 77 . ? k9", "max_tokens": 8}}'
@@ -25,9 +26,21 @@ Ctrl-C stops the server.
 """
 
 
+def _admin_key(path: str | None) -> str | None:
+    from pipeline.serve.server import ServerError, check_admin_key
+
+    if path is None:
+        return None
+    try:
+        return check_admin_key(Path(path).read_text().strip())
+    except OSError as exc:
+        raise ServerError(f"cannot read --admin-key-file {path}: {exc.strerror}") from None
+
+
 def serve_command(args: argparse.Namespace) -> int:
     from pipeline.card import load_card
-    from pipeline.serve.server import ServerError, TritonServer
+    from pipeline.serve.server import ServerError
+    from pipeline.serve.supervisor import Supervisor
 
     card = load_card(args.model)
     root = Path(args.build_dir) / card.name
@@ -41,45 +54,49 @@ def serve_command(args: argparse.Namespace) -> int:
         return 2
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(
-            f"warning: binding {args.host}: the server has no authentication, and the bundled Triton (2.51) "
-            "crashes on HTTP bodies of a few MB (CVE-2025-23310, fixed in 25.07): put a proxy that caps "
-            "request size in front of it",
+            f"warning: binding {args.host}: the server has no authentication, and Triton 2.51's HTTP front "
+            "end has known crashes (CVE-2025-23310; bodies are capped here, other malformed traffic may "
+            "still hurt it): put a hardened proxy in front of it, or use NVIDIA's 25.07+ containers",
             file=sys.stderr,
         )
-    server = TritonServer(
-        repo,
-        host=args.host,
-        http_port=args.http_port,
-        grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port,
-        log_path=root / "server.log",
-    )
+    limit = card.serve.max_request_bytes
+
+    def ready(server, restarts: int) -> None:
+        if restarts:
+            print(f"Triton is serving again (restart {restarts})", flush=True)
+            return
+        admin = (
+            f"open to clients sending the `admin-key` header from {args.admin_key_file}"
+            if args.admin_key_file
+            else "closed (open them with --admin-key-file FILE)"
+        )
+        print(
+            EXAMPLE.format(
+                http=f"{server.host}:{supervisor.http_port}", upstream=server.http_url, grpc=server.grpc_url,
+                metrics=f"{server.host}:{server.metrics_port}", limit=limit, admin=admin,
+            ),
+            flush=True,
+        )  # fmt: skip
+
     print(f"starting Triton on {repo.resolve()} (log: {root / 'server.log'}) ...", flush=True)
-    try:
-        server.start()
-    except ServerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(
-        EXAMPLE.format(
-            http=server.http_url, grpc=server.grpc_url, metrics=f"{server.host}:{server.metrics_port}"
-        ),
-        flush=True,
-    )
     # Ctrl-C, and SIGTERM from a supervisor, stop cleanly (a shell's background job starts with SIGINT
     # ignored, so the handler is installed explicitly).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     stop_on_sigterm()
     try:
-        while server.process is not None and server.process.poll() is None:
-            time.sleep(0.5)
-        print(f"error: the server exited; its log ends with:\n{server.log_tail()}", file=sys.stderr)
+        supervisor = Supervisor(
+            repo, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
+            metrics_port=args.metrics_port, log_path=root / "server.log", max_request_bytes=limit,
+            admin_key=_admin_key(args.admin_key_file), max_restarts=args.max_restarts,
+            log=lambda line: print(line, file=sys.stderr, flush=True),
+        )  # fmt: skip
+        return supervisor.run(ready)
+    except ServerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("\nstopping the server (requests in flight get up to 10 s) ...", flush=True)
+        print("\nstopped the server (requests in flight got up to 10 s)", flush=True)
         return 0
-    finally:
-        server.stop()
 
 
 def ask_command(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ import queue
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,26 +95,49 @@ def _post(url: str, body: dict[str, Any], timeout_s: float):
         ) from None
 
 
+@contextmanager
+def _reading(url: str, timeout_s: float):
+    """A server that answered its headers, then stalls, breaks off or sends something that is not JSON:
+    one ClientError saying which."""
+    try:
+        yield
+    except TimeoutError:
+        raise ClientError(
+            f"{url} stopped answering: nothing for {timeout_s:g} s in the middle of the reply (--timeout)"
+        ) from None
+    except (http.client.HTTPException, ConnectionError) as exc:
+        raise ClientError(f"{url} broke off its reply ({type(exc).__name__}: {exc})") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ClientError(f"{url} answered something that is not Triton's JSON ({exc})") from None
+
+
 def generate_http(
     url: str, prompt: str, max_tokens: int, model: str = "ensemble", timeout_s: float = 600.0, **params
 ) -> Reply:
     """POST /v2/models/<model>/generate; `url` is host:port of the HTTP endpoint."""
     body = request_body(prompt, max_tokens, **params)
-    with _post(f"http://{url}/v2/models/{model}/generate", body, timeout_s) as resp:
+    endpoint = f"http://{url}/v2/models/{model}/generate"
+    with _post(endpoint, body, timeout_s) as resp, _reading(endpoint, timeout_s):
         return _reply_from_json(json.loads(resp.read()))
 
 
 def stream_http(
     url: str, prompt: str, max_tokens: int, model: str = "ensemble", timeout_s: float = 600.0, **params
 ) -> Iterator[Reply]:
-    """POST /v2/models/<model>/generate_stream (server-sent events): one Reply per streamed piece."""
+    """POST /v2/models/<model>/generate_stream (server-sent events): one Reply per streamed piece.
+    `timeout_s` bounds the wait for each piece, so a stalled server is an error, not a hang."""
     body = request_body(prompt, max_tokens, stream=True, **params)
-    with _post(f"http://{url}/v2/models/{model}/generate_stream", body, timeout_s) as resp:
-        for raw in resp:
-            line = raw.decode().strip()
-            if not line.startswith("data:"):
-                continue
-            data = json.loads(line[len("data:") :])
+    endpoint = f"http://{url}/v2/models/{model}/generate_stream"
+    with _post(endpoint, body, timeout_s) as resp:
+        while True:
+            with _reading(endpoint, timeout_s):
+                raw = resp.readline()
+                if not raw:
+                    return
+                line = raw.decode().strip()
+                if not line.startswith("data:"):
+                    continue
+                data = json.loads(line[len("data:") :])
             if "error" in data:
                 raise ClientError(data["error"])
             yield _reply_from_json(data)

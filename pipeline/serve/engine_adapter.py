@@ -65,11 +65,23 @@ def _scalar(tensors: Mapping[str, np.ndarray | None], name: str, default: Any = 
     return flat[0].item()
 
 
+# SamplingParams' field -> the engine model's input (and the text models' input it comes from)
+TENSOR_NAMES = {
+    "max_tokens": "request_output_len (max_tokens)",
+    "temperature": "temperature",
+    "top_k": "runtime_top_k (top_k)",
+    "top_p": "runtime_top_p (top_p)",
+    "seed": "random_seed",
+    "stop_token_ids": "stop_words_list / end_id",
+}
+
+
 def parse_request(tensors: Mapping[str, np.ndarray | None]) -> EngineRequest:
-    """The engine model's input tensors (TensorRT-LLM names, batch of one) -> EngineRequest.
+    """The engine model's input tensors (TensorRT-LLM names, batch of one) -> EngineRequest, checked.
 
     input_ids [1, n] (padded), input_lengths [1, 1], request_output_len [1, 1]; optional
     stop_words_list [1, 2, m], end_id, runtime_top_k, runtime_top_p, temperature, random_seed, streaming.
+    Every inconsistency or sampling value the engine cannot take is a RequestError naming the input.
     """
     ids = tensors.get("input_ids")
     if ids is None:
@@ -80,25 +92,40 @@ def parse_request(tensors: Mapping[str, np.ndarray | None]) -> EngineRequest:
             f"the engine takes one request per call (batch size 1, as TensorRT-LLM's in-flight batcher), "
             f"got a batch of {ids.shape[0]}: send the prompts as separate requests"
         )
-    length = int(_scalar(tensors, "input_lengths", ids.shape[-1]))
+    sent = ids.shape[-1] if ids.ndim else 0
+    length = _scalar(tensors, "input_lengths", sent)
+    if not 1 <= length <= sent:
+        raise RequestError(
+            f"input_lengths is {length}; it must be between 1 and {sent} (the number of input_ids sent)"
+        )
     input_ids = [int(t) for t in ids.reshape(-1)[:length]]
     max_tokens = _scalar(tensors, "request_output_len")
     if max_tokens is None:
         raise RequestError("request_output_len is missing")
     stop = tensors.get("stop_words_list")
-    stops = split_stop_words(np.asarray(stop).reshape(2, -1)) if stop is not None else []
-    seed = _scalar(tensors, "random_seed")
-    return EngineRequest(
+    try:
+        stops = split_stop_words(np.asarray(stop).reshape(2, -1)) if stop is not None else []
+    except ValueError:
+        raise RequestError(
+            f"stop_words_list has shape {np.shape(stop)}; it must be [1, 2, n] (ids, then end offsets)"
+        ) from None
+    req = EngineRequest(
         input_ids=input_ids,
-        max_tokens=int(max_tokens),
+        max_tokens=max_tokens,
         temperature=float(_scalar(tensors, "temperature", 0.0)),
-        top_k=int(_scalar(tensors, "runtime_top_k", 0)),
+        top_k=_scalar(tensors, "runtime_top_k", 0),
         top_p=float(_scalar(tensors, "runtime_top_p", 1.0)),
-        seed=None if seed is None else int(seed),
+        seed=_scalar(tensors, "random_seed"),
         stop_sequences=tuple(tuple(s) for s in stops),
         end_id=_scalar(tensors, "end_id"),
         streaming=bool(_scalar(tensors, "streaming", False)),
     )
+    try:
+        req.sampling().validate()
+    except ValueError as exc:
+        field, _, rest = str(exc).partition(" ")
+        raise RequestError(f"{TENSOR_NAMES.get(field, field)} {rest}") from None
+    return req
 
 
 def ends_with_stop(generated: Sequence[int], stops: Sequence[Sequence[int]]) -> bool:
@@ -120,13 +147,10 @@ def stop_match(generated: Sequence[int], stops: Sequence[Sequence[int]]) -> int 
 def load_engine(params: Mapping[str, str], repo_dir: Path):
     """Engine for the model's parameters: gpt_model_path (relative to the repository), eviction_policy,
     max_tokens_in_paged_kv_cache, batch_scheduler_policy, device; optional max_num_sequences (the most
-    requests it runs at once; default the engine's max_batch_size), which perf's equal-memory workload
-    raises so that only the KV pool limits how many run."""
-    import torch
-
-    from pipeline.runtime.engine import Engine
-    from pipeline.runtime.engine_dir import read_engine_dir
-
+    requests the torch engine runs at once; default its max_batch_size), which perf's equal-memory
+    workload raises so that only the KV pool limits how many run; with dms_session, the DMS TensorRT
+    engine pair at gpt_model_path, served by its host driver (same interface; it needs nothing of
+    pipeline.runtime, which TensorRT-LLM's environment may not import)."""
     policy = params.get("batch_scheduler_policy", "max_utilization")
     if policy not in SCHEDULER_POLICIES:
         raise ValueError(
@@ -136,14 +160,26 @@ def load_engine(params: Mapping[str, str], repo_dir: Path):
     engine_dir = Path(params["gpt_model_path"])
     if not engine_dir.is_absolute():
         engine_dir = (repo_dir / engine_dir).resolve()
-    config, state, limits, dtype = read_engine_dir(engine_dir)
     pool_tokens = params.get("max_tokens_in_paged_kv_cache", "")
+    device = params.get("device", "auto")
+    if params.get("dms_session"):
+        from plugins.trtllm.driver import load_driver
+
+        eviction = params.get("eviction_policy", "dms") != "none"
+        return load_driver(engine_dir, session=params["dms_session"], eviction=eviction,
+                           pool_tokens=int(pool_tokens) if pool_tokens else None,
+                           device=None if device == "auto" else device)  # fmt: skip
+    import torch
+
+    from pipeline.runtime.engine import Engine
+    from pipeline.runtime.engine_dir import read_engine_dir
+
+    config, state, limits, dtype = read_engine_dir(engine_dir)
     if pool_tokens:
         limits = replace(limits, kv_pool_tokens=int(pool_tokens))
     max_sequences = params.get("max_num_sequences", "")
     if max_sequences:
         limits = replace(limits, max_batch_size=int(max_sequences))
-    device = params.get("device", "auto")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     # No tokenizer in the engine: requests arrive as ids and leave as ids (the ensemble tokenizes), and

@@ -11,7 +11,10 @@ repository holds, for a torch engine:
     tensorrt_llm_vanilla    the same engine directory, eviction policy "none"
     tensorrt_llm_bls        streaming text interface (decoupled, BLS)
 
-For a trtllm engine the engine models use the TensorRT-LLM C++ backend's config instead.
+For a stock trtllm engine the engine model uses the TensorRT-LLM C++ backend's config instead. For the DMS
+TensorRT engine pair (backend "dms_pair") the engine model is the same python model running the pair's
+host driver (config from tensorrt_llm_dms/), and tensorrt_llm_vanilla forwards to it with eviction off
+(tensorrt_llm_dms_vanilla/): one copy of the engines and of the pool serves both.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "model_repo"
 PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
 KV_STATS_MARK = "# kv-stats"
 VERSION = "1"
+PYCACHE_BLOCKER = "__pycache__"
 
 
 class RepoError(ValueError):
@@ -42,7 +46,7 @@ class RepoSpec:
 
     engine_dir: str  # absolute, or relative to the repository root
     tokenizer_dir: str  # absolute, or relative to the repository root
-    backend: Literal["torch", "trtllm"] = "torch"
+    backend: Literal["torch", "trtllm", "dms_pair"] = "torch"
     max_batch_size: int = 8
     max_input_len: int = 1024
     max_output_len: int = 1024
@@ -51,6 +55,7 @@ class RepoSpec:
     batch_scheduler_policy: Literal["guaranteed_no_evict", "max_utilization"] = "max_utilization"
     with_vanilla: bool = True  # also serve the same engine with eviction off (perf's baseline)
     device: str = "auto"  # torch backend: auto | cpu | cuda
+    dms_session: str = "trtllm"  # dms_pair: how the driver runs the engines (trtllm | emulated)
 
 
 def fill_template(text: str, values: Mapping[str, object], where: str = "template") -> str:
@@ -78,6 +83,7 @@ def render_repository(spec: RepoSpec, templates: Path = TEMPLATES_DIR) -> dict[s
         "max_tokens_in_paged_kv_cache": spec.kv_pool_tokens,
         "batch_scheduler_policy": spec.batch_scheduler_policy,
         "device": spec.device,
+        "dms_session": spec.dms_session,
         "add_special_tokens": "true",
         "skip_special_tokens": "true",
         "preprocessing_instance_count": 1,
@@ -85,17 +91,24 @@ def render_repository(spec: RepoSpec, templates: Path = TEMPLATES_DIR) -> dict[s
     }
     files: dict[str, str | Path] = {}
 
-    def add(model: str, template_model: str, config_name: str = "config.pbtxt", **extra) -> None:
+    def add(model: str, template_model: str, config_name: str = "config.pbtxt", code_from: str | None = None,
+            **extra) -> None:  # fmt: skip
         src = templates / template_model
         text = fill_template(_read(src / config_name), {**common, "model_name": model, **extra}, str(src))
         if spec.backend == "trtllm":  # the C++ backend reports no per-request KV statistics
             text = "\n".join(line for line in text.splitlines() if KV_STATS_MARK not in line) + "\n"
         files[f"{model}/config.pbtxt"] = text
-        version_dir = src / VERSION
+        version_dir = templates / (code_from or template_model) / VERSION
         for file in sorted(version_dir.rglob("*")) if version_dir.is_dir() else []:
             if file.is_file() and "__pycache__" not in file.parts:
                 files[f"{model}/{VERSION}/{file.relative_to(version_dir)}"] = file
         files.setdefault(f"{model}/{VERSION}/.keep", "")  # the version directory must exist
+        if f"{model}/{VERSION}/model.py" in files:
+            # A file where Python would make its bytecode directory: serving must not write into a stage
+            # output (its manifest would stop matching), and the python backend's stub interpreter writes
+            # __pycache__ next to model.py whatever PYTHONDONTWRITEBYTECODE says. Python skips writing
+            # bytecode it cannot place, and loads model.py from source.
+            files[f"{model}/{VERSION}/{PYCACHE_BLOCKER}"] = ""
 
     engines = {"tensorrt_llm": "dms"}
     if spec.with_vanilla:
@@ -105,6 +118,10 @@ def render_repository(spec: RepoSpec, templates: Path = TEMPLATES_DIR) -> dict[s
         add(ensemble, "ensemble", engine_model=engine_model)
         if spec.backend == "torch":
             add(engine_model, "tensorrt_llm", eviction_policy=policy)
+        elif spec.backend == "dms_pair" and policy == "dms":
+            add(engine_model, "tensorrt_llm_dms", code_from="tensorrt_llm", eviction_policy=policy)
+        elif spec.backend == "dms_pair":
+            add(engine_model, "tensorrt_llm_dms_vanilla", engine_model="tensorrt_llm")
         else:
             add(engine_model, "tensorrt_llm", "config_trtllm.pbtxt", eviction_policy=policy)
             files = {k: v for k, v in files.items() if not k.startswith(f"{engine_model}/{VERSION}/model")}

@@ -5,12 +5,29 @@ The python backend needs wiring that the wheel does not do for us: a backend dir
 own libraries and Python's LIBDIR on LD_LIBRARY_PATH (otherwise the stub may load another libpython);
 the venv's site-packages and the repository root on PYTHONPATH (the stub's interpreter does not process
 .pth files, so the editable install is invisible to it); the venv's bin/ first on PATH.
+
+What it adds to Triton's own defaults, so a server never outlives or outsmarts whoever started it:
+- administration (model repository and control, shared memory, logging, trace) is restricted on HTTP
+  and gRPC; without an `admin_key` nobody can use it (the key is a value no header can carry);
+  statistics, health, metadata and inference stay open (perf_analyzer needs statistics);
+- Triton runs in its own process group, gets SIGKILL when its starter dies (a parent-death signal),
+  and a watchdog process kills the group and removes its shared memory when the starter dies however
+  it died: its python-backend stubs survive Triton otherwise, holding the regions;
+- the python backend's shared-memory regions carry a prefix naming this server, removed at stop, and
+  leftovers of dead starters removed at start;
+- `failure()` is a live check of the process and every python-backend stub (Triton 2.51 keeps
+  answering ready after a stub is killed).
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import functools
+import glob
 import os
+import re
+import secrets
 import shutil
 import signal
 import socket
@@ -23,6 +40,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from pipeline.processes import cmdline, pid_alive, proc_stat
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -101,6 +120,52 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 EXIT_TIMEOUT_S = 10
+ADMIN_APIS = "model-repository,shared-memory,logging,trace"
+ADMIN_KEY_HEADER = "admin-key"  # HTTP header; gRPC metadata `triton-grpc-protocol-admin-key`
+ADMIN_KEY = re.compile(r"[A-Za-z0-9._~+/-]{16,256}")
+SHM_PREFIX = "dms_triton_"  # + starter pid + "_" + HTTP port + "_"; Triton appends a uuid
+WATCHDOG = Path(__file__).with_name("watchdog.py")
+STUB = "triton_python_backend_stub"
+_PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded before any fork: the child only calls into it
+
+
+def _die_with_parent(parent: int) -> None:
+    """preexec_fn: SIGKILL this child when the thread that started it dies (the starter's main thread,
+    in practice: start servers from a thread that outlives them)."""
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the starter died before prctl took effect
+        os._exit(1)
+
+
+def closed_admin_key() -> str:
+    """A restricted-API key no client can send: HTTP header values and gRPC metadata never hold a line
+    feed followed by a letter. Triton then refuses the administration APIs to everyone."""
+    return f"closed\nx{secrets.token_hex(8)}"
+
+
+def check_admin_key(key: str) -> str:
+    if not ADMIN_KEY.fullmatch(key):
+        raise ServerError(
+            "the admin key must be 16-256 characters of letters, digits and ._~+/- (it is sent as the "
+            f"`{ADMIN_KEY_HEADER}` header)"
+        )
+    return key
+
+
+def remove_stale_shm(prefix: str = SHM_PREFIX) -> list[str]:
+    """Remove python-backend regions of servers whose starter is dead (the watchdog missed them: it was
+    killed too, or the machine went down). Regions of live starters stay."""
+    removed = []
+    for path in glob.glob(f"/dev/shm/{prefix}*"):
+        owner = re.match(rf"{re.escape(prefix)}(\d+)_", Path(path).name)
+        if owner and not pid_alive(int(owner[1])):
+            try:
+                os.unlink(path)
+                removed.append(path)
+            except OSError:
+                pass
+    return removed
 
 
 def check_port(host: str, port: int, flag: str) -> None:
@@ -121,6 +186,18 @@ def check_port(host: str, port: int, flag: str) -> None:
             raise ServerError(message) from None
 
 
+def check_ports(host: str, http: int, grpc: int, metrics: int) -> None:
+    """ServerError when two endpoints ask for one port, or one cannot be bound (0: any free one)."""
+    ports = {"--http-port": http, "--grpc-port": grpc, "--metrics-port": metrics}
+    asked = [port for port in ports.values() if port]
+    if len(set(asked)) < len(asked):
+        given = ", ".join(f"{flag} {port}" for flag, port in ports.items())
+        raise ServerError(f"{given}: each endpoint needs its own port")
+    for flag, port in ports.items():
+        if port:
+            check_port(host, port, flag)
+
+
 @dataclass
 class TritonServer:
     """One tritonserver process serving `model_repo`; use as a context manager or call start()/stop().
@@ -137,9 +214,13 @@ class TritonServer:
     log_path: Path | None = None
     startup_timeout_s: float = 240.0
     log_verbose: int = 0
+    admin_key: str | None = None  # opens the administration APIs to clients sending it; None: closed
     process: subprocess.Popen | None = field(default=None, init=False)
     _log_offset: int = field(default=0, init=False)
     _workdir: Path | None = field(default=None, init=False)
+    _watchdog: subprocess.Popen | None = field(default=None, init=False)
+    _workers: dict[int, str] = field(default_factory=dict, init=False)  # stub pid -> model instance
+    _shm_prefix: str = field(default="", init=False)
 
     @property
     def http_url(self) -> str:
@@ -149,8 +230,13 @@ class TritonServer:
     def grpc_url(self) -> str:
         return f"{self.host}:{self.grpc_port}"
 
+    @property
+    def shm_prefix(self) -> str:
+        return self._shm_prefix
+
     def command(self) -> list[str]:
         assert self._workdir is not None
+        key = check_admin_key(self.admin_key) if self.admin_key is not None else closed_admin_key()
         return [
             str(pytriton_root() / "bin" / "tritonserver"),
             f"--model-repository={Path(self.model_repo).resolve()}",
@@ -165,43 +251,91 @@ class TritonServer:
             "--exit-on-error=true",
             f"--exit-timeout-secs={EXIT_TIMEOUT_S}",  # requests in flight at Ctrl-C get this long
             f"--log-verbose={self.log_verbose}",
+            f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
+            f"--http-restricted-api={ADMIN_APIS}:{ADMIN_KEY_HEADER}={key}",
+            f"--grpc-restricted-protocol={ADMIN_APIS}:{ADMIN_KEY_HEADER}={key}",
         ]
 
     def start(self) -> TritonServer:
         repo = Path(self.model_repo)
         if not repo.is_dir():
             raise ServerError(f"model repository {repo} does not exist: run `make engine` first")
-        ports = {"--http-port": self.http_port, "--grpc-port": self.grpc_port}
-        ports["--metrics-port"] = self.metrics_port
-        asked = [port for port in ports.values() if port]
-        if len(set(asked)) < len(asked):
-            given = ", ".join(f"{flag} {port}" for flag, port in ports.items())
-            raise ServerError(f"{given}: each endpoint needs its own port")
-        for flag, port in ports.items():
-            if port:
-                check_port(self.host, port, flag)
+        check_ports(self.host, self.http_port, self.grpc_port, self.metrics_port)
         self._workdir = Path(tempfile.mkdtemp(prefix="dms-triton-"))
         make_backend_dir(self._workdir / "backends")
         self.http_port = self.http_port or free_port(self.host)
         self.grpc_port = self.grpc_port or free_port(self.host)
         self.metrics_port = self.metrics_port or free_port(self.host)
         self.log_path = Path(self.log_path or self._workdir / "server.log")
+        self._shm_prefix = f"{SHM_PREFIX}{os.getpid()}_{self.http_port}_"
+        remove_stale_shm()
         # Appended, never truncated: another server of the same build may be writing it. The tail shown
         # on a failure starts where this one's part does.
-        log = self.log_path.open("ab")
+        try:
+            log = self.log_path.open("ab")
+        except OSError as exc:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            raise ServerError(f"cannot write the server log {self.log_path}: {exc.strerror}") from None
         log.write(f"=== tritonserver on {self.host}:{self.http_port} ({time.strftime('%F %T')})\n".encode())
         log.flush()
         self._log_offset = log.tell()
+        command = self.command()
         self.process = subprocess.Popen(
-            self.command(), stdout=log, stderr=subprocess.STDOUT, env=server_env(), start_new_session=True
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=server_env(),
+            start_new_session=True,  # its own group: stop() and the watchdog kill it with its stubs
+            preexec_fn=functools.partial(_die_with_parent, os.getpid()),
         )
         log.close()
+        self._watchdog = subprocess.Popen(
+            [sys.executable, "-I", str(WATCHDOG), str(self.process.pid), self._shm_prefix],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # not taken down with the starter's group
+        )
         try:
             self._wait_ready()
+            self._workers = self._find_workers()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _find_workers(self) -> dict[int, str]:
+        """The python-backend stubs Triton started, by pid: {pid: model instance name}."""
+        assert self.process is not None
+        workers = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            stat = proc_stat(int(entry))
+            args = cmdline(int(entry)) if stat and stat[1] == self.process.pid else []
+            if args and Path(args[0]).name == STUB:
+                workers[int(entry)] = args[8] if len(args) > 8 else Path(args[1]).parent.parent.name
+        return workers
+
+    @property
+    def workers(self) -> dict[int, str]:
+        return dict(self._workers)
+
+    def failure(self) -> str | None:
+        """What is wrong with the running server, checked live: Triton exited, or one of its python-backend
+        stubs died (Triton 2.51 answers ready and fails every request to that model from then on).
+        None when all is well."""
+        if self.process is None:
+            return "the server is not running"
+        code = self.process.poll()
+        if code is not None:
+            how = f"signal {signal.Signals(-code).name}" if code < 0 else f"status {code}"
+            return f"tritonserver exited ({how})"
+        for pid, name in self._workers.items():
+            stat = proc_stat(pid)
+            if stat is None or stat[0] == "Z" or stat[1] != self.process.pid:
+                return f"the python-backend stub of model instance {name} (pid {pid}) died"
+        return None
 
     def _wait_ready(self) -> None:
         url = f"http://{self.http_url}/v2/health/ready"
@@ -249,8 +383,20 @@ class TritonServer:
             except ProcessLookupError:
                 pass
             proc.wait(timeout=10)
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None:
+            try:
+                watchdog.communicate(b"stopped", timeout=10)  # a clean stop: it kills nothing
+            except (subprocess.TimeoutExpired, BrokenPipeError):
+                watchdog.kill()
+                watchdog.wait()
+        if self._shm_prefix:
+            for path in glob.glob(f"/dev/shm/{glob.escape(self._shm_prefix)}*"):
+                Path(path).unlink(missing_ok=True)
+        self._workers = {}
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
 
     def __enter__(self) -> TritonServer:
         return self.start()

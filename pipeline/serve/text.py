@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -72,8 +73,28 @@ class TextCodec:
         pad = getattr(self.tokenizer, "pad_token_id", None)
         return int(pad) if pad is not None else self.end_id
 
+    @cached_property
+    def max_prompt_bytes(self) -> int:
+        """Bytes beyond which a prompt cannot fit in max_input_len tokens: no token of this tokenizer
+        spans more than its longest vocabulary entry (UTF-8 of the entry: never fewer bytes than the text
+        it stands for), times 4 for normalizers that compose characters (NFC: up to 3 input characters
+        into 1). Checked before tokenizing, so a 20 MiB prompt costs nothing."""
+        vocab = self.tokenizer.get_vocab()
+        longest = max((len(token.encode("utf-8")) for token in vocab), default=1)
+        return self.max_input_len * longest * 4
+
+    def check_size(self, value: object, name: str = "text_input") -> None:
+        """RequestError when `value` (bytes or str) is longer than max_prompt_bytes, before any decoding."""
+        size = len(value) if isinstance(value, bytes | np.bytes_) else len(str(value).encode("utf-8"))
+        if size > self.max_prompt_bytes:
+            raise RequestError(
+                f"{name} is {size} bytes; no prompt over {self.max_prompt_bytes} bytes fits in this engine's "
+                f"max_input_len of {self.max_input_len} tokens: shorten the prompt"
+            )
+
     def encode(self, text: object) -> np.ndarray:
-        """Prompt -> int32 ids [n]; refuses empty, non-UTF-8 and over-long prompts."""
+        """Prompt -> int32 ids [n]; refuses over-long (by bytes first), empty and non-UTF-8 prompts."""
+        self.check_size(text)
         prompt = as_text(text)
         ids = self.tokenizer.encode(prompt, add_special_tokens=self.add_special_tokens)
         if not ids:
@@ -89,6 +110,7 @@ class TextCodec:
         """TensorRT-LLM's stop-word layout [2, n]: row 0 the concatenated ids, row 1 end offsets (-1 pad)."""
         flat: list[int] = []
         offsets: list[int] = []
+        self.check_size(b"".join(w if isinstance(w, bytes) else str(w).encode() for w in words), "stop_words")
         for word in words:
             text = as_text(word, "stop_words") if not isinstance(word, str) else word
             if not text:

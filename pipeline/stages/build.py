@@ -14,9 +14,9 @@ Report: `backend` ("torch" | "trtllm"), `engine_dir` ("engine", relative to this
 `tokenizer_dir`, `backend_reason`; for trtllm also `build_log` ("build.log"), the driver's manifest
 (`engine/dms_build.json`), `trtllm_engines` ({"engine": ...} for a stock engine, {"context", "generation"}
 for the DMS pair) and `servable_by_tensorrtllm_backend`. Triton's tensorrtllm backend cannot drive the
-DMS pair (its per-head KV pool is engine I/O), so beside a pair the stage also writes the torch engine
-from the same checkpoint (`torch_engine/`, report `serving`), which the package stage serves. The
-package stage reads `backend`, `engine_dir`, `tokenizer_dir` and `serving`.
+DMS pair (its per-head KV pool is engine I/O): the package stage serves it with the pair's host driver
+(plugins/trtllm/driver.py) behind Triton's python backend. The package stage reads `backend`,
+`engine_dir`, `tokenizer_dir`, `servable_by_tensorrtllm_backend` and `trtllm_engines`.
 """
 
 from __future__ import annotations
@@ -35,9 +35,8 @@ from pipeline.runner import Options, StageContext
 
 NAME = "build"
 DEPENDS: tuple[str, ...] = ("convert",)
-VERSION = 2  # 2: a DMS TensorRT engine pair comes with a torch engine to serve
+VERSION = 3  # 2: a DMS TensorRT engine pair came with a torch engine to serve; 3: the driver serves the pair
 ENGINE_DIR = "engine"
-SERVING_DIR = "torch_engine"  # beside a DMS TensorRT engine pair: what the Triton repository serves
 BUILD_LOG = "build.log"
 DEFAULT_IMAGE = "nvcr.io/nvidia/tritonserver:25.12-trtllm-python-py3"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -156,13 +155,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         assert env is not None
         try:
             report = build_trtllm(env, ckpt, tokenizer, engine, ctx.out_dir / BUILD_LOG, ctx.card)
-            report = {"backend": backend, "engine_dir": ENGINE_DIR, "backend_reason": reason} | report
-            if not report["servable_by_tensorrtllm_backend"]:
-                # Triton's tensorrtllm backend cannot drive the DMS pair's per-head pool (plugins/README.md):
-                # the repository serves our torch engine, built beside it from the same checkpoint.
-                serving = build_torch(ckpt, tokenizer, ctx.out_dir / SERVING_DIR, ctx.card)
-                report["serving"] = {"backend": "torch", "engine_dir": SERVING_DIR} | serving
-            return report
+            return {"backend": backend, "engine_dir": ENGINE_DIR, "backend_reason": reason} | report
         except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
             if requested == "trtllm":
                 raise

@@ -31,17 +31,24 @@ AGREEMENT_PROMPTS, AGREEMENT_NEW_TOKENS = 8, 256
 
 def settings(card: Card, options: Options) -> dict[str, Any]:
     out = card_section(card, "eval", "dms")
-    del out["eval"]["max_accuracy_drop"]  # the gate judges a cached measurement (`gate` below)
+    for limit in ("max_accuracy_drop", "max_kl", "min_token_match"):  # the gate judges a cached
+        del out["eval"][limit]  # measurement (`gate` below)
     # Only the engine settings eval uses: a pool or output-length change elsewhere must not rerun it.
     out["build"] = {"max_batch_size": card.build.max_batch_size, "kv_block_size": card.build.kv_block_size}
     return out
 
 
 def gate(report: dict[str, Any], card: Card) -> dict[str, Any]:
-    """The runner's gate hook: DMS at the target CR against vanilla, within eval.max_accuracy_drop."""
-    from pipeline.eval.gate import check_gate
+    """The runner's gate hook: DMS at the target CR against vanilla, within eval.max_accuracy_drop; for
+    real models also ahead of every baseline on passkey and within eval.max_kl / min_token_match."""
+    from pipeline.eval.gate import check_gate, check_quality_gate
 
-    return check_gate(report["accuracy"], cr_label(card.dms.target_cr), card.eval.max_accuracy_drop)
+    target, e = cr_label(card.dms.target_cr), card.eval
+    if card.source.kind == "embedded":
+        return check_gate(report["accuracy"], target, e.max_accuracy_drop)
+    from pipeline.eval.compare import BASELINES
+
+    return check_quality_gate(report, target, e.max_accuracy_drop, BASELINES, e.max_kl, e.min_token_match)
 
 
 def build_items(card: Card, tokenizer) -> list[Any]:
@@ -108,21 +115,17 @@ def _cpu_threads(n: int):
 def _evaluate(ctx, card, base_dir, checkpoints, tokenizer, items, score, start) -> dict[str, Any]:
     from pipeline.eval.compare import METHOD_ORDER, compare_methods
     from pipeline.eval.plot import plot_accuracy_vs_cr
-    from pipeline.eval.summary import agreement_table, markdown_table, summarize
+    from pipeline.eval.summary import markdown_table, summarize
 
     results, baseline_targets = compare_methods(
         card, tokenizer, base_dir, checkpoints, items, card.build.max_batch_size,
         score=score,
     )
     summary = summarize(results)
-    agreement = None
-    if card.source.kind != "embedded":  # real models: agreement with vanilla, as DMS ports report it
-        from pipeline.eval.compare import compare_agreement
-
-        agreement = compare_agreement(
-            tokenizer, base_dir, checkpoints, AGREEMENT_PROMPTS, AGREEMENT_NEW_TOKENS,
-            card.build.max_batch_size,
-        )
+    real = card.source.kind != "embedded"
+    quality, quality_md = ({}, "")
+    if real:
+        quality, quality_md = _real_model_quality(card, tokenizer, base_dir, checkpoints, summary)
 
     public = Path(ctx.build_root) / card.name / NAME  # the runner's link to this stage's final directory
     report: dict[str, Any] = {
@@ -132,7 +135,7 @@ def _evaluate(ctx, card, base_dir, checkpoints, tokenizer, items, score, start) 
         "peak_kv_bytes": summary["peak_kv_bytes"],
         "generated_tokens": summary["generated_tokens"],
         "baseline_target_cr": baseline_targets,
-        **({"agreement": agreement} if agreement is not None else {}),
+        **quality,
         "items_per_task": card.eval.items_per_task,
         "lengths": list(card.eval.lengths),
         "seconds": round(time.monotonic() - start, 1),
@@ -144,15 +147,34 @@ def _evaluate(ctx, card, base_dir, checkpoints, tokenizer, items, score, start) 
         summary["accuracy"], summary["measured_cr"], ctx.out_dir / PLOT,
         f"{card.name}: accuracy against KV compression (same engine, greedy)",
     )
-    table = markdown_table(summary, METHOD_ORDER)
-    if agreement is not None:
-        table += "\n" + agreement_table(agreement, METHOD_ORDER)
+    scored = "passkey retrieval (the first digits generated are the key)" if real else "exact match"
     (ctx.out_dir / TABLE).write_text(
         f"# {card.name}: accuracy against compression\n\n"
         f"{card.eval.items_per_task} held-out items per task and length {list(card.eval.lengths)}; "
-        "baselines run at DMS's measured CR per length. Accuracy in %, exact match.\n\n"
-        f"{table}\n![accuracy vs CR]({PLOT})\n"
+        f"baselines run at DMS's measured CR per length. Accuracy in %, {scored}.\n\n"
+        f"{quality_md}{markdown_table(summary, METHOD_ORDER)}\n![accuracy vs CR]({PLOT})\n"
     )
     full = {**report, "by_length": summary["by_length"], "items": [dataclasses.asdict(r) for r in results]}
     (ctx.out_dir / RESULTS).write_text(json.dumps(full, indent=1))
     return report
+
+
+def _real_model_quality(card, tokenizer, base_dir, checkpoints, summary) -> tuple[dict[str, Any], str]:
+    """Real models: every method's agreement with vanilla over generated tokens (mean KL, greedy token
+    match; baselines at DMS's measured CR), and the quality table beside passkey. Returns the report's
+    `agreement` and `quality` sections and the table's Markdown."""
+    from pipeline.eval.compare import METHOD_ORDER, compare_agreement
+    from pipeline.eval.summary import quality_summary, quality_table
+
+    agreement = compare_agreement(
+        tokenizer, base_dir, checkpoints, AGREEMENT_PROMPTS, AGREEMENT_NEW_TOKENS, card.build.max_batch_size,
+    )
+    quality = quality_summary(summary, agreement)
+    text = (
+        f"Agreement with vanilla: {AGREEMENT_PROMPTS} held-out instruction prompts, {AGREEMENT_NEW_TOKENS} "
+        "greedy tokens each, every method teacher-forced along vanilla's tokens.\n\n"
+        f"{quality_table(quality, METHOD_ORDER)}\n"
+    )
+    sections = {"agreement": agreement, "quality": quality,
+                "agreement_prompts": AGREEMENT_PROMPTS, "agreement_new_tokens": AGREEMENT_NEW_TOKENS}
+    return sections, text

@@ -3,8 +3,11 @@
 Configs are filled from the model_repo/ templates with the engine's limits (see pipeline.serve.repo);
 the repository is validated before it is written. A torch engine is served twice from the same
 directory: `ensemble` (DMS eviction) and `ensemble_vanilla` (eviction off), so perf measures both.
-The engine stays in the build stage's directory; configs point at it by a path relative to the
-repository, so the build tree can move as a whole.
+A DMS TensorRT engine pair is served by its host driver (plugins/trtllm/driver.py) in the same python
+model, its eviction-off twin forwarding to it (one copy of the engines); a stock TensorRT engine by
+Triton's tensorrtllm C++ backend. The report's `served_engine` says which ("torch", "trtllm-dms-pair",
+"trtllm-stock"). The engine stays in the build stage's directory; configs point at it by a path relative
+to the repository, so the build tree can move as a whole.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from pipeline.runner import Options, StageContext
 
 NAME = "package"
 DEPENDS: tuple[str, ...] = ("build",)
-VERSION = 2  # 2: serves the torch engine beside a DMS TensorRT engine pair
+# 2: served the torch engine beside a DMS TensorRT engine pair; 3: no bytecode is written when served;
+# 4 (5 with 3): the pair, by its host driver
+VERSION = 5
 REPO_DIR = "model_repo"
 
 
@@ -59,17 +64,16 @@ def run(ctx: StageContext) -> dict[str, Any]:
     build_dir = ctx.inputs["build"]
     backend, engine_dir = build["backend"], build_dir / build["engine_dir"]
     tokenizer_dir = _tokenizer_dir(engine_dir, build_dir, build)
-    if backend == "trtllm" and build.get("servable_by_tensorrtllm_backend"):
-        engine_dir = build_dir / build["trtllm_engines"]["engine"]
-    elif backend == "trtllm":  # the DMS pair: Triton's tensorrtllm backend cannot drive its per-head pool
-        print(
-            "[package] the DMS TensorRT engine pair stays in the build output; Triton's tensorrtllm "
-            "backend cannot drive its per-head KV pool (plugins/README.md), so the repository serves the "
-            "torch engine built beside it from the same checkpoint"
-        )
-        backend, engine_dir = build["serving"]["backend"], build_dir / build["serving"]["engine_dir"]
-        tokenizer_dir = engine_dir
     limits = dict(card_section(ctx.card, "build")["build"])
+    served = "torch"
+    if backend == "trtllm" and build.get("servable_by_tensorrtllm_backend"):
+        engine_dir, served = build_dir / build["trtllm_engines"]["engine"], "trtllm-stock"
+    elif backend == "trtllm":  # the DMS pair: its per-head pool is engine I/O, which the driver feeds
+        backend, served = "dms_pair", "trtllm-dms-pair"
+        built = json.loads((engine_dir / "dms_build.json").read_text())["limits"]  # what the engines take
+        names = ("max_batch_size", "max_input_len", "max_output_len", "kv_pool_tokens")
+        limits |= {k: built[k] for k in names}
+        print("[package] the DMS TensorRT engine pair, served by its host driver (plugins/trtllm/driver.py)")
     if backend == "torch":  # the engine's own limits are the truth for what it accepts
         limits.update(json.loads((engine_dir / "engine.json").read_text())["limits"])
     repo = ctx.out_dir / REPO_DIR
@@ -83,7 +87,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         max_input_len=int(limits["max_input_len"]),
         max_output_len=int(limits["max_output_len"]),
         kv_pool_tokens=int(limits["kv_pool_tokens"]),
-        with_vanilla=backend == "torch",
+        with_vanilla=backend in ("torch", "dms_pair"),
     )
     configs = write_repository(spec, repo)
     print(f"[package] {len(configs)} models in {REPO_DIR}/: {', '.join(sorted(configs))}")
@@ -91,6 +95,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "model_repo": REPO_DIR,
         "backend": backend,  # what the repository serves; `build.backend` says what was built
         "built_backend": build["backend"],
+        "served_engine": served,
         "models": sorted(configs),
         "engine_dir": spec.engine_dir,
         "max_input_len": spec.max_input_len,

@@ -29,9 +29,14 @@ def settings(card: Card, options: Options) -> dict[str, Any]:
 
 
 def check_card(card: Card) -> None:
-    """A local model's directory, checked before any stage writes anything."""
+    """The real model's source (a local directory, or the package holding the GGUF file), checked before
+    any stage writes anything."""
     if card.source.kind == "local":
         card.weights_dir()
+    elif card.source.kind == "gguf-package":
+        from pipeline.importers import package_file
+
+        package_file(card.source.package, card.source.gguf_file)
 
 
 def run(ctx: StageContext) -> dict[str, Any]:

@@ -32,6 +32,8 @@ HELDOUT_ROWS = 4
 
 def settings(card: Card, options: Options) -> dict[str, Any]:
     out = card_section(card, "family", "dms", "retrofit")
+    if card.dms.decision == "adapter":  # the warm start is for borrowed decisions only
+        del out["retrofit"]["warm_start"]
     out["eval_lengths"] = card.eval.lengths  # the synthetic held-out rows are as long as the longest
     data = card.retrofit_data()
     out["data"] = fingerprint(data) if isinstance(data, Path) else data
@@ -150,6 +152,7 @@ def retrofit(card: Card, model_dir: Path, out_dir: Path, state_dir: Path, d: Dis
         ramp_steps=r.ramp_steps,
         grad_clip=r.grad_clip,
         logit_clip=r.logit_clip,
+        warm_start=r.warm_start and card.dms.decision == "borrowed",
         seed=r.seed,
         rank=d.rank,
         # Synthetic rows end in padding; packed real data has none (and its pad id may be EOS).
@@ -233,6 +236,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "checkpoint_step": {cr_label(c): v["step"] for c, v in sorted(saved.items())},
         "heldout": result["heldout"],
         "decision": d.decision,
+        **({"warm_start": card.retrofit.warm_start} if d.decision == "borrowed" else {}),
+        "first_step": result.get("first_step"),
     }
     if card.source.kind != "embedded":
         report["mean_kl"] = target["mean_kl"]

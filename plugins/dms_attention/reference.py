@@ -169,3 +169,13 @@ def dense_attention_reference(
     vv = v.double().repeat_interleave(group, dim=0)
     scores = torch.einsum("hd,hld->hl", q.double(), kk) * scale
     return torch.einsum("hl,hld->hd", torch.softmax(scores, dim=-1), vv)
+
+
+def reference_pool_write(
+    k_pool: torch.Tensor, v_pool: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, rows: torch.Tensor
+) -> None:
+    """What the `dms::pool_write` plugin does, in torch: each stream's new K/V row into the pool row the
+    host chose (in place). k_pool, v_pool [NB, BS, D]; k_new, v_new [S, Hkv, D]; rows int32 [S*Hkv]."""
+    d = k_pool.shape[-1]
+    k_pool.view(-1, d)[rows.long()] = k_new.reshape(-1, d).to(k_pool.dtype)
+    v_pool.view(-1, d)[rows.long()] = v_new.reshape(-1, d).to(v_pool.dtype)

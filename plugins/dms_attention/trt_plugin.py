@@ -22,7 +22,9 @@ Plugin I/O (S sequences in the generation phase; N packed tokens in the context 
     dms::pool_write(k_pool, v_pool [NB, BS, D], k_new, v_new [S, Hkv, D], rows int32 [S*Hkv])
         -> (k_pool, v_pool) aliased: each stream's new token written into the row the host chose
     dms::prefill(q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, D], evicted int32 [N, Hkv], cu_seqlens int32
-        [B+1]; scale: float, window: int) -> out [N, Hq, D]
+        [B+1], positions int32 [N], k_pool, v_pool [NB, BS, D], past_tables int32 [B*Hkv, MB], past_lens
+        int32 [B*Hkv], past_expiry int32 [B*Hkv, P]; scale: float, window: int) -> out [N, Hq, D]
+        (a chunk attends to its streams' stored tokens too: chunked prefill, see prefill.py)
 """
 
 # No `from __future__ import annotations`: tensorrt.plugin validates the decorated functions' annotations
@@ -238,8 +240,9 @@ def compile_prefill_aot(
     consts = {"SCALE_LOG2": float(scale) * LOG2E, "WINDOW": int(window), "BLOCK_M": block_m,
               "BLOCK_N": t.block_n, "BLOCK_D": block_d, "HEAD_DIM": head_dim,
               "UPCAST": dtype == torch.float32}
-    pointers = {"q_ptr": elem, "k_ptr": elem, "v_ptr": elem, "out_ptr": elem,
-                "evicted_ptr": "i32", "cu_seqlens_ptr": "i32"}
+    pointers = {"q_ptr": elem, "k_ptr": elem, "v_ptr": elem, "out_ptr": elem, "k_pool_ptr": elem,
+                "v_pool_ptr": elem, "evicted_ptr": "i32", "cu_seqlens_ptr": "i32", "positions_ptr": "i32",
+                "past_tables_ptr": "i32", "past_lens_ptr": "i32", "past_expiry_ptr": "i32"}
     signature, attrs = _signature(dms_prefill_kernel, pointers, consts)
     src = ASTSource(dms_prefill_kernel, signature, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", capability, 32), options={"num_warps": t.num_warps})
@@ -322,21 +325,22 @@ def register_plugins() -> None:
 
     @trtp.register(PREFILL_ID)
     def _prefill_desc(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc,
-                      evicted: trtp.TensorDesc, cu_seqlens: trtp.TensorDesc,
+                      evicted: trtp.TensorDesc, cu_seqlens: trtp.TensorDesc, positions: trtp.TensorDesc,
+                      k_pool: trtp.TensorDesc, v_pool: trtp.TensorDesc, past_tables: trtp.TensorDesc,
+                      past_lens: trtp.TensorDesc, past_expiry: trtp.TensorDesc,
                       scale: float, window: int) -> trtp.TensorDesc:  # fmt: skip
         return q.like()
 
     @trtp.autotune(PREFILL_ID)
-    def _prefill_autotune(
-        q, k, v, evicted, cu_seqlens, scale: float, window: int, outputs
-    ) -> list[trtp.AutoTuneCombination]:
-        types = "FP16|BF16,FP16|BF16,FP16|BF16,INT32|INT32,INT32|INT32,FP16|BF16"
+    def _prefill_autotune(q, k, v, evicted, cu_seqlens, positions, k_pool, v_pool, past_tables, past_lens,
+                          past_expiry, scale: float, window: int, outputs) -> list[trtp.AutoTuneCombination]:
+        half, i32 = "FP16|BF16", "INT32|INT32"
+        types = ",".join([half] * 3 + [i32] * 3 + [half] * 2 + [i32] * 3 + [half])
         return [trtp.AutoTuneCombination(types, "LINEAR", list(PREFILL_TACTICS))]
 
     @trtp.aot_impl(PREFILL_ID)
-    def _prefill_aot(
-        q, k, v, evicted, cu_seqlens, scale: float, window: int, outputs, tactic: int
-    ) -> AotResult:
+    def _prefill_aot(q, k, v, evicted, cu_seqlens, positions, k_pool, v_pool, past_tables, past_lens,
+                     past_expiry, scale: float, window: int, outputs, tactic: int) -> AotResult:
         head_dim = q.shape_expr[2].constant_value
         num_q_heads, num_kv_heads = q.shape_expr[1].constant_value, k.shape_expr[1].constant_value
         dtype = torch_dtypes[q.dtype]
@@ -348,8 +352,10 @@ def register_plugins() -> None:
         launch.grid_y = (cu_seqlens.shape_expr[0] - 1) * num_q_heads
         launch.block_x = compiled.metadata.num_warps * 32
         launch.shared_mem = compiled.metadata.shared
+        block_size = k_pool.shape_expr[1].constant_value
         scalars = [num_q_heads * head_dim, head_dim, num_kv_heads * head_dim, head_dim, num_kv_heads,
-                   num_q_heads, num_q_heads // num_kv_heads]
+                   num_q_heads, num_q_heads // num_kv_heads, num_kv_heads, past_tables.shape_expr[1],
+                   past_expiry.shape_expr[1], block_size]
         extra = trtp.SymIntExprs(len(scalars))
         for i, value in enumerate(scalars):
             extra[i] = trtp.SymInt32(value)

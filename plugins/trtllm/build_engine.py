@@ -2,7 +2,7 @@
 
     python plugins/trtllm/build_engine.py --checkpoint_dir C --output_dir O --tokenizer_dir T \\
         --max_batch_size 64 --max_input_len 8192 --max_output_len 32768 --tokens_per_block 256 \\
-        --kv_pool_tokens 370000 --dtype bfloat16
+        --kv_pool_tokens 300000 --max_num_tokens 8192 --dtype bfloat16
 
 Run by the build stage (pipeline/stages/build.py) through DMS_TRTLLM_PYTHON or `docker run` of the
 TensorRT-LLM container; imports nothing from `pipeline` (only the standard library here, trtllm-build
@@ -11,7 +11,8 @@ and this repository's plugins/ in the subprocesses). Writes:
     O/context/, O/generation/   two engines of a DMS model (plugins/trtllm/model.py), or
     O/engine/                   one stock TensorRT-LLM engine for a plain (non-DMS) checkpoint
     O/tokenizer/                the tokenizer files
-    O/dms_build.json            the manifest: versions, commands, limits, pool plan, timings
+    O/dms_build.json            the manifest: versions, commands, limits, pool plan, memory plan, timings,
+                                and the checkpoint the engines came from (what plugins/trtllm/driver.py reads)
 
 NEVER RUN: written where neither a GPU nor TensorRT-LLM exists (plugins/README.md).
 """
@@ -29,7 +30,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
-from plugins.trtllm.pool import check_fits, plan_pool  # noqa: E402
+from plugins.trtllm.pool import check_fits, plan_memory, plan_pool  # noqa: E402
 
 MODEL_CLASSES = {"QWenForCausalLM": "DmsQWenForCausalLM", "LlamaForCausalLM": "DmsLLaMAForCausalLM"}
 
@@ -43,7 +44,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_input_len", type=int, required=True)
     p.add_argument("--max_output_len", type=int, required=True)
     p.add_argument("--tokens_per_block", type=int, required=True)
-    p.add_argument("--kv_pool_tokens", type=int, required=True)
+    p.add_argument("--kv_pool_tokens", type=int, required=True, help="slots per (layer, KV head)")
+    p.add_argument("--max_num_tokens", type=int, default=None,
+                   help="tokens of one context-engine call (the driver chunks longer prefills); "
+                   "default max_input_len")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     p.add_argument("--trtllm_build", default="trtllm-build", help="the trtllm-build executable")
     return p.parse_args(argv)
@@ -56,11 +60,15 @@ def build_commands(args: argparse.Namespace, config: dict) -> dict[str, tuple[li
     common = [
         args.trtllm_build, "--checkpoint_dir", str(args.checkpoint_dir),
         "--max_batch_size", str(args.max_batch_size), "--max_input_len", str(args.max_input_len),
-        "--max_seq_len", str(max_seq), "--max_num_tokens", str(args.max_batch_size * args.max_input_len),
-        "--gemm_plugin", "auto", "--remove_input_padding", "enable", "--workers", str(tp),
+        "--max_seq_len", str(max_seq), "--gemm_plugin", "auto", "--remove_input_padding", "enable",
+        "--workers", str(tp),
     ]  # fmt: skip
+    # The context engine takes a chunk budget (the driver chunks longer prefills); the generation engine
+    # one token per sequence.
+    budget = {"context": context_tokens(args), "generation": args.max_batch_size}
     if "dms_window_size" not in config:  # a plain model (pipeline/convert writes no DMS window for it)
-        stock = common + ["--output_dir", str(args.output_dir / "engine"), "--gpt_attention_plugin", "auto",
+        stock = common + ["--max_num_tokens", str(context_tokens(args)),
+                          "--output_dir", str(args.output_dir / "engine"), "--gpt_attention_plugin", "auto",
                           "--paged_kv_cache", "enable", "--tokens_per_block", str(args.tokens_per_block)]
         return {"engine": (stock, {})}
     arch = config["architecture"]
@@ -71,18 +79,22 @@ def build_commands(args: argparse.Namespace, config: dict) -> dict[str, tuple[li
     out = {}
     for phase in ("context", "generation"):
         cmd = common + [
-            "--output_dir", str(args.output_dir / phase),
+            "--max_num_tokens", str(budget[phase]), "--output_dir", str(args.output_dir / phase),
             "--model_cls_file", str(HERE / "model.py"), "--model_cls_name", MODEL_CLASSES[arch],
             "--gpt_attention_plugin", "disable", "--paged_kv_cache", "disable",
         ]  # fmt: skip
         env = {
             "DMS_TRTLLM_PHASE": phase,
             "DMS_TRTLLM_BLOCK_SIZE": str(args.tokens_per_block),
-            "DMS_TRTLLM_POOL_BLOCKS": str(plan.blocks_per_layer),
+            "DMS_TRTLLM_POOL_BLOCKS": str(plan.total_blocks + 1),  # one pool tensor: every layer + scratch
             "DMS_TRTLLM_MAX_BLOCKS_PER_STREAM": str(max_blocks),
         }
         out[phase] = (cmd, env)
     return out
+
+
+def context_tokens(args: argparse.Namespace) -> int:
+    return args.max_num_tokens or args.max_input_len
 
 
 def gpu_memory_bytes() -> tuple[str, int]:
@@ -111,8 +123,11 @@ def main(argv: list[str] | None = None) -> int:
         plan = plan_pool(config, args.tokens_per_block, args.kv_pool_tokens, args.dtype)
         tp = int(config["mapping"]["tp_size"])
         weights = sum(f.stat().st_size for f in args.checkpoint_dir.glob("rank*.safetensors")) // tp
-        check_fits(plan, device_bytes, weights)
+        memory = plan_memory(config, plan, weights, args.max_batch_size, context_tokens(args),
+                             args.max_input_len + args.max_output_len)
+        check_fits(memory, device_bytes)
         manifest["pool"] = plan.to_dict()
+        manifest["memory"] = memory.to_dict() | {"device_bytes": device_bytes}
     args.output_dir.mkdir(parents=True, exist_ok=True)
     for name, (cmd, extra_env) in build_commands(args, config).items():
         print("$ " + " ".join(f"{k}={v}" for k, v in extra_env.items()) + " " + " ".join(cmd), flush=True)

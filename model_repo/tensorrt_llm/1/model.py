@@ -1,24 +1,22 @@
-"""Triton python model: the DMS engine (pipeline.runtime) with in-flight batching across requests.
+"""Triton python model: the DMS engine with in-flight batching across requests: pipeline.runtime's, or
+the DMS TensorRT engine pair's host driver (plugins/trtllm/driver.py), which load_engine picks by the
+model's parameters.
 
-Decoupled: execute() hands each request to the engine's background step loop and returns at once. The
-engine passes every request's tokens and its end to one dispatcher thread (Engine.submit's on_event),
-which forwards them (streaming) or the whole output to the request's response sender. One thread, not
-one per request: with 64 requests streaming, 64 threads waking per token fought the engine's loop for
-the GIL. All request logic lives in pipeline.serve.engine_adapter.
+Decoupled: execute() hands each request to the engine's background step loop and returns at once; a
+thread per request forwards its tokens (streaming) or its whole output to the request's response
+sender. A request with `stop` true cancels the running request of the same request id (TensorRT-LLM's
+convention; the BLS model passes its clients' cancellations on this way, Triton 2.51 has no other).
+All request logic lives in pipeline.serve.engine_adapter.
 """
 
 import json
-import queue
 import threading
-import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from pipeline.runtime.engine import TokenEvent
-from pipeline.serve.engine_adapter import ends_with_stop, load_engine, parse_request
+from pipeline.serve.engine_adapter import load_engine, parse_request, stop_match
 from pipeline.serve.text import RequestError
 
 INPUTS = (
@@ -33,11 +31,10 @@ INPUTS = (
     "temperature",
     "random_seed",
     "streaming",
+    "stop",
+    "eviction",  # declared by the DMS engine pair's model only: false serves the request with eviction off
 )
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-# is_cancelled() is a round trip to the server, as costly as sending a token: asked every 0.1 s, not
-# every token.
-CANCEL_POLL_S = 0.1
 
 
 def _response(token_ids, live_tokens, ratio):
@@ -51,8 +48,9 @@ def _response(token_ids, live_tokens, ratio):
     )
 
 
-def _error(message):
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
+def _error(message, invalid_request=False):
+    code = pb_utils.TritonError.INVALID_ARG if invalid_request else pb_utils.TritonError.INTERNAL
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
 
 
 class TritonPythonModel:
@@ -78,19 +76,19 @@ class TritonPythonModel:
             )
             self.families.append(family)
             self.metrics[key] = family.Metric(labels={"model": self.name})
+        self._by_id = {}  # request id -> handles running under it (for `stop` requests)
+        self._ids_lock = threading.Lock()
         self._stopped = threading.Event()
         self._publisher = threading.Thread(target=self._publish_loop, daemon=True)
         self._publisher.start()
-        self._outbox = queue.SimpleQueue()  # (reply, handle, TokenEvent | Completion) from the engine
-        self._dispatcher = threading.Thread(target=self._dispatch_loop, daemon=True)
-        self._dispatcher.start()
 
     def _publish_loop(self):
         """Refresh the gauges twice a second (one writer: no stale value can land last)."""
         while True:
             stats = self.engine.pool_stats()
             for key, metric in self.metrics.items():
-                metric.set(float(stats[key]))
+                if key in stats:  # the pair's driver reports no bytes or ratio
+                    metric.set(float(stats[key]))
             if self._stopped.wait(0.5):
                 return
 
@@ -102,83 +100,72 @@ class TritonPythonModel:
                 for name in INPUTS:
                     tensor = pb_utils.get_input_tensor_by_name(request, name)
                     tensors[name] = None if tensor is None else tensor.as_numpy()
+                if tensors["stop"] is not None and tensors["stop"].any():
+                    self._stop_requests(request.request_id())
+                    sender.send(flags=FINAL)
+                    continue
                 req = parse_request(tensors)
-                reply = _Reply(req, sender)
-                self.engine.submit(req.input_ids, req.sampling(), on_event=partial(self._post, reply))
+                extra = {} if tensors["eviction"] is None else {"eviction": bool(tensors["eviction"].any())}
+                handle = self.engine.submit(req.input_ids, req.sampling(), **extra)
             except (RequestError, ValueError) as exc:
-                sender.send(_error(str(exc)), flags=FINAL)
+                sender.send(_error(str(exc), invalid_request=True), flags=FINAL)
+                continue
+            except Exception as exc:  # one request's failure must never fail the others in this call
+                sender.send(_error(f"{type(exc).__name__}: {exc}"), flags=FINAL)
+                continue
+            rid = request.request_id()
+            if rid:
+                with self._ids_lock:
+                    self._by_id.setdefault(rid, set()).add(handle)
+            threading.Thread(target=self._serve, args=(req, handle, sender, rid), daemon=True).start()
         return None
 
-    def _post(self, reply, handle, item):
-        """On the engine's thread: hand the event over, nothing more."""
-        self._outbox.put((reply, handle, item))
+    def _stop_requests(self, rid):
+        with self._ids_lock:
+            handles = list(self._by_id.get(rid, ()))
+        for handle in handles:
+            handle.cancel()
 
-    def _dispatch_loop(self):
-        while True:
-            reply, handle, item = self._outbox.get()
-            if reply is None:
+    def _serve(self, req, handle, sender, rid):
+        try:
+            self._forward(req, handle, sender)
+        finally:
+            if rid:
+                with self._ids_lock:
+                    running = self._by_id.get(rid, set())
+                    running.discard(handle)
+                    if not running:
+                        self._by_id.pop(rid, None)
+
+    def _forward(self, req, handle, sender):
+        try:
+            generated = []
+            for event in handle:
+                if sender.is_cancelled():  # the client went away (or cancelled): free its KV blocks now
+                    handle.cancel()
+                    sender.send(flags=FINAL)
+                    return
+                generated.append(event.token_id)
+                end = stop_match(generated, [s for s in req.stop_sequences if len(s) > 1])
+                if end is not None:
+                    handle.cancel()
+                    generated = generated[:end]
+                    break
+                if req.streaming:  # each event carries the request's KV figures after its token
+                    sender.send(_response([event.token_id], event.live_kv_tokens, event.compression_ratio))
+            completion = handle.result()
+            if completion.finish_reason == "error":
+                sender.send(_error(completion.error or "the engine failed this request"), flags=FINAL)
                 return
-            try:
-                reply.deliver(handle, item)
-            except Exception as exc:  # a failure must end this request, never the model
-                reply.fail(f"{type(exc).__name__}: {exc}")
+            stats = completion.stats
+            live = int(stats.get("live_kv_tokens", 0))
+            ratio = float(stats.get("compression_ratio", 1.0))
+            # streaming: the last response only reports the final KV state (the tokens went already)
+            sender.send(_response([] if req.streaming else generated, live, ratio), flags=FINAL)
+        except Exception as exc:  # a failure must end this request, never the model
+            sender.send(_error(f"{type(exc).__name__}: {exc}"), flags=FINAL)
 
     def finalize(self):
         self._stopped.set()
         self._publisher.join()
         self.engine.stop()
-        self._outbox.put((None, None, None))
-        self._dispatcher.join()
-
-
-class _Reply:
-    """One request's responses, sent from the dispatcher thread as its engine events arrive."""
-
-    def __init__(self, req, sender):
-        self.req = req
-        self.sender = sender
-        self.generated = []
-        self.stops = [s for s in req.stop_sequences if len(s) > 1]  # single tokens stop in the engine
-        self.next_poll = 0.0
-        self.stopping = False  # cancelled in the engine (a stop sequence): its end is still to come
-        self.closed = False
-
-    def deliver(self, handle, item):
-        if self.closed:
-            return
-        if not isinstance(item, TokenEvent):
-            self._finish(item)
-        elif not self.stopping:
-            self._token(handle, item)
-
-    def _token(self, handle, event):
-        now = time.monotonic()
-        if now >= self.next_poll:  # the client went away (or cancelled): free its KV blocks now
-            self.next_poll = now + CANCEL_POLL_S
-            if self.sender.is_cancelled():
-                handle.cancel()
-                self.closed = True
-                self.sender.send(flags=FINAL)
-                return
-        self.generated.append(event.token_id)
-        if self.stops and ends_with_stop(self.generated, self.stops):
-            handle.cancel()
-            self.stopping = True
-        elif self.req.streaming:  # each event carries the request's KV figures after its token
-            self.sender.send(_response([event.token_id], event.live_kv_tokens, event.compression_ratio))
-
-    def _finish(self, completion):
-        self.closed = True
-        if completion.finish_reason == "error":
-            self.sender.send(_error(completion.error or "the engine failed this request"), flags=FINAL)
-            return
-        stats = completion.stats
-        live = int(stats.get("live_kv_tokens", 0))
-        ratio = float(stats.get("compression_ratio", 1.0))
-        # streaming: the last response only reports the final KV state (the tokens went already)
-        self.sender.send(_response([] if self.req.streaming else self.generated, live, ratio), flags=FINAL)
-
-    def fail(self, message):
-        if not self.closed:
-            self.closed = True
-            self.sender.send(_error(message), flags=FINAL)

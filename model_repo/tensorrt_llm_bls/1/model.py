@@ -2,11 +2,14 @@
 
 Decoupled (gRPC streaming, HTTP generate_stream): per request a thread calls `preprocessing`, then the
 engine model as a decoupled BLS request, and detokenizes incrementally (no split UTF-8 characters),
-sending one response per new piece of text when `stream` is true, or one response at the end.
+sending one response per new piece of text when `stream` is true, or one response at the end. A client
+that cancels stops the engine request too: the engine call carries a request id, and a `stop` request
+with that id cancels it (Triton 2.51 does not pass a BLS request's cancellation on by itself).
 """
 
 import json
 import threading
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +66,11 @@ class TritonPythonModel:
             tokenizer_dir = Path(args["model_repository"]).resolve().parent / tokenizer_dir
         self.codec = TextCodec.from_dir(tokenizer_dir, max_input_len=1, max_output_len=1)
         self.kv_outputs = any(o["name"] == "kv_live_tokens" for o in config["output"])
+        # Requests beyond this wait here before any BLS call. The python backend serves a model's BLS
+        # calls and responses from a pool of threads (Triton's default 32, `thread-pool-size`); a
+        # streaming call holds one for its whole life, so 32 at once left none to deliver responses
+        # and every request hung.
+        self._active = threading.BoundedSemaphore(int(params["max_active_requests"]))
 
     def execute(self, requests):
         for request in requests:
@@ -76,6 +84,13 @@ class TritonPythonModel:
         return None
 
     def _serve(self, inputs, sender):
+        with self._active:
+            if sender.is_cancelled():  # gave up while it waited
+                sender.send(flags=FINAL)
+                return
+            self._generate(inputs, sender)
+
+    def _generate(self, inputs, sender):
         try:
             stream = bool(inputs["stream"].reshape(-1)[0]) if "stream" in inputs else False
             pre = pb_utils.InferenceRequest(
@@ -98,12 +113,22 @@ class TritonPythonModel:
             outputs = ["output_ids", "sequence_length"]
             if self.kv_outputs:
                 outputs += ["kv_live_tokens", "kv_compression_ratio"]
+            rid = f"bls-{uuid.uuid4().hex}"
             responses = pb_utils.InferenceRequest(
-                model_name=self.engine_model, requested_output_names=outputs, inputs=engine_inputs
+                model_name=self.engine_model,
+                requested_output_names=outputs,
+                inputs=engine_inputs,
+                request_id=rid,
             ).exec(decoupled=True)
             decoder = incremental_decoder(self.codec)
             live = ratio = None
             for response in responses:
+                if sender.is_cancelled():
+                    self._stop_engine_request(rid)
+                    for _ in responses:  # the engine ends the request at its next token
+                        pass
+                    sender.send(flags=FINAL)
+                    return
                 if response.has_error():
                     sender.send(_error(response.error().message()), flags=FINAL)
                     return
@@ -129,3 +154,18 @@ class TritonPythonModel:
             sender.send(_text_response(text, live, ratio), flags=FINAL)
         except Exception as exc:  # a failure must end this request, never the model
             sender.send(_error(f"{type(exc).__name__}: {exc}"), flags=FINAL)
+
+    def _stop_engine_request(self, rid):
+        """Cancel the engine request `rid` (the engine model's `stop` input; the other inputs it
+        requires are placeholders)."""
+        stop = [
+            pb_utils.Tensor("input_ids", np.zeros((1, 1), np.int32)),
+            pb_utils.Tensor("input_lengths", np.ones((1, 1), np.int32)),
+            pb_utils.Tensor("request_output_len", np.ones((1, 1), np.int32)),
+            pb_utils.Tensor("stop", np.array([[True]])),
+        ]
+        request = pb_utils.InferenceRequest(
+            model_name=self.engine_model, requested_output_names=[], inputs=stop, request_id=rid
+        )
+        for _ in request.exec(decoupled=True):
+            pass

@@ -80,9 +80,7 @@ class DMSPolicy(EvictionPolicy):
     def stored_flags(
         self, st: StreamTable, layer: int, row: int, pos: torch.Tensor, seen: int
     ) -> torch.Tensor:
-        ring = st.ring_flag.shape[-1]
-        in_ring = pos >= seen - ring  # stored tokens outside the ring were kept: never flagged
-        return in_ring & st.ring_flag[layer, row, pos % ring]
+        return rule.stored_evicted(st.ring_flag[layer, row], pos, seen)
 
     def prefill_keep(self, c: Candidates) -> tuple[torch.Tensor, torch.Tensor]:
         return c.valid & rule.survivors(c.pos, c.flag, c.seen, self._window()), c.score
