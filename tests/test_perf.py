@@ -87,7 +87,8 @@ def em_section(dms64: float = 2000.0, van64: float = 400.0, itl99: float = 80.0)
             ttft_ms_p50=50.0, ttft_ms_p99=90.0, itl_ms_p50=itl / 2, itl_ms_p99=itl, running_max=min(c, 8),
             queued_max=max(0, c - 8), pool_occupancy_max=0.9, preemptions=0,
             mean_cr=8.0 if method == "dms" else 1.0,
-            final_cr=9.0 if method == "dms" else 1.0, pool_bytes=1 << 20, requests=c, output_tokens=c * 1024,
+            final_cr=9.0 if method == "dms" else 1.0, pool_bytes=1 << 20, cpu_ms_per_token={"triton": 0.1},
+            requests=c, output_tokens=c * 1024,
             seconds=c * 1024 / tps,
         )  # fmt: skip
 

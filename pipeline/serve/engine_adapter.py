@@ -144,6 +144,16 @@ def stop_match(generated: Sequence[int], stops: Sequence[Sequence[int]]) -> int 
     return None
 
 
+def set_cpu_threads(params: Mapping[str, str]) -> None:
+    """Without a GPU, torch's intra-op threads in the engine model's process: the model parameter
+    cpu_threads, default 1. The server, the other models and the client share the cores, and with more
+    threads OpenMP's spin-waits take the CPU they need (bench/RESULTS.md, served equal memory)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        torch.set_num_threads(int(params.get("cpu_threads", "") or 1))
+
+
 def load_engine(params: Mapping[str, str], repo_dir: Path):
     """Engine for the model's parameters: gpt_model_path (relative to the repository), eviction_policy,
     max_tokens_in_paged_kv_cache, batch_scheduler_policy, device; optional max_num_sequences (the most

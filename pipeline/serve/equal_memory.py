@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.card import Card, EqualMemoryPool, equal_memory_pool, kv_bytes_per_token
-from pipeline.serve import perf
+from pipeline.serve import cpu, perf
 from pipeline.serve.metrics import PoolSampler
 from pipeline.serve.profile import figures, read_export
 from pipeline.serve.server import TritonServer
@@ -46,6 +46,7 @@ class EqualMemoryRow:
     mean_cr: float | None  # mean compression ratio of the running sequences, over the run
     final_cr: float | None  # mean over requests of the ratio their last response reports
     pool_bytes: int | None  # the engine's KV pool, as it reports it
+    cpu_ms_per_token: dict[str, float]  # CPU time per generated token by part (pipeline.serve.cpu)
     requests: int
     output_tokens: int
     seconds: float
@@ -123,6 +124,7 @@ def measure(card: Card, model_repo: Path, out_dir: Path, log=print) -> dict[str,
             for method, conc in tqdm(runs, desc="perf_analyzer (equal memory)", unit="run"):
                 export = out_dir / f"{method}_c{conc}.json"
                 sampler = PoolSampler(metrics_url, ENGINE_MODELS[method]).start()
+                cpu_before = cpu.snapshot(server)
                 try:
                     perf.run_perf_analyzer_requests(
                         perf.METHOD_MODELS[method], server.grpc_url, data_path, conc, conc, export
@@ -130,11 +132,13 @@ def measure(card: Card, model_repo: Path, out_dir: Path, log=print) -> dict[str,
                 finally:
                     engine = sampler.stop()
                 f = figures(read_export(export)[conc])
+                cpu_ms = cpu.per_token_ms(cpu_before, cpu.snapshot(server), f.output_tokens)
                 rows.append(EqualMemoryRow(
                     method=method, concurrency=conc, output_tokens_per_s=f.output_tokens_per_s,
                     requests_per_s=f.requests_per_s, ttft_ms_p50=f.ttft_ms_p50, ttft_ms_p99=f.ttft_ms_p99,
                     itl_ms_p50=f.itl_ms_p50, itl_ms_p99=f.itl_ms_p99, final_cr=f.final_cr,
-                    requests=f.requests, output_tokens=f.output_tokens, seconds=f.seconds, **engine,
+                    requests=f.requests, output_tokens=f.output_tokens, seconds=f.seconds,
+                    cpu_ms_per_token=cpu_ms, **engine,
                 ))  # fmt: skip
     for name in ("warmup_dms.json", "warmup_vanilla.json"):
         (out_dir / name).unlink(missing_ok=True)

@@ -65,12 +65,13 @@ class PoolSampler:
         if not s:
             return {"running_max": None, "queued_max": None, "pool_occupancy_max": None,
                     "preemptions": None, "mean_cr": None, "pool_bytes": None}  # fmt: skip
-        busy = [x["mean_compression_ratio"] for x in s if x.get("running", 0) > 0]
+        ratio = "mean_compression_ratio"  # the pair's driver publishes no ratio (nor bytes)
+        busy = [x[ratio] for x in s if x.get("running", 0) > 0 and ratio in x]
         return {
             "running_max": int(max(x["running"] for x in s)),
             "queued_max": int(max(x["waiting"] for x in s)),
             "pool_occupancy_max": round(max(x["blocks_used"] / x["blocks_total"] for x in s), 4),
             "preemptions": int(s[-1]["preemptions"] - s[0]["preemptions"]),
-            "mean_cr": round(sum(busy) / len(busy), 3) if busy else 1.0,
-            "pool_bytes": int(s[-1]["bytes_total"]),
+            "mean_cr": round(sum(busy) / len(busy), 3) if busy else None,
+            "pool_bytes": int(s[-1]["bytes_total"]) if "bytes_total" in s[-1] else None,
         }

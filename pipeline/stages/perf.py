@@ -20,7 +20,7 @@ from pipeline.runner import Options, StageContext
 
 NAME = "perf"
 DEPENDS: tuple[str, ...] = ("package",)
-VERSION = 2  # 2: the equal-memory workload
+VERSION = 3  # 2: the equal-memory workload; 3: its CPU time per token by part
 
 # The limits: judged by `gate` on the cached measurement, so they are not part of the cache key.
 LIMITS = ("min_inferences_per_s", "max_p99_latency_ms")
