@@ -14,6 +14,7 @@ during the run (pipeline.serve.metrics).
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -107,6 +108,7 @@ def measure(card: Card, model_repo: Path, out_dir: Path, log=print) -> dict[str,
     data_path = out_dir / "input_data.json"
     data_path.write_text(json.dumps(input_data(tokenizer, em.input_tokens, em.output_tokens), indent=1))
     rows: list[EqualMemoryRow] = []
+    load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="dms-equal-memory-") as tmp:
         repo = resized_copy(model_repo, Path(tmp) / "model_repo", pool.kv_pool_tokens, max(em.concurrency))
         with TritonServer(repo, log_path=out_dir / "server.log") as server:
@@ -149,6 +151,8 @@ def measure(card: Card, model_repo: Path, out_dir: Path, log=print) -> dict[str,
         "vanilla_requests_fit": pool.vanilla_requests,
         "dms_over_vanilla_tokens_per_s": dms_over_vanilla(rows),
         "rows": [asdict(r) for r in rows],
+        # other jobs on the machine slow DMS (many tokens/s, each through the server) more than vanilla
+        "load_average_1m": {"start": load_start, "end": os.getloadavg()[0]},
         "workload": {
             "input_tokens": em.input_tokens,
             "output_tokens": em.output_tokens,
