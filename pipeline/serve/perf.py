@@ -128,14 +128,7 @@ def run_perf_analyzer(
 ) -> list[PerfRow]:
     """One perf_analyzer run at one concurrency; returns its parsed rows (the CSV stays at csv_path)."""
     cmd = [
-        str(perf_analyzer_binary()),
-        "-m", model,
-        "-u", grpc_url,
-        "-i", "grpc",
-        "--async",
-        "--streaming",
-        "--input-data", str(input_json),
-        "--concurrency-range", f"{concurrency}:{concurrency}",
+        *_streaming_command(model, grpc_url, input_json, concurrency),
         "--measurement-interval", str(measurement_ms),
         # LLM requests take seconds: accept any 3 consecutive windows rather than searching for 10%
         # stability, which on a busy CPU would often never come.
@@ -161,6 +154,17 @@ def run_perf_analyzer_requests(
     (--profile-export-file, pipeline.serve.profile reads it)."""
     export_path.unlink(missing_ok=True)  # perf_analyzer refuses to overwrite it
     cmd = [
+        *_streaming_command(model, grpc_url, input_json, concurrency),
+        "--request-count", str(requests),
+        "--profile-export-file", str(export_path),
+    ]  # fmt: skip
+    _run(cmd, export_path, f"perf_analyzer on {model} at concurrency {concurrency}", timeout_s)
+    return export_path
+
+
+def _streaming_command(model: str, grpc_url: str, input_json: Path, concurrency: int) -> list[str]:
+    """perf_analyzer over gRPC streaming, `concurrency` requests in flight, inputs from `input_json`."""
+    return [
         str(perf_analyzer_binary()),
         "-m", model,
         "-u", grpc_url,
@@ -169,11 +173,7 @@ def run_perf_analyzer_requests(
         "--streaming",
         "--input-data", str(input_json),
         "--concurrency-range", f"{concurrency}:{concurrency}",
-        "--request-count", str(requests),
-        "--profile-export-file", str(export_path),
     ]  # fmt: skip
-    _run(cmd, export_path, f"perf_analyzer on {model} at concurrency {concurrency}", timeout_s)
-    return export_path
 
 
 def _run(cmd: list[str], result: Path, what: str, timeout_s: float) -> None:
