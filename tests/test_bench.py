@@ -133,3 +133,14 @@ def test_the_served_figure_and_its_gap_to_the_engine_alone(tmp_path):
     text = "\n".join(_served_lines(got, 3.35))
     assert "| dms | 1200.0 | 8 | 8.00 | 40.0 | triton 0.37, tensorrt_llm 0.60 |" in text
     assert "served: 2.00; engine only (above): 3.35; gap +1.35." in text and "load 1.5 to 2.5" in text
+
+
+def test_a_rerun_keeps_the_notes_section(tmp_path):
+    from pipeline.bench.report import NOTES, keep_notes
+
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# old table\n\n" + NOTES + "\n\n## Served, through Triton\n\nfigures\n")
+    new = keep_notes(md, "# new table\n")
+    assert new.startswith("# new table") and "old table" not in new
+    assert new.endswith(NOTES + "\n\n## Served, through Triton\n\nfigures\n")
+    assert keep_notes(tmp_path / "absent.md", "# t").endswith(NOTES + "\n")

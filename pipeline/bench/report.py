@@ -151,4 +151,15 @@ def write_results(report: dict[str, Any], out_dir: Path, md_path: Path = RESULTS
     if "equal_memory" in report:
         lines += _equal_memory_lines(report["equal_memory"])
     md_path.parent.mkdir(parents=True, exist_ok=True)
-    md_path.write_text("\n".join(lines))
+    md_path.write_text(keep_notes(md_path, "\n".join(lines)))
+
+
+NOTES = "<!-- notes: kept by make bench; everything above is regenerated -->"
+
+
+def keep_notes(md_path: Path, generated: str) -> str:
+    """The new table followed by the notes section an earlier file had (figures from other commands:
+    served runs, GPU checks, one-off comparisons), which `make bench` does not produce."""
+    old = md_path.read_text() if md_path.exists() else ""
+    notes = old[old.index(NOTES) :] if NOTES in old else NOTES + "\n"
+    return generated.rstrip() + "\n\n" + notes
