@@ -72,6 +72,6 @@ class PoolSampler:
             "queued_max": int(max(x["waiting"] for x in s)),
             "pool_occupancy_max": round(max(x["blocks_used"] / x["blocks_total"] for x in s), 4),
             "preemptions": int(s[-1]["preemptions"] - s[0]["preemptions"]),
-            "mean_cr": round(sum(busy) / len(busy), 3) if busy else None,
+            "mean_cr": round(sum(busy) / len(busy), 3) if busy else (1.0 if ratio in s[-1] else None),
             "pool_bytes": int(s[-1]["bytes_total"]) if "bytes_total" in s[-1] else None,
         }
