@@ -129,19 +129,9 @@ def parse_request(tensors: Mapping[str, np.ndarray | None]) -> EngineRequest:
 
 
 def ends_with_stop(generated: Sequence[int], stops: Sequence[Sequence[int]]) -> bool:
-    """Whether `generated` ends with one of the stop sequences. Asked after every token, this finds the
-    first complete stop at a cost that does not grow with the generation (stop_match rescans it all)."""
+    """Whether `generated` ends with one of the stop sequences. Asked after every token, it finds the
+    first complete stop at a cost that does not grow with the generation."""
     return any(len(s) <= len(generated) and tuple(generated[-len(s) :]) == tuple(s) for s in stops)
-
-
-def stop_match(generated: Sequence[int], stops: Sequence[Sequence[int]]) -> int | None:
-    """Length of `generated` up to and including the first complete stop sequence, or None."""
-    for end in range(1, len(generated) + 1):
-        for stop in stops:
-            n = len(stop)
-            if n <= end and tuple(generated[end - n : end]) == tuple(stop):
-                return end
-    return None
 
 
 def set_cpu_threads(params: Mapping[str, str]) -> None:
