@@ -23,7 +23,7 @@ from typing import Any
 from pipeline.card import Card, EqualMemoryPool, equal_memory_pool, kv_bytes_per_token
 from pipeline.serve import cpu, perf
 from pipeline.serve.metrics import PoolSampler
-from pipeline.serve.profile import figures, read_export
+from pipeline.serve.profile import StreamFigures, figures, read_export
 from pipeline.serve.server import TritonServer
 
 ENGINE_MODELS = {"dms": "tensorrt_llm", "vanilla": "tensorrt_llm_vanilla"}
@@ -31,26 +31,18 @@ NUM_PROMPTS = 16
 
 
 @dataclass(frozen=True)
-class EqualMemoryRow:
+class EqualMemoryRow(StreamFigures):
+    """One method at one concurrency: perf_analyzer's figures (StreamFigures) and the engine's."""
+
     method: str  # "dms" | "vanilla"
     concurrency: int
-    output_tokens_per_s: float
-    requests_per_s: float
-    ttft_ms_p50: float
-    ttft_ms_p99: float
-    itl_ms_p50: float
-    itl_ms_p99: float
     running_max: int | None  # the engine's gauges, sampled during the run
     queued_max: int | None
     pool_occupancy_max: float | None
     preemptions: int | None
     mean_cr: float | None  # mean compression ratio of the running sequences, over the run
-    final_cr: float | None  # mean over requests of the ratio their last response reports
     pool_bytes: int | None  # the engine's KV pool, as it reports it
     cpu_ms_per_token: dict[str, float]  # CPU time per generated token by part (pipeline.serve.cpu)
-    requests: int
-    output_tokens: int
-    seconds: float
 
 
 def engine_kv_layout(model_repo: Path) -> tuple[int, int]:
@@ -135,13 +127,8 @@ def measure(card: Card, model_repo: Path, out_dir: Path, log=print) -> dict[str,
                     engine = sampler.stop()
                 f = figures(read_export(export)[conc])
                 cpu_ms = cpu.per_token_ms(cpu_before, cpu.snapshot(server), f.output_tokens)
-                rows.append(EqualMemoryRow(
-                    method=method, concurrency=conc, output_tokens_per_s=f.output_tokens_per_s,
-                    requests_per_s=f.requests_per_s, ttft_ms_p50=f.ttft_ms_p50, ttft_ms_p99=f.ttft_ms_p99,
-                    itl_ms_p50=f.itl_ms_p50, itl_ms_p99=f.itl_ms_p99, final_cr=f.final_cr,
-                    requests=f.requests, output_tokens=f.output_tokens, seconds=f.seconds,
-                    cpu_ms_per_token=cpu_ms, **engine,
-                ))  # fmt: skip
+                row = dict(method=method, concurrency=conc, cpu_ms_per_token=cpu_ms, **engine)
+                rows.append(EqualMemoryRow(**asdict(f), **row))
     for name in ("warmup_dms.json", "warmup_vanilla.json"):
         (out_dir / name).unlink(missing_ok=True)
     return {
