@@ -93,3 +93,27 @@ def test_the_perf_stage_refuses_a_card_without_the_workload():
     with pytest.raises(CardError, match="perf needs a `perf.equal_memory` section"):
         perf.check_card(dataclasses.replace(card, perf=dataclasses.replace(card.perf, equal_memory=None)))
     assert isinstance(card.perf.equal_memory, EqualMemorySpec)
+
+
+def test_the_warm_up_tries_again_after_a_transient_failure(monkeypatch, tmp_path):
+    from pipeline.serve import equal_memory, perf
+
+    calls, said = [], []
+
+    def flaky(model, url, data, conc, requests, export):
+        calls.append(model)
+        if len(calls) == 1:
+            raise perf.PerfError("perf_analyzer failed (99):\nfailed to find the requested model version")
+
+    monkeypatch.setattr(perf, "run_perf_analyzer_requests", flaky)
+    monkeypatch.setattr(equal_memory.time, "sleep", lambda s: None)
+    paths = tmp_path / "d.json", tmp_path / "w.json"
+    equal_memory._warm_up("ensemble", "127.0.0.1:1", *paths, said.append)
+    assert calls == ["ensemble", "ensemble"] and "trying again" in said[0]
+
+    def broken(*args):
+        raise perf.PerfError("failed (99):\nstill failing")
+
+    monkeypatch.setattr(perf, "run_perf_analyzer_requests", broken)
+    with pytest.raises(perf.PerfError, match="still failing"):
+        equal_memory._warm_up("ensemble", "127.0.0.1:1", *paths, said.append)

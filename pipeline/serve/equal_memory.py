@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -112,8 +113,7 @@ def measure(card: Card, model_repo: Path, out_dir: Path, log=print) -> dict[str,
             )
             for method in ENGINE_MODELS:  # warm-up: the first request of a fresh engine pays one-time costs
                 warmup = out_dir / f"warmup_{method}.json"
-                model = perf.METHOD_MODELS[method]
-                perf.run_perf_analyzer_requests(model, server.grpc_url, data_path, 1, 1, warmup)
+                _warm_up(perf.METHOD_MODELS[method], server.grpc_url, data_path, warmup, log)
             runs = [(m, c) for c in sorted(em.concurrency) for m in ENGINE_MODELS]
             for method, conc in tqdm(runs, desc="perf_analyzer (equal memory)", unit="run"):
                 export = out_dir / f"{method}_c{conc}.json"
@@ -234,3 +234,18 @@ def plot(section: dict[str, Any], path: Path, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _warm_up(model: str, grpc_url: str, data_path: Path, export: Path, log, attempts: int = 3) -> None:
+    """One request to a freshly loaded model. On a loaded machine Triton has answered ready and then
+    "failed to find the requested model version" for the first request; a second try a moment later
+    goes through, so the warm-up tries again before the sweep would fail."""
+    for attempt in range(1, attempts + 1):
+        try:
+            perf.run_perf_analyzer_requests(model, grpc_url, data_path, 1, 1, export)
+            return
+        except perf.PerfError as exc:
+            if attempt == attempts:
+                raise
+            log(f"[perf] warm-up of {model} failed ({str(exc).splitlines()[-1]}); trying again")
+            time.sleep(2.0 * attempt)
