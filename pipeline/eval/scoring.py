@@ -2,9 +2,10 @@
 
 The synthetic tasks' answers are whitespace-separated words (`42`, `7 + 5 = 12 + 2 = 14`, a whole
 trace). A generation is correct when its first words are exactly the answer's words and, if it goes on,
-the next thing is an end of answer (the end-of-sequence token, already stripped by the decoder, or a stop word). Everything
-after the answer is the model's business, exactly as lm-eval's `until` stop sequences treat it; nothing
-else is forgiven (no case folding, no partial credit for the written steps of arithmetic).
+the next thing is an end of answer (the end-of-sequence token, already stripped by the decoder, or a
+stop word). Everything after the answer is the model's business, exactly as lm-eval's `until` stop
+sequences treat it; nothing else is forgiven (no case folding, no partial credit for the written steps
+of arithmetic or a trace).
 """
 
 from __future__ import annotations
