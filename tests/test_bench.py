@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.bench.decode import run_decode
-from pipeline.bench.report import write_results
+from pipeline.bench.report import ONE_OFF_HEADING, one_off_sections, write_results
 
 
 def test_bench_small_run_writes_results(tmp_path):
@@ -106,3 +106,14 @@ def test_equal_memory_sizes_both_pools_from_one_budget(tmp_path):
     assert vanilla["preemptions"] == 0
     assert dms["pool_blocks_used_after"] == vanilla["pool_blocks_used_after"] == 0
     assert em["dms_over_vanilla_tokens_per_s"] > 0
+
+
+def test_regenerating_results_keeps_the_one_off_checks(tmp_path):
+    md = tmp_path / "RESULTS.md"
+    md.write_text(f"# old table\n\n| a | 1 |\n\n{ONE_OFF_HEADING}\n\n### kvzip vs kvpress\n\nagreement 1.0\n")
+    report = {"device": "cpu", "load_average_1m": {"start": 0.0, "end": 0.0}}
+    write_results(report, tmp_path / "out", md_path=md)
+    text = md.read_text()
+    assert "old table" not in text and text.startswith("# DMS runtime benchmark")
+    assert one_off_sections(text) == f"{ONE_OFF_HEADING}\n\n### kvzip vs kvpress\n\nagreement 1.0\n"
+    assert one_off_sections("# no such part") == ""
