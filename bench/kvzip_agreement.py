@@ -15,7 +15,7 @@ sides score the same forward pass. `kvpress` prefills the same context under `KV
 scores and the tokens it masks, greedy-decodes the question through its compressed cache and compares:
 the importance itself, each head's top tokens at our budget (the selection rule alone), and kvpress's
 own selection (a budget shared by a layer's heads, 4 sink tokens kept) with its answers.
-Results: bench/RESULTS.md.
+Results: bench/RESULTS.md (its notes section, which `make bench` keeps).
 """
 
 from __future__ import annotations

@@ -25,13 +25,13 @@ import shutil
 import socket
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline.card import Card
 from pipeline.processes import pid_alive
 from pipeline.stages import STAGE_ORDER, load_stage
+from pipeline.stages.api import Options, StageContext, fingerprint  # noqa: F401 (tests import them here)
 
 MANIFEST = "manifest.json"
 # Temporary directories are named after the process that writes them (host too: build/ may be shared
@@ -52,25 +52,6 @@ class StageFailed(RuntimeError):
         self.logs = logs
         kept = f" (its logs are kept in {logs})" if logs else ""
         super().__init__(f"stage '{stage}' failed: {cause}{kept}")
-
-
-@dataclass(frozen=True)
-class Options:
-    """Run-wide choices from the command line that some stages read (and key on)."""
-
-    from_scratch: bool = False
-    no_gate: bool = False
-    backend: str | None = None  # overrides card.build.backend when given
-
-
-@dataclass
-class StageContext:
-    card: Card
-    out_dir: Path  # write here (a temporary directory; renamed when the stage returns)
-    inputs: dict[str, Path]  # completed output directories of the stages this one depends on
-    reports: dict[str, dict[str, Any]]  # figures that earlier stages reported
-    options: Options = field(default_factory=Options)
-    build_root: Path = Path("build")
 
 
 def _tree_files(path: Path) -> list[Path]:
@@ -135,20 +116,6 @@ def output_mismatch(out_dir: Path, manifest: dict[str, Any], full: bool = False)
     if full and hash_tree(out_dir) != manifest["output_hash"]:
         return "its content hash differs from the manifest's"
     return None
-
-
-def fingerprint(path: Path) -> list[list[Any]]:
-    """Cheap identity of files the user keeps outside build/ (weights, traces): each file's name, size
-    and modification time, as make and rsync judge files. Hashing tens of GB on every run would cost
-    minutes; a changed file changes its size or time. Not the location: a moved directory (or a copy
-    that keeps times, `cp -p`) is the same input and retrains nothing."""
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    rows = []
-    for file in files:
-        info = file.stat()
-        name = file.relative_to(path).as_posix() if file != path else file.name
-        rows.append([name, info.st_size, info.st_mtime_ns])
-    return rows
 
 
 def stage_key(name: str, version: int, settings: dict[str, Any], input_hashes: dict[str, str]) -> str:

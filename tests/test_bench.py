@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.bench.decode import run_decode
-from pipeline.bench.report import ONE_OFF_HEADING, one_off_sections, write_results
+from pipeline.bench.report import write_results
 
 
 def test_bench_small_run_writes_results(tmp_path):
@@ -108,12 +108,12 @@ def test_equal_memory_sizes_both_pools_from_one_budget(tmp_path):
     assert em["dms_over_vanilla_tokens_per_s"] > 0
 
 
-def test_regenerating_results_keeps_the_one_off_checks(tmp_path):
+def test_a_rerun_keeps_the_notes_section(tmp_path):
+    from pipeline.bench.report import NOTES, keep_notes
+
     md = tmp_path / "RESULTS.md"
-    md.write_text(f"# old table\n\n| a | 1 |\n\n{ONE_OFF_HEADING}\n\n### kvzip vs kvpress\n\nagreement 1.0\n")
-    report = {"device": "cpu", "load_average_1m": {"start": 0.0, "end": 0.0}}
-    write_results(report, tmp_path / "out", md_path=md)
-    text = md.read_text()
-    assert "old table" not in text and text.startswith("# DMS runtime benchmark")
-    assert one_off_sections(text) == f"{ONE_OFF_HEADING}\n\n### kvzip vs kvpress\n\nagreement 1.0\n"
-    assert one_off_sections("# no such part") == ""
+    md.write_text("# old table\n\n" + NOTES + "\n\n## Served, through Triton\n\nfigures\n")
+    new = keep_notes(md, "# new table\n")
+    assert new.startswith("# new table") and "old table" not in new
+    assert new.endswith(NOTES + "\n\n## Served, through Triton\n\nfigures\n")
+    assert keep_notes(tmp_path / "absent.md", "# t").endswith(NOTES + "\n")

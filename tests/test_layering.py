@@ -90,3 +90,25 @@ def test_nothing_outside_the_runtime_touches_engine_internals():
             if isinstance(node, ast.Attribute) and node.attr in ENGINE_INTERNALS:
                 bad.append(f"{file.relative_to(ROOT)}:{node.lineno} .{node.attr}")
     assert not bad, bad
+
+
+def test_stages_import_the_stage_api_not_the_orchestrator():
+    graph = import_graph()
+    stages = (m for m in graph if m.startswith("pipeline.stages."))
+    bad = sorted(m for m in stages if "pipeline.runner" in graph[m])
+    assert not bad, f"{bad} import pipeline.runner; stages import pipeline.stages.api"
+
+
+def test_dms_core_imports_nothing_of_the_project():
+    """The rule is a leaf: pipeline, plugins and the TensorRT side import it, it imports none of them."""
+    graph = import_graph("dms_core")
+    for file in sorted((ROOT / "dms_core").rglob("*.py")):
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                names = [node.module]
+            else:
+                continue
+            assert not {n.split(".")[0] for n in names} & {"pipeline", "plugins"}, (file.name, names)
+    assert cycles(graph) == []

@@ -119,3 +119,18 @@ def test_cuda_graph_decode_matches_eager(model_dir):
     want = [c.token_ids for c in eager.generate(prompts, max_tokens=16, ignore_eos=True)]
     assert [c.token_ids for c in graphs.generate(prompts, max_tokens=16, ignore_eos=True)] == want
     assert graphs.pool_stats()["blocks_used"] == 0
+
+
+@pytest.mark.parametrize("policy, runs", [("dms", True), ("none", False), ("window", False), ("h2o", False)])
+def test_only_a_policy_that_reads_decisions_runs_the_adapter(model_dir, policy, runs):
+    """A baseline served from a DMS checkpoint skips the adapter's norm and projection every layer."""
+    engine = _engine_in_decode(model_dir, policy)
+    calls = []
+    hooks = [layer.self_attn.dms_proj_alpha.register_forward_hook(lambda *a: calls.append(1))
+             for layer in engine.runner.model.layers]  # fmt: skip
+    tokens, pos, width = _step_inputs(engine)
+    with torch.inference_mode():
+        engine.runner.decode_step(tokens, pos, width)
+    for hook in hooks:
+        hook.remove()
+    assert (len(calls) == len(engine.runner.model.layers)) if runs else not calls

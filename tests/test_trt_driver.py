@@ -252,3 +252,25 @@ def test_the_tensorrt_session_without_tensorrt_llm_says_where_to_serve(pairs):
     _, engine = pairs["qwen3", "borrowed"]
     with pytest.raises(RuntimeError, match="needs TensorRT-LLM 1.2.1 in this Python .* 'emulated'"):
         load_driver(engine, session="trtllm")
+
+
+@pytest.mark.parametrize("family,mode", CASES, ids=[f"{f}-{m}" for f, m in CASES])
+def test_one_rule_three_paths_hf_patch_torch_engine_and_the_pair(pairs, family, mode):
+    """The parity check of docs/dms.md: one random model, one prompt, greedy under hard DMS through the
+    HF patch (training's code), the torch engine (pipeline.runtime) and the TensorRT pair's driver
+    (plugins/trtllm over emulated sessions). The same tokens, logits within TOL; Llama carries llama3
+    RoPE scaling, so unscaled RoPE or the wrong adapter input anywhere fails here."""
+    from pipeline.runtime.engine import Engine
+
+    hf, engine_dir = pairs[family, mode]
+    prompt = _prompts(30, seed=7)[0]
+    driver = load_driver(engine_dir, session="emulated")
+    pair = driver.submit(prompt, GREEDY, keep_logits=True).result()
+    limits = dict(max_batch_size=2, max_input_len=64, max_output_len=32, kv_block_size=4, kv_pool_tokens=1024)
+    torch_engine = Engine.from_hf(hf, limits=limits)
+    engine = torch_engine.submit(prompt, GREEDY, keep_logits=True).result()
+    assert engine.token_ids == pair.token_ids
+    want = _hf_logits(hf, prompt, engine.token_ids)
+    assert (engine.logits - want).abs().max() < TOL and (pair.logits - want).abs().max() < TOL
+    assert engine.stats["compression_ratio"] == pytest.approx(pair.stats["compression_ratio"])
+    assert engine.stats["compression_ratio"] > 1.2  # decisions evicted tokens on every path

@@ -105,17 +105,6 @@ def _equal_memory_lines(em: dict[str, Any]) -> list[str]:
     return [*lines, "", f"DMS / vanilla output tokens/s: {em['dms_over_vanilla_tokens_per_s']:.2f}.", ""]
 
 
-# Hand-recorded, one-off measurements (a check against another library, run once) live under this
-# heading at the end of RESULTS.md; `make bench` rewrites everything above it and keeps them.
-ONE_OFF_HEADING = "## One-off checks (kept by `make bench`)"
-
-
-def one_off_sections(text: str) -> str:
-    """The ONE_OFF_HEADING part of an existing RESULTS.md ('' when it has none)."""
-    at = text.find(ONE_OFF_HEADING)
-    return "" if at < 0 else text[at:]
-
-
 def write_results(report: dict[str, Any], out_dir: Path, md_path: Path = RESULTS_MD) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench.json").write_text(json.dumps(report, indent=2))
@@ -135,5 +124,15 @@ def write_results(report: dict[str, Any], out_dir: Path, md_path: Path = RESULTS
     if "equal_memory" in report:
         lines += _equal_memory_lines(report["equal_memory"])
     md_path.parent.mkdir(parents=True, exist_ok=True)
-    kept = one_off_sections(md_path.read_text()) if md_path.is_file() else ""
-    md_path.write_text("\n".join(lines) + ("\n" + kept if kept else ""))
+    md_path.write_text(keep_notes(md_path, "\n".join(lines)))
+
+
+NOTES = "<!-- notes: kept by make bench; everything above is regenerated -->"
+
+
+def keep_notes(md_path: Path, generated: str) -> str:
+    """The new table followed by the notes section an earlier file had (figures from other commands:
+    served runs, GPU checks, one-off comparisons), which `make bench` does not produce."""
+    old = md_path.read_text() if md_path.exists() else ""
+    notes = old[old.index(NOTES) :] if NOTES in old else NOTES + "\n"
+    return generated.rstrip() + "\n\n" + notes

@@ -116,7 +116,7 @@ def markdown(results: dict[str, Any], retrofits: dict[str, Any], lengths) -> str
 def main(argv: list[str] | None = None) -> None:
     from pipeline.card import load_card
     from pipeline.runner import run_pipeline
-    from pipeline.stages.retrofit import cr_label
+    from pipeline.stages.api import cr_label
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--card", default="smollm2-135m")

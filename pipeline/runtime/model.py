@@ -192,9 +192,10 @@ class Block(nn.Module):
                 self._qk_borrowed = torch.cat([q_mask, k_mask]).to(qkv.device)
 
     def project(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], decisions: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """x: [B, T, hidden] residual input; rope: (cos, sin) at the tokens' logical positions.
+        """x: [B, T, hidden] residual input; rope: (cos, sin) at the tokens' logical positions;
+        decisions=False: a policy that ignores them is running, the logits are not computed (None).
 
         Returns q [B, T, Hq, D], k, v [B, T, Hkv, D] (RoPE applied to q and k) and the DMS decision
         logits [B, Hkv, T] (None for a plain checkpoint).
@@ -206,10 +207,14 @@ class Block(nn.Module):
         qkv = qkv.view(b, t, hq + 2 * hkv, a.head_dim)
         qk, v = qkv[:, :, : hq + hkv], qkv[:, :, hq + hkv :]
         if a.family == "qwen3":  # q_norm and k_norm at once (per-head weights, one normalisation)
-            qk = F.rms_norm(qk.float(), (a.head_dim,), None, a.rms_norm_eps).to(x.dtype) * self._qk_norm
+            qf = qk if qk.dtype == torch.float32 else qk.float()  # skip two no-op casts a layer in fp32
+            qk = F.rms_norm(qf, (a.head_dim,), None, a.rms_norm_eps).to(x.dtype) * self._qk_norm
         logits, dms = None, a.dms
         if dms is not None:
-            if dms.separate_alpha:
+            if not decisions:  # the borrowed channel is still zeroed: the model never reads it
+                if not dms.separate_alpha:
+                    qk = qk.masked_fill(self._qk_borrowed, 0.0)
+            elif dms.separate_alpha:
                 projected = att.dms_proj_alpha(att.dms_proj_alpha_norm(x))  # x: the residual stream
                 scale, offset = dms.alpha_scale, dms.initial_alpha_offset
                 logits = rule.adapter_logits(projected, dms.alpha_per, scale, offset)

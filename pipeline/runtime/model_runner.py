@@ -215,7 +215,7 @@ class ModelRunner:
         streams = torch.arange(seq.slot * hkv, (seq.slot + 1) * hkv, device=dev)
         budget = policy.budget(seq.total_budget_tokens)
         for li, layer in enumerate(self.model.layers):
-            q, k, v, logits = layer.project(x, rope)
+            q, k, v, logits = layer.project(x, rope, policy.reads_decisions)
             dec = policy.decisions(logits, pos, hkv)  # [1, Hkv, T] or None
             flag_new = rule.shift_by_one(dec[0], False) if dec is not None else torch.zeros(
                 hkv, t, dtype=torch.bool, device=dev
@@ -225,7 +225,7 @@ class ModelRunner:
             visible = rule.hard_visibility(F_, pos[0], P, policy.mask_window())  # [Hkv, T, L]
             if policy.needs_probs:
                 out, probs = dense_attention(q, K[None], V[None], visible[None], self.scale)
-            else:  # nothing reads the probabilities: SDPA, ~3x faster on CPU, never materialises them
+            else:  # nothing reads the probabilities: SDPA, which never materialises them
                 out, probs = sdpa_prefill_attention(q, K[None], V[None], visible[None], self.scale), None
             x = layer.finish(x, out)
             valid = P < seen
@@ -262,7 +262,7 @@ class ModelRunner:
         ctx_pos = torch.arange(n0, device=dev).expand(hkv, n0)
         causal = torch.ones(t, n0 + t, dtype=torch.bool, device=dev).tril(n0)  # all context, then causal
         for li, layer in enumerate(self.model.layers):
-            q, k, v, _ = layer.project(x, rope)
+            q, k, v, _ = layer.project(x, rope, decisions=False)
             stored = [self.cache.read(st.pool_rows(li, row, n0)) for row in streams.tolist()]
             K = torch.stack([torch.cat([ks, k[0, :, h]]) for h, (ks, _) in enumerate(stored)])  # [Hkv, L, D]
             V = torch.stack([torch.cat([vs, v[0, :, h]]) for h, (_, vs) in enumerate(stored)])
@@ -372,7 +372,7 @@ class ModelRunner:
         x = self.model.embed(tokens[:, None])
         rope = self.model.rope(pos[:, None])
         for li, layer in enumerate(self.model.layers):
-            q, k, v, logits = layer.project(x, rope)
+            q, k, v, logits = layer.project(x, rope, policy.reads_decisions)
             dec = policy.decisions(logits, pos[:, None], hkv)
             rows = policy.place(st, li, step, dec.reshape(n) if dec is not None else None)
             self.cache.write(rows, k.reshape(n, d), v.reshape(n, d))

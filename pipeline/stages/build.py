@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.card import Card, card_section
-from pipeline.runner import Options, StageContext
+from pipeline.stages.api import Options, StageContext
 
 NAME = "build"
 DEPENDS: tuple[str, ...] = ("convert",)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.card import Card, card_section
-from pipeline.runner import Options, StageContext
+from pipeline.stages.api import Options, StageContext, cr_label
 
 NAME = "convert"
 DEPENDS: tuple[str, ...] = ("retrofit",)
@@ -35,8 +35,6 @@ ROUNDTRIP_TOLERANCE = 1e-3
 
 def product_dir(ctx: StageContext) -> Path:
     """The retrofit checkpoint at the card's target CR."""
-    from pipeline.stages.retrofit import cr_label
-
     checkpoints = ctx.reports.get("retrofit", {}).get("checkpoints") or {}
     label = cr_label(ctx.card.dms.target_cr)
     if label not in checkpoints:

@@ -17,8 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.card import Card, card_section
-from pipeline.runner import Options, StageContext
-from pipeline.stages.retrofit import cr_label  # the checkpoints' labels
+from pipeline.stages.api import (
+    Options,
+    StageContext,
+    cr_label,  # the checkpoints' labels
+)
 
 NAME = "evaluate"
 DEPENDS: tuple[str, ...] = ("prepare", "retrofit")
@@ -102,8 +105,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
 @contextmanager
 def _cpu_threads(n: int):
-    """On CPU the engine's reference path is many small ops: one intra-op thread is several times
-    faster than two (measured 0.56 vs 2.8 s per 1024-token item on a shared 2-core machine)."""
+    """On CPU the engine's path is many small ops: one intra-op thread is several times faster than two
+    (the figures: bench/RESULTS.md, "CPU threads")."""
     import torch
 
     before = torch.get_num_threads()

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.card import Card, card_section
-from pipeline.runner import Options, StageContext, fingerprint
+from pipeline.stages.api import Options, StageContext, fingerprint
 
 NAME = "prepare"
 DEPENDS: tuple[str, ...] = ()

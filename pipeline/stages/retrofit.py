@@ -16,7 +16,7 @@ import torch
 
 from pipeline.card import Card, CardError, card_section, validate_card
 from pipeline.dms.distributed import SINGLE_PROCESS, Dist
-from pipeline.runner import Options, StageContext, fingerprint
+from pipeline.stages.api import Options, StageContext, cr_label, fingerprint
 
 NAME = "retrofit"
 DEPENDS: tuple[str, ...] = ("prepare",)
@@ -40,11 +40,6 @@ def settings(card: Card, options: Options) -> dict[str, Any]:
     data = card.retrofit_data()
     out["data"] = fingerprint(data) if isinstance(data, Path) else data
     return out
-
-
-def cr_label(cr: float) -> str:
-    """2.0 -> "2", 2.5 -> "2.5" (docs/CONTRACTS.md)."""
-    return f"{float(cr):g}"
 
 
 def check_card(card: Card) -> None:

@@ -73,6 +73,7 @@ class Candidates:
 
 class EvictionPolicy(ABC):
     name: str = "policy"
+    reads_decisions: bool = False  # uses the model's DMS decision logits (the others skip computing them)
     needs_probs: bool = False  # decode attention must return probabilities (observe)
     tracks_scores: bool = False  # keeps per-slot attention statistics in StreamTable.slot_score
     reconstructs: bool = False  # compresses the context after a reconstruction pass (KVzip)

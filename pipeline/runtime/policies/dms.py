@@ -26,6 +26,7 @@ class DMSPolicy(EvictionPolicy):
     window: int | None = None  # None: the checkpoint's dms_window_size
     force_cr: float | None = None
     name: str = "dms"
+    reads_decisions: bool = True
 
     def decisions(self, logits: torch.Tensor | None, pos: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
         if self.force_cr is not None:
