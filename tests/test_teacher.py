@@ -88,3 +88,29 @@ def test_committed_teacher_answers_the_documented_examples(prompt, answer):
     tok = AutoTokenizer.from_pretrained(str(ASSETS_DIR))
     model = Qwen3ForCausalLM.from_pretrained(str(ASSETS_DIR)).eval()
     assert naive_greedy(model, tok, prompt, max_new=6) == answer
+
+
+def test_trace_token_accuracy_scores_each_role():
+    """Per-role teacher-forced accuracy on trace answers: an oracle that predicts the reference gets 1.0
+    everywhere; the committed teacher, never trained on traces, finds no next label."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from pipeline.data.tasks import eval_items
+    from pipeline.data.teacher import TRACE_ROLES, trace_token_accuracy
+
+    tok = AutoTokenizer.from_pretrained(str(ASSETS_DIR))
+    items = eval_items("trace", 256, 2, seed=1)
+    full = {it.prompt: tok(f"{it.prompt} {it.answer}")["input_ids"] for it in items}
+
+    class Oracle(torch.nn.Module):
+        def forward(self, input_ids):
+            ids = input_ids[0].tolist()
+            ref = next(r for r in full.values() if r[: len(ids)] == ids)
+            nxt = torch.tensor(ref[1 : len(ids)] + [0])
+            return SimpleNamespace(logits=torch.nn.functional.one_hot(nxt, len(tok)).float()[None])
+
+    assert trace_token_accuracy(Oracle(), tok, items) == {r: 1.0 for r in (*TRACE_ROLES, "halt value")}
+    teacher = Qwen3ForCausalLM.from_pretrained(str(ASSETS_DIR)).eval()
+    assert trace_token_accuracy(teacher, tok, items)["label"] == 0.0

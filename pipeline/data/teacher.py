@@ -57,6 +57,28 @@ def exact_match(model: Qwen3ForCausalLM, tokenizer, items: list[Item], batch_siz
     return sum(a == it.answer for a, it in zip(answers, items, strict=True)) / len(items)
 
 
+# A trace line's tokens, by what producing each one takes (pipeline/data/tasks.py, `_trace`).
+TRACE_ROLES = ("label", "source", "source value", "label again", "new value", "end of line")
+
+
+@torch.no_grad()
+def trace_token_accuracy(model: Qwen3ForCausalLM, tokenizer, items: list[Item]) -> dict[str, float]:
+    """Teacher-forced next-token accuracy over trace answers, per TRACE_ROLES role and for the halt's
+    answer: which lookup a model has not learnt yet (exact match needs every token of ~530 right)."""
+    model.eval()
+    hits: dict[str, list[bool]] = {r: [] for r in (*TRACE_ROLES, "halt value")}
+    for item in items:
+        prompt = tokenizer(item.prompt)["input_ids"]
+        answer = tokenizer.convert_tokens_to_ids(item.answer.split())
+        ids = torch.tensor([prompt + answer])
+        pred = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].argmax(-1).tolist()
+        for i, (p, want) in enumerate(zip(pred, answer, strict=True)):
+            role = "halt value" if i == len(answer) - 1 else TRACE_ROLES[i % len(TRACE_ROLES)]
+            if i < len(answer) - 4 or role == "halt value":  # the halt line's other tokens are format
+                hits[role].append(p == want)
+    return {r: sum(h) / len(h) for r, h in hits.items() if h}
+
+
 def evaluate_tasks(
     model: Qwen3ForCausalLM, tokenizer, lengths: list[int], n_items: int, seed: int = 0,
     tasks: tuple[str, ...] = EVAL_TASKS,
