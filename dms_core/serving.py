@@ -4,7 +4,9 @@ keep the same semantics (and the Triton engine model serves either).
 
 - `TokenEvent`, `Completion`: what a request produces, token by token and at its end.
 - `RequestHandle`: iterate it for TokenEvents, `result()` for the Completion, `cancel()`. Without a
-  background loop, waiting on a handle drives the owner's `step()` in the caller's thread.
+  background loop, waiting on a handle drives the owner's `step()` in the caller's thread. Given an
+  `outbox` (a queue shared by many requests), it puts (handle, TokenEvent) and at its end (handle,
+  Completion) there instead, so one thread can forward every request (the Triton engine model).
 - `StepLoop`: thread-safe submission and cancellation (taken by the next step, `_take_inbox`), and the
   background step loop (`start` / `stop`). The owner implements `step()` (one step, under its own lock)
   and `_busy()` (requests queued or running).
@@ -44,29 +46,42 @@ class Completion:
 
 _DONE = object()
 
+# Where requests submitted with an outbox put their events: (handle, TokenEvent | Completion).
+Outbox = queue.SimpleQueue
+
 
 class RequestHandle:
     """A submitted request. `request` is the owner's record of it; `text_of(token_id)` the text a token
     adds (None: no tokenizer)."""
 
     def __init__(self, owner: StepLoop, request_id: int, request: Any,
-                 text_of: Callable[[int], str] | None = None):  # fmt: skip
+                 text_of: Callable[[int], str] | None = None, outbox: Outbox | None = None):  # fmt: skip
         self._owner, self.request_id, self.request = owner, request_id, request
         self._text_of = text_of
+        self._outbox = outbox
         self._events: queue.Queue = queue.Queue()
         self._done = threading.Event()
         self._completion: Completion | None = None
 
     def _emit(self, token_id: int, live_kv_tokens: int, compression_ratio: float) -> None:
         text = self._text_of(token_id) if self._text_of is not None else ""
-        self._events.put(TokenEvent(token_id, text, live_kv_tokens, compression_ratio))
+        event = TokenEvent(token_id, text, live_kv_tokens, compression_ratio)
+        if self._outbox is not None:
+            self._outbox.put((self, event))
+        else:
+            self._events.put(event)
 
     def _finish(self, completion: Completion) -> None:
         self._completion = completion
         self._done.set()
-        self._events.put(_DONE)
+        if self._outbox is not None:
+            self._outbox.put((self, completion))
+        else:
+            self._events.put(_DONE)
 
     def __iter__(self) -> Iterator[TokenEvent]:
+        if self._outbox is not None:
+            raise TypeError("this request's events go to its outbox; read them there")
         while True:
             try:
                 item = self._events.get_nowait()

@@ -218,8 +218,16 @@ class StreamTable:
 
     def width(self, num_rows: int) -> int:
         """Block-table columns a decode step must read: enough for the longest stream after it grows."""
-        longest = int(self.lens_host[:, :num_rows].max()) + 1 if num_rows else 1
-        return min(self.max_blocks, self.pool.blocks_for(longest))
+        return max(self.widths(num_rows))
+
+    def widths(self, num_rows: int) -> tuple[int, ...]:
+        """`width` per layer: DMS layers keep very different amounts (one head keeping a quarter of its
+        tokens while the others keep their window), and reading every layer to the longest stream of
+        all of them multiplies the attention work of the short ones."""
+        if not num_rows:
+            return (1,) * self.num_layers
+        longest = self.lens_host[:, :num_rows].max(axis=1) + 1
+        return tuple(min(self.max_blocks, self.pool.blocks_for(int(n))) for n in longest)
 
     def append_rows(self, num_rows: int) -> torch.Tensor:
         """int64 [L, num_rows]: the pool row of each stream's next free slot (slot `len`), for every layer

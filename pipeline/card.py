@@ -147,8 +147,25 @@ class BuildSpec(EngineLimits):
 
 
 @dataclass(frozen=True)
+class EqualMemorySpec:
+    """The promise, measured: one KV memory budget for the DMS and the vanilla engine, long generations
+    (end token disabled) and a concurrency sweep past what the vanilla pool holds, through the server."""
+
+    # Both engines' pools are sized from this (slots per (layer, KV head) = bytes / the model's KV
+    # bytes per token), and both may run up to max(concurrency) sequences: memory alone limits them.
+    kv_memory_bytes: int
+    input_tokens: int = 128  # task-text prompts (pipeline/data/tasks.py), BOS not counted
+    output_tokens: int = 1024  # generated per request, exactly (end_id -1)
+    concurrency: tuple[int, ...] = (1, 8, 16, 32, 64)
+    # Gates, at the sweep's highest concurrency: DMS output tokens/s over vanilla's, and the worst DMS
+    # p99 inter-token latency over the sweep.
+    min_dms_over_vanilla_tokens_per_s: float = 1.0
+    max_dms_itl_ms_p99: float = 1e9
+
+
+@dataclass(frozen=True)
 class PerfSpec:
-    """perf_analyzer workload and gates."""
+    """perf_analyzer workloads and gates: a short latency check, and the equal-memory workload."""
 
     concurrency: tuple[int, ...] = (1, 2, 4)
     input_tokens: int = 128
@@ -156,7 +173,7 @@ class PerfSpec:
     measurement_ms: int = 4000
     min_inferences_per_s: float = 0.0
     max_p99_latency_ms: float = 1e9
-    min_dms_over_vanilla: float = 0.0
+    equal_memory: EqualMemorySpec | None = None  # the perf stage requires it (every shipped card has one)
 
 
 @dataclass(frozen=True)
@@ -271,9 +288,14 @@ FLOORS = (
     ("perf.input_tokens", 1, True),
     ("perf.output_tokens", 1, True),
     ("perf.measurement_ms", 1, True),
+    ("perf.equal_memory.kv_memory_bytes", 1, True),
+    ("perf.equal_memory.input_tokens", 1, True),
+    ("perf.equal_memory.output_tokens", 1, True),
+    ("perf.equal_memory.min_dms_over_vanilla_tokens_per_s", 0, False),
+    ("perf.equal_memory.max_dms_itl_ms_p99", 0, False),
 )
 # Lists that need at least one entry, each >= 1.
-NON_EMPTY = ("retrofit.checkpoint_crs", "eval.lengths", "perf.concurrency")
+NON_EMPTY = ("retrofit.checkpoint_crs", "eval.lengths", "perf.concurrency", "perf.equal_memory.concurrency")
 
 
 def available_cards() -> list[str]:
@@ -337,6 +359,8 @@ def validate_card(card: Card) -> None:
         )
     for key, floor, inclusive in FLOORS:
         value = _lookup(card, key)
+        if value is None:  # an optional section the card leaves out
+            continue
         if value < floor or (value == floor and not inclusive):
             bound = f">= {floor}" if inclusive else f"> {floor}"
             raise CardError(f"{where}: {key} must be {bound}, got {value}")
@@ -352,7 +376,7 @@ def validate_card(card: Card) -> None:
             )
     for key in NON_EMPTY:
         values = _lookup(card, key)
-        if not values or min(values) < 1:
+        if values is not None and (not values or min(values) < 1):
             raise CardError(f"{where}: {key} needs at least one entry, each >= 1; got {list(values)}")
     if card.dms.target_cr < 1 or card.retrofit.schedule_cr < 1:
         raise CardError(f"{where}: dms.target_cr and retrofit.schedule_cr must be >= 1 (1 = no compression)")
@@ -407,11 +431,80 @@ def validate_card(card: Card) -> None:
         )
     if card.build.tp_size not in (1, 2, 4, 8):
         raise CardError(f"{where}: build.tp_size must be 1, 2, 4 or 8, got {card.build.tp_size}")
+    em = pf.equal_memory
+    if em is not None:
+        if em.input_tokens >= b.max_input_len or em.output_tokens > b.max_output_len:
+            raise CardError(
+                f"{where}: the equal-memory workload ({em.input_tokens} tokens in, {em.output_tokens} out) "
+                f"must fit the engine (build.max_input_len {b.max_input_len}, one token kept for BOS; "
+                f"build.max_output_len {b.max_output_len}): lower perf.equal_memory.input_tokens/"
+                "output_tokens or raise the build limits"
+            )
+        if card.pretrain is not None:  # the shape is known before any work: check the budget now
+            pt = card.pretrain
+            equal_memory_pool(card, kv_bytes_per_token(pt.num_layers, pt.num_kv_heads, pt.head_dim, b.dtype))
+
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: str) -> int:
+    """KV cache bytes one token takes in the whole model (K and V, every layer and KV head)."""
+    return 2 * num_layers * num_kv_heads * head_dim * DTYPE_BYTES[dtype]
+
+
+@dataclass(frozen=True)
+class EqualMemoryPool:
+    """What `perf.equal_memory.kv_memory_bytes` gives one model: the pool both engines get."""
+
+    kv_pool_tokens: int  # slots per (layer, KV head): whole blocks within the budget
+    pool_bytes: int  # what those slots take (<= the budget)
+    vanilla_requests: int  # requests of the workload the pool holds with eviction off
+
+
+def equal_memory_pool(card: Card, bytes_per_token: int, block_size: int | None = None) -> EqualMemoryPool:
+    """The equal-memory pool of a model whose tokens take `bytes_per_token` of KV (kv_bytes_per_token),
+    in blocks of `block_size` slots (default the card's build.kv_block_size; the engine's own is the
+    truth once it is built).
+
+    Raises CardError when the pool cannot hold one vanilla request, or when the sweep never offers
+    more requests than the vanilla pool holds (then memory never limits vanilla, and DMS's saving
+    cannot show). A vanilla request holds its prompt (and BOS) and every generated token, plus the
+    block each stream is handed a step ahead (the scheduler's admission, runtime/scheduler.py).
+    """
+    em, where = card.perf.equal_memory, card.path or card.name
+    block = block_size or card.build.kv_block_size
+    assert em is not None
+    tokens = em.kv_memory_bytes // bytes_per_token // block * block
+    request = em.input_tokens + 1 + em.output_tokens
+    request_blocks = -(-request // block) + 1
+    vanilla = tokens // block // request_blocks
+    if vanilla < 1:
+        need = request_blocks * block * bytes_per_token
+        raise CardError(
+            f"{where}: perf.equal_memory.kv_memory_bytes ({em.kv_memory_bytes}) gives each KV stream "
+            f"{tokens} slots ({bytes_per_token} bytes per token over the model), but one vanilla request "
+            f"of {request} tokens needs {request_blocks * block}: raise kv_memory_bytes to at least {need} "
+            "or shorten the workload"
+        )
+    if max(em.concurrency) <= vanilla:
+        raise CardError(
+            f"{where}: perf.equal_memory.concurrency (up to {max(em.concurrency)}) never goes past what the "
+            f"vanilla pool holds ({vanilla} requests of {request} tokens in {em.kv_memory_bytes} bytes), so "
+            "memory never limits vanilla and DMS has nothing to win: offer more concurrency or lower "
+            "kv_memory_bytes"
+        )
+    return EqualMemoryPool(tokens, tokens * bytes_per_token, vanilla)
 
 
 def _lookup(card: Card, dotted: str) -> Any:
-    section, name = dotted.split(".")
-    return getattr(getattr(card, section), name)
+    """The value at a dotted key; None when an optional section on the way is left out."""
+    value: Any = card
+    for name in dotted.split("."):
+        if value is None:
+            return None
+        value = getattr(value, name)
+    return value
 
 
 def _build(cls: type, raw: dict[str, Any], path: str, prefix: str) -> Any:

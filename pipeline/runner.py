@@ -308,7 +308,11 @@ def _apply_gate(stage, manifest: dict, card: Card, options: Options, log) -> tup
     if verdict["bypassed"]:
         log(f"[{stage.NAME}] {verdict['message']} (recorded: --no-gate)")
     missed = None if verdict["passed"] or options.no_gate else verdict["message"]
-    return {**manifest, "report": {**manifest["report"], "gate": verdict}}, missed
+    report = manifest["report"]
+    annotate = getattr(stage, "with_verdict", None)  # a stage may mark its own sections passed/failed
+    if annotate is not None:
+        report = annotate(report, verdict)
+    return {**manifest, "report": {**report, "gate": verdict}}, missed
 
 
 def _run_stage(stage, ctx: StageContext, settings, input_hashes, key: str) -> dict[str, Any]:

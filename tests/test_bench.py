@@ -108,6 +108,33 @@ def test_equal_memory_sizes_both_pools_from_one_budget(tmp_path):
     assert em["dms_over_vanilla_tokens_per_s"] > 0
 
 
+def test_the_served_figure_and_its_gap_to_the_engine_alone(tmp_path):
+    import json
+
+    from pipeline.bench.equal_memory import served
+    from pipeline.bench.report import _served_lines
+
+    assert served("tiny-qwen3", tmp_path) is None  # perf has not run
+    assert "no perf measurement yet" in _served_lines(None, 3.0)[0]
+
+    def row(method, c, tps):
+        return {"method": method, "concurrency": c, "output_tokens_per_s": tps, "running_max": min(c, 8),
+                "mean_cr": 8.0 if method == "dms" else 1.0, "itl_ms_p99": 40.0,
+                "cpu_ms_per_token": {"triton": 0.37, "tensorrt_llm": 0.6}}  # fmt: skip
+
+    section = {"kv_memory_bytes": 1 << 20, "dms_over_vanilla_tokens_per_s": 2.0,
+               "rows": [row("dms", 8, 500.0), row("vanilla", 8, 480.0), row("dms", 64, 1200.0),
+                        row("vanilla", 64, 600.0)],
+               "load_average_1m": {"start": 1.5, "end": 2.5}}  # fmt: skip
+    (tmp_path / "tiny-qwen3" / "perf").mkdir(parents=True)
+    (tmp_path / "tiny-qwen3" / "perf" / "summary.json").write_text(json.dumps({"equal_memory": section}))
+    got = served("tiny-qwen3", tmp_path)
+    assert got["concurrency"] == 64 and got["rows"]["dms"]["output_tokens_per_s"] == 1200.0
+    text = "\n".join(_served_lines(got, 3.35))
+    assert "| dms | 1200.0 | 8 | 8.00 | 40.0 | triton 0.37, tensorrt_llm 0.60 |" in text
+    assert "served: 2.00; engine only (above): 3.35; gap +1.35." in text and "load 1.5 to 2.5" in text
+
+
 def test_a_rerun_keeps_the_notes_section(tmp_path):
     from pipeline.bench.report import NOTES, keep_notes
 

@@ -224,3 +224,63 @@ def test_ask_max_tokens_must_fit_int32(capsys):
     with pytest.raises(SystemExit):
         main(["ask", "hi", "--max-tokens", "3000000000"])
     assert "3000000000 is not a token count (1-2147483647)" in capsys.readouterr().err
+
+
+def _tiny_with_equal_memory(tmp_path: Path, **change) -> Path:
+    data = yaml.safe_load((Path(__file__).parents[1] / "pipeline" / "cards" / "tiny-qwen3.yaml").read_text())
+    data["perf"]["equal_memory"].update(change)
+    return write_card(tmp_path, data)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"kv_memory_bytes": 1_000_000}, "kv_memory_bytes \\(1000000\\) gives each KV stream 480 slots .* "
+         "one vanilla request of 1153 tokens needs 1184: raise kv_memory_bytes to at least 2424832"),
+        ({"concurrency": [1, 4, 8]}, "concurrency \\(up to 8\\) never goes past what the vanilla pool holds "
+         "\\(8 requests"),
+        ({"output_tokens": 5000}, "equal-memory workload \\(128 tokens in, 5000 out\\) must fit the engine"),
+        ({"concurrency": []}, "perf.equal_memory.concurrency needs at least one entry"),
+        ({"min_dms_over_vanilla_tokens_per_s": 0}, "min_dms_over_vanilla_tokens_per_s must be > 0"),
+        ({"kv_memory_bytes": "lots"}, "'perf.equal_memory.kv_memory_bytes' must be int"),
+        ({"gate": 4}, "unknown key 'perf.equal_memory.gate'"),
+    ],
+)
+def test_equal_memory_errors_name_key_numbers_and_fix(tmp_path, change, message):
+    """The embedded card's shape is known up front: a budget that cannot work stops at load time."""
+    with pytest.raises(CardError, match=message):
+        load_card(str(_tiny_with_equal_memory(tmp_path, **change)))
+
+
+def test_the_old_ratio_allowance_is_gone(tmp_path):
+    data = yaml.safe_load((Path(__file__).parents[1] / "pipeline" / "cards" / "tiny-qwen3.yaml").read_text())
+    data["perf"]["min_dms_over_vanilla"] = 0.7
+    with pytest.raises(CardError, match="unknown key 'perf.min_dms_over_vanilla'"):
+        load_card(str(write_card(tmp_path, data)))
+
+
+# KV bytes per token of the real models the GPU cards name (their config.json: layers, KV heads, head_dim).
+REAL_SHAPES = {
+    "qwen3-8b": (36, 8, 128, "bfloat16"),
+    "qwen3-1.7b": (28, 8, 128, "bfloat16"),
+    "llama-3.2-1b": (16, 8, 64, "bfloat16"),
+    "smollm2-135m": (30, 3, 64, "float32"),
+    "tiny-qwen3": (4, 2, 32, "float32"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_SHAPES))
+def test_every_card_has_an_equal_memory_workload_its_model_can_run(name):
+    from pipeline.card import equal_memory_pool, kv_bytes_per_token
+
+    card = load_card(name)
+    em = card.perf.equal_memory
+    assert em is not None and em.min_dms_over_vanilla_tokens_per_s >= 1.0
+    layers, kv_heads, head_dim, dtype = REAL_SHAPES[name]
+    assert dtype == card.build.dtype
+    pool = equal_memory_pool(card, kv_bytes_per_token(layers, kv_heads, head_dim, dtype))
+    assert pool.pool_bytes <= em.kv_memory_bytes and 1 <= pool.vanilla_requests < max(em.concurrency)
+
+
+def test_every_shipped_card_is_covered_by_the_shapes():
+    assert set(available_cards()) == set(REAL_SHAPES)

@@ -149,6 +149,34 @@ def test_background_loop_serves_threads_and_cancel(dms_dir):
     assert engine.pool_stats()["blocks_used"] == 0
 
 
+def test_one_outbox_carries_every_requests_tokens_then_its_end(dms_dir):
+    from dms_core.serving import Completion, Outbox, TokenEvent
+
+    engine = Engine.from_hf(dms_dir, limits=LIMITS)
+    prompts = _prompts(6)
+    expected = [c.token_ids for c in engine.generate(prompts, max_tokens=10, ignore_eos=True)]
+    outbox = Outbox()
+    engine.start()
+    try:
+        handles = [engine.submit(p, max_tokens=10, ignore_eos=True, outbox=outbox) for p in prompts]
+        tokens: dict[int, list[int]] = {h.request_id: [] for h in handles}
+        ended: dict[int, Completion] = {}
+        while len(ended) < len(handles):  # one reader for all of them, as the Triton model's dispatcher
+            handle, item = outbox.get(timeout=60)
+            assert handle.request_id not in ended  # nothing comes after a request's end
+            if isinstance(item, TokenEvent):
+                tokens[handle.request_id].append(item.token_id)
+            else:
+                ended[handle.request_id] = item
+        assert [tokens[h.request_id] for h in handles] == expected
+        assert [ended[h.request_id].token_ids for h in handles] == expected
+        with pytest.raises(TypeError, match="outbox"):
+            next(iter(handles[0]))
+    finally:
+        engine.stop()
+    assert engine.pool_stats()["blocks_used"] == 0
+
+
 def test_engine_dir_roundtrip_and_missing_files(dms_dir, tmp_path):
     limits = EngineLimits(**LIMITS)
     out = write_engine_dir_from_hf(tmp_path / "engine", dms_dir, limits)

@@ -24,7 +24,7 @@ def _blocks_for_one_sequence(policy: EvictionPolicy, pool: BlockPool) -> tuple[i
         st.reserve(n)
         at = torch.full((n,), t)
         ring = RingStep.at(st.row_index[:n], at, st.ring_size) if st.ring_size else None
-        step = DecodeStep(n, st.width(n), at, st.append_rows(n), ring)
+        step = DecodeStep(n, st.widths(n), at, st.append_rows(n), ring)
         for layer in range(LAYERS):
             policy.place(st, layer, step, evict[0, :, t] if evict is not None else None)
         st.refresh(n, st.lens[:, :n].clone(), policy.appends(st, n, at + 1))
@@ -49,3 +49,17 @@ def test_dms_cr8_frees_memory_on_4096_tokens():
     kv_bytes_ratio = vanilla_blocks / dms_blocks
     capacity_ratio = (pool.num_blocks // dms_blocks) / (pool.num_blocks // vanilla_blocks)
     assert kv_bytes_ratio >= 6 and capacity_ratio >= 6, (kv_bytes_ratio, capacity_ratio)
+
+
+def test_each_layer_reads_only_as_many_block_columns_as_its_longest_stream():
+    """A layer whose heads keep their window is not read to the length of another layer's long head."""
+    pool = BlockPool(num_blocks=64, block_size=BLOCK)
+    st = StreamTable(LAYERS, KV_HEADS, 1, 16, pool, ring=0)
+    st.open()
+    for layer, tokens in enumerate((40, 200, 17, 0)):
+        st.resize(layer, 0, tokens)
+        st.resize(layer, 1, tokens // 2)
+    # after the step's one new token: ceil((len + 1) / 16) columns, at least one
+    assert st.widths(KV_HEADS) == (3, 13, 2, 1) and st.width(KV_HEADS) == 13
+    st.close(0)
+    assert pool.num_used_blocks == 0

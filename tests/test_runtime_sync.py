@@ -51,15 +51,15 @@ def _step_inputs(engine: Engine):
     pos = torch.tensor([s.num_cached for s in seqs])
     engine.runner.sync()
     engine.streams.reserve(engine.streams.num_rows(len(seqs)))
-    return tokens, pos, engine.streams.width(engine.streams.num_rows(len(seqs)))
+    return tokens, pos, engine.streams.widths(engine.streams.num_rows(len(seqs)))
 
 
 @pytest.mark.parametrize("policy", ["dms", "none", "window", "h2o", "tova"])
 def test_decode_step_never_waits_for_the_device(model_dir, policy):
     engine = _engine_in_decode(model_dir, policy)
-    tokens, pos, width = _step_inputs(engine)
+    tokens, pos, widths = _step_inputs(engine)
     with torch.inference_mode(), NoHostSync():
-        logits, grows = engine.runner.decode_step(tokens, pos, width)
+        logits, grows = engine.runner.decode_step(tokens, pos, widths)
     assert logits.shape == (3, 96) and grows.shape == (2, 3 * 2)
 
 
@@ -73,10 +73,10 @@ def test_decode_step_compiles_as_one_graph(model_dir, policy):
     """fullgraph=True: a graph break (a sync, a Python branch on a tensor) is an error, not a fallback."""
     torch._dynamo.reset()
     engine = _engine_in_decode(model_dir, policy)
-    tokens, pos, width = _step_inputs(engine)
+    tokens, pos, widths = _step_inputs(engine)
     step = torch.compile(engine.runner.decode_step, fullgraph=True, backend="eager", dynamic=False)
     with torch.inference_mode():
-        logits, _ = step(tokens, pos, width)
+        logits, _ = step(tokens, pos, widths)
     assert torch.isfinite(logits).all()
 
 
@@ -86,16 +86,16 @@ def test_padded_full_width_step_equals_the_exact_one(model_dir, policy):
     free slots, every block-table column read. Same logits and same streams as the exact step."""
     exact, padded = _engine_in_decode(model_dir, policy), _engine_in_decode(model_dir, policy)
     for _ in range(6):  # a few steps, so rings fill and DMS reuses slots
-        tokens, pos, width = _step_inputs(exact)
+        tokens, pos, widths = _step_inputs(exact)
         _step_inputs(padded)
         with torch.inference_mode():
-            want, want_grows = exact.runner.decode_step(tokens, pos, width)
+            want, want_grows = exact.runner.decode_step(tokens, pos, widths)
             st = padded.streams
             st.lens[:, 3 * 2 :] = 0  # slot 3 is free: the decoder resets it before every replay
             got, got_grows = padded.runner.decode_step(
                 torch.cat([tokens, torch.zeros(1, dtype=torch.long)]),
                 torch.cat([pos, torch.zeros(1, dtype=torch.long)]),
-                st.max_blocks,
+                (st.max_blocks,) * st.num_layers,
             )
         torch.testing.assert_close(got[:3], want, atol=1e-5, rtol=0)
         assert torch.equal(got_grows[:, :6], want_grows)
@@ -128,9 +128,9 @@ def test_only_a_policy_that_reads_decisions_runs_the_adapter(model_dir, policy, 
     calls = []
     hooks = [layer.self_attn.dms_proj_alpha.register_forward_hook(lambda *a: calls.append(1))
              for layer in engine.runner.model.layers]  # fmt: skip
-    tokens, pos, width = _step_inputs(engine)
+    tokens, pos, widths = _step_inputs(engine)
     with torch.inference_mode():
-        engine.runner.decode_step(tokens, pos, width)
+        engine.runner.decode_step(tokens, pos, widths)
     for hook in hooks:
         hook.remove()
     assert (len(calls) == len(engine.runner.model.layers)) if runs else not calls

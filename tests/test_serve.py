@@ -181,9 +181,9 @@ def test_perf_analyzer_rows_and_gates(served, tmp_path):
     assert {(r.method, r.concurrency) for r in rows} == {(m, c) for m in ("dms", "vanilla") for c in (1, 2)}
     assert all(r.inferences_per_s > 0 and 0 < r.p50_ms <= r.p99_ms for r in rows)
     assert (tmp_path / "dms_c2.csv").is_file() and (tmp_path / "input_data.json").is_file()
-    ok = perf.check_gates(rows, 0.01, 1e9, 0.01)
+    ok = perf.verdict(perf.check_gates(rows, 0.01, 1e9))
     assert ok["passed"] and "message" not in ok and perf.dms_over_vanilla(rows) > 0
-    impossible = perf.check_gates(rows, 1e9, 1e9, 0.0)
+    impossible = perf.verdict(perf.check_gates(rows, 1e9, 1e9))
     assert not impossible["passed"]
     measured = next(c["measured"] for c in impossible["checks"] if c["name"] == "min_inferences_per_s")
     message = impossible["message"]

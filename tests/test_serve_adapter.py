@@ -12,9 +12,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from serve_engine_fixture import make_engine_dir, make_tokenizer  # noqa: E402
 
 from pipeline.serve.engine_adapter import (  # noqa: E402
+    ends_with_stop,
     load_engine,
     parse_request,
-    stop_match,
 )
 from pipeline.serve.text import RequestError, TextCodec, as_text, incremental_decoder, split_stop_words  # noqa: E402
 
@@ -46,10 +46,13 @@ def test_stop_words_layout_round_trips(codec):
     assert split_stop_words(codec.stop_words_ids([])) == []
 
 
-def test_stop_match_finds_the_first_complete_sequence():
-    assert stop_match([5, 1, 2, 3, 1, 2], [[1, 2], [9]]) == 3
-    assert stop_match([5, 1], [[1, 2]]) is None
-    assert stop_match([9], [[1, 2], [9]]) == 1
+def test_a_stop_sequence_is_found_at_the_tail():
+    generated, found = [5, 1, 2, 3, 1, 2], []
+    for end in range(1, len(generated) + 1):  # asked after every token, as the engine model does
+        found.append(ends_with_stop(generated[:end], [[1, 2], [9]]))
+    assert found.index(True) == 2  # the first complete stop ends at the third token
+    assert not ends_with_stop([5, 1], [[1, 2]]) and not ends_with_stop([2], [[1, 2]])
+    assert ends_with_stop([9], [[1, 2], [9]])
 
 
 def test_incremental_decoder_never_splits_a_character(codec):

@@ -50,9 +50,9 @@ def bench_command(args: argparse.Namespace) -> int:
             tiny = args.tiny_widths if args.tiny_widths is not None else not torch.cuda.is_available()
             report["shape"] = run_shape(args.shape, tiny_widths=tiny)
         if "equal_memory" in sections:
-            from pipeline.bench.equal_memory import run_equal_memory
+            from pipeline.bench.equal_memory import run_equal_memory, served
 
-            report["equal_memory"] = run_equal_memory()
+            report["equal_memory"] = run_equal_memory() | {"served": served()}
     except ValueError as exc:  # limits the engine refuses (pool too small for the batch, ...)
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ completion (prefills included: they are part of serving).
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -102,4 +103,24 @@ def run_equal_memory(
         "dms_over_vanilla_tokens_per_s": (
             rows["dms"]["output_tokens_per_s"] / rows["vanilla"]["output_tokens_per_s"]
         ),
+    }
+
+
+def served(card_name: str = "tiny-qwen3", build_dir: Path = Path("build")) -> dict[str, Any] | None:
+    """The perf stage's equal-memory figures at its highest concurrency (None: perf has not run)."""
+    path = build_dir / card_name / "perf" / "summary.json"
+    try:
+        section = json.loads(path.read_text())["equal_memory"]
+    except (OSError, ValueError, KeyError):
+        return None
+    top = max(r["concurrency"] for r in section["rows"])
+    rows = {r["method"]: r for r in section["rows"] if r["concurrency"] == top}
+    keep = ("output_tokens_per_s", "running_max", "mean_cr", "itl_ms_p99", "cpu_ms_per_token")
+    return {
+        "source": str(path),
+        "kv_memory_bytes": section["kv_memory_bytes"],
+        "concurrency": top,
+        "dms_over_vanilla_tokens_per_s": section["dms_over_vanilla_tokens_per_s"],
+        "rows": {m: {k: r.get(k) for k in keep} for m, r in rows.items()},
+        "load_average_1m": section.get("load_average_1m"),
     }

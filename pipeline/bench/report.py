@@ -102,7 +102,34 @@ def _equal_memory_lines(em: dict[str, Any]) -> list[str]:
         r = em["rows"][m]
         lines.append(f"| {m} | {r['output_tokens_per_s']:.1f} | {r['running_max']} | {r['queued_max']} | "
                      f"{r['preemptions']} | {r['mean_cr']:.2f} |")
-    return [*lines, "", f"DMS / vanilla output tokens/s: {em['dms_over_vanilla_tokens_per_s']:.2f}.", ""]
+    lines += ["", f"DMS / vanilla output tokens/s: {em['dms_over_vanilla_tokens_per_s']:.2f}.", ""]
+    return lines + _served_lines(em.get("served"), em["dms_over_vanilla_tokens_per_s"])
+
+
+def _served_lines(served: dict[str, Any] | None, engine_ratio: float) -> list[str]:
+    """The same workload through Triton (the perf stage's last run) and the gap to the engine alone."""
+    if served is None:
+        return ["Served through Triton: no perf measurement yet (`make engine` writes it).", ""]
+    load = served.get("load_average_1m") or {}
+    at_load = f", 1-minute load {load['start']:.1f} to {load['end']:.1f}" if load else ""
+    lines = [
+        "### The same budget served through Triton",
+        "",
+        f"From {served['source']} (the perf stage: Triton, perf_analyzer over gRPC streaming, both "
+        f"ensembles; concurrency {served['concurrency']}{at_load}).",
+        "",
+        "| method | output tokens/s | running at most | mean CR | ITL p99 ms | CPU ms per token by part |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for m, r in sorted(served["rows"].items()):
+        cpu = ", ".join(f"{k} {v:.2f}" for k, v in (r.get("cpu_ms_per_token") or {}).items() if v >= 0.01)
+        cr = "" if r["mean_cr"] is None else f"{r['mean_cr']:.2f}"
+        lines.append(f"| {m} | {r['output_tokens_per_s']:.1f} | {r['running_max']} | {cr} | "
+                     f"{r['itl_ms_p99']:.1f} | {cpu} |")  # fmt: skip
+    ratio = served["dms_over_vanilla_tokens_per_s"]
+    lines += ["", f"DMS / vanilla output tokens/s served: {ratio:.2f}; engine only (above): "
+              f"{engine_ratio:.2f}; gap {engine_ratio - ratio:+.2f}.", ""]  # fmt: skip
+    return lines
 
 
 def write_results(report: dict[str, Any], out_dir: Path, md_path: Path = RESULTS_MD) -> None:

@@ -47,7 +47,7 @@ class CudaGraphDecoder:
         self.runner = runner
         st = runner.streams
         self.buckets = batch_buckets(st.max_seqs)
-        self.width = st.max_blocks
+        self.widths = (st.max_blocks,) * st.num_layers
         dev = runner.device
         self.tokens = torch.zeros(st.max_seqs, dtype=torch.long, device=dev)
         self.pos = torch.zeros(st.max_seqs, dtype=torch.long, device=dev)
@@ -66,12 +66,12 @@ class CudaGraphDecoder:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                r.decode_step(self.tokens[:b], self.pos[:b], self.width)
+                r.decode_step(self.tokens[:b], self.pos[:b], self.widths)
             torch.cuda.current_stream().wait_stream(side)
             self._reset_padding(0, b)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                self.outputs[b] = r.decode_step(self.tokens[:b], self.pos[:b], self.width)
+                self.outputs[b] = r.decode_step(self.tokens[:b], self.pos[:b], self.widths)
             self.pool = graph.pool()
             self.graphs[b] = graph
         self._reset_padding(0, max(self.buckets))

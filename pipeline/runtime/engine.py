@@ -32,7 +32,8 @@ Completion.stats: prompt_tokens, generated_tokens, live_kv_tokens (over all laye
 end), live_tokens_per_stream ([layers][kv_heads]), kv_bytes (bytes of the blocks it held),
 compression_ratio (1 / mean(kept / length) over layers and heads), preemptions. Every TokenEvent carries
 the request's live KV tokens and compression ratio after that token.
-`engine.pool_stats()`: blocks used / free, bytes, running / waiting requests, preemptions so far.
+`engine.pool_stats()`: blocks used / free, bytes, running / waiting requests, preemptions so far, and
+the mean compression ratio of the running requests.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from typing import Any
 import torch
 
 from dms_core import rule
-from dms_core.serving import Completion, RequestHandle, StepLoop, TokenEvent
+from dms_core.serving import Completion, Outbox, RequestHandle, StepLoop, TokenEvent
 from dms_core.streams import BlockPool, StreamTable
 from pipeline.hf_files import has_tokenizer, load_tokenizer, read_eos_ids
 from pipeline.runtime.cuda_graphs import capture_decode
@@ -191,13 +192,15 @@ class Engine(StepLoop):
         context_len: int | None = None,
         forced_ids: Seq[int] | None = None,
         keep_logits: bool = False,
+        outbox: Outbox | None = None,
         **kw: Any,
     ) -> RequestHandle:
         """Queue a request (thread-safe). Raises ValueError for invalid requests.
 
         context_len: end of the first prefill chunk (None: the engine's chunking). forced_ids: generate
         these tokens instead of sampling (max_tokens becomes their number). keep_logits: return the
-        logits of every generated position in Completion.logits."""
+        logits of every generated position in Completion.logits. outbox: where the request's events go
+        instead of the handle (dms_core.serving.RequestHandle: one thread forwards many requests)."""
         if forced_ids is not None:
             if not forced_ids:
                 raise ValueError("forced_ids: give at least one token")
@@ -234,7 +237,7 @@ class Engine(StepLoop):
             tok = self.tokenizer
             decoder = IncrementalDecoder(lambda ids: tok.decode(ids, skip_special_tokens=True))
             text_of = lambda token: decoder.push([token])  # noqa: E731
-        return self._enqueue(RequestHandle(self, seq.request_id, seq, text_of))
+        return self._enqueue(RequestHandle(self, seq.request_id, seq, text_of, outbox))
 
     def generate(
         self, prompts: str | Seq[int] | Seq[str | Seq[int]], params: SamplingParams | None = None, **kw: Any
@@ -412,7 +415,16 @@ class Engine(StepLoop):
                 "running": len(self.scheduler.running),
                 "waiting": len(self.scheduler.waiting),
                 "preemptions": self.scheduler.num_preemptions,  # since the engine started
+                "mean_compression_ratio": self._mean_compression_ratio(),
             }
+
+    def _mean_compression_ratio(self) -> float:
+        """Mean compression ratio of the running sequences now (1.0 when none runs)."""
+        running = [s for s in self.scheduler.running if s.num_cached > 0]
+        if not running:
+            return 1.0
+        return sum(ratio for _, ratio in self._kv_figures(running)) / len(running)
+
 
 def _one_line(exc: BaseException) -> str:
     return "".join(traceback.format_exception_only(exc)).strip()

@@ -349,18 +349,18 @@ class ModelRunner:
         if self.graphs is not None:
             logits, grows = self.graphs.step(tokens, pos)
         else:
-            logits, grows = self.decode_step(tokens, pos, st.width(n))
+            logits, grows = self.decode_step(tokens, pos, st.widths(n))
         for sq in seqs:
             sq.num_cached += 1
         self._pending = (st.lens[:, :n], grows, n)
         return logits
 
     def decode_step(
-        self, tokens: torch.Tensor, pos: torch.Tensor, width: int
+        self, tokens: torch.Tensor, pos: torch.Tensor, widths: tuple[int, ...]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The device part of a decode step: no host synchronisation (tests/test_runtime_sync.py).
 
-        tokens, pos int64 [S] (the batch slots 0..S-1); width: block-table columns to read. Returns
+        tokens, pos int64 [S] (the batch slots 0..S-1); widths: block-table columns to read per layer. Returns
         (logits [S, V], grows bool [layers, S * Hkv]: whether each stream's next token takes a new slot).
         """
         st, a, policy = self.streams, self.args, self.policy
@@ -368,7 +368,7 @@ class ModelRunner:
         n = tokens.shape[0] * hkv
         pos_rows = pos.repeat_interleave(hkv)  # [n]
         ring = rule.RingStep.at(st.row_index[:n], pos_rows, st.ring_size) if st.ring_size else None
-        step = DecodeStep(n, width, pos_rows, st.append_rows(n), ring)
+        step = DecodeStep(n, widths, pos_rows, st.append_rows(n), ring)
         x = self.model.embed(tokens[:, None])
         rope = self.model.rope(pos[:, None])
         for li, layer in enumerate(self.model.layers):
@@ -378,12 +378,12 @@ class ModelRunner:
             self.cache.write(rows, k.reshape(n, d), v.reshape(n, d))
             st.slot_pos[rows] = pos_rows
             if policy.needs_probs:
-                pool_rows, live = st.live_rows(li, n, width)
+                pool_rows, live = st.live_rows(li, n, widths[li])
                 out, probs = gathered_attention(q[:, 0], self.cache, pool_rows, live, self.scale, hkv)
                 policy.observe(st, li, step, pool_rows, live, probs)
             else:
                 out = self.attention(
-                    q[:, 0], self.cache.k, self.cache.v, st.tables[li, :n, :width], st.lens[li, :n],
+                    q[:, 0], self.cache.k, self.cache.v, st.tables[li, :n, : widths[li]], st.lens[li, :n],
                     self.scale, hkv,
                 )
             x = layer.finish(x, out[:, None])

@@ -128,19 +128,27 @@ def parse_request(tensors: Mapping[str, np.ndarray | None]) -> EngineRequest:
     return req
 
 
-def stop_match(generated: Sequence[int], stops: Sequence[Sequence[int]]) -> int | None:
-    """Length of `generated` up to and including the first complete stop sequence, or None."""
-    for end in range(1, len(generated) + 1):
-        for stop in stops:
-            n = len(stop)
-            if n <= end and tuple(generated[end - n : end]) == tuple(stop):
-                return end
-    return None
+def ends_with_stop(generated: Sequence[int], stops: Sequence[Sequence[int]]) -> bool:
+    """Whether `generated` ends with one of the stop sequences. Asked after every token, it finds the
+    first complete stop at a cost that does not grow with the generation."""
+    return any(len(s) <= len(generated) and tuple(generated[-len(s) :]) == tuple(s) for s in stops)
+
+
+def set_cpu_threads(params: Mapping[str, str]) -> None:
+    """Without a GPU, torch's intra-op threads in the engine model's process: the model parameter
+    cpu_threads, default 1. The server, the other models and the client share the cores, and with more
+    threads OpenMP's spin-waits take the CPU they need (bench/RESULTS.md, served equal memory)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        torch.set_num_threads(int(params.get("cpu_threads", "") or 1))
 
 
 def load_engine(params: Mapping[str, str], repo_dir: Path):
     """Engine for the model's parameters: gpt_model_path (relative to the repository), eviction_policy,
-    max_tokens_in_paged_kv_cache, batch_scheduler_policy, device; with dms_session, the DMS TensorRT
+    max_tokens_in_paged_kv_cache, batch_scheduler_policy, device; optional max_num_sequences (the most
+    requests the torch engine runs at once; default its max_batch_size), which perf's equal-memory
+    workload raises so that only the KV pool limits how many run; with dms_session, the DMS TensorRT
     engine pair at gpt_model_path, served by its host driver (same interface; it needs nothing of
     pipeline.runtime, which TensorRT-LLM's environment may not import)."""
     policy = params.get("batch_scheduler_policy", "max_utilization")
@@ -169,6 +177,9 @@ def load_engine(params: Mapping[str, str], repo_dir: Path):
     config, state, limits, dtype = read_engine_dir(engine_dir)
     if pool_tokens:
         limits = replace(limits, kv_pool_tokens=int(pool_tokens))
+    max_sequences = params.get("max_num_sequences", "")
+    if max_sequences:
+        limits = replace(limits, max_batch_size=int(max_sequences))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     # No tokenizer in the engine: requests arrive as ids and leave as ids (the ensemble tokenizes), and

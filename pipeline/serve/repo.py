@@ -203,3 +203,34 @@ def write_repository(spec: RepoSpec, dest: Path, templates: Path = TEMPLATES_DIR
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return configs
+
+
+# Parameters that name a path, relative to the repository unless absolute.
+PATH_PARAMETERS = ("gpt_model_path", "tokenizer_dir")
+
+
+def resized_copy(src: Path, dest: Path, kv_pool_tokens: int, max_num_sequences: int) -> Path:
+    """Copy a torch-engine repository to `dest`, its engine models given a pool of `kv_pool_tokens` slots
+    per (layer, KV head) and room for `max_num_sequences` running requests (perf's equal-memory
+    workload: one pool size for the DMS and the vanilla engine, which memory alone limits). Paths the
+    configs give relative to the repository become absolute, so the copy may live anywhere."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    src = Path(src).resolve()
+    engines = 0
+    for model_dir in sorted(p for p in src.iterdir() if (p / "config.pbtxt").is_file()):
+        shutil.copytree(model_dir, dest / model_dir.name, ignore=shutil.ignore_patterns("__pycache__"))
+        config = text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+        params = config.parameters
+        for key in PATH_PARAMETERS:
+            if key in params and not Path(params[key].string_value).is_absolute():
+                params[key].string_value = str((src / params[key].string_value).resolve())
+        if "max_tokens_in_paged_kv_cache" in params and config.backend == "python":
+            params["max_tokens_in_paged_kv_cache"].string_value = str(kv_pool_tokens)
+            params["max_num_sequences"].string_value = str(max_num_sequences)
+            engines += 1
+        (dest / model_dir.name / "config.pbtxt").write_text(text_format.MessageToString(config))
+    if not engines:
+        raise RepoError(f"{src} has no torch engine model (python backend with a KV pool) to resize")
+    return dest

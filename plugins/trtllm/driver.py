@@ -46,7 +46,7 @@ import torch
 from dms_core import rule
 from dms_core.config import DmsConfig
 from dms_core.sampling import sample_batch
-from dms_core.serving import Completion, RequestHandle, StepLoop
+from dms_core.serving import Completion, Outbox, RequestHandle, StepLoop
 from dms_core.streams import BlockPool, StreamTable
 from plugins.dms_attention.prefill import NEVER
 from plugins.trtllm import engine_io
@@ -181,9 +181,11 @@ class PairDriver(StepLoop):
         *,
         keep_logits: bool = False,
         eviction: bool | None = None,
+        outbox: Outbox | None = None,
     ) -> RequestHandle:
         """Queue a request of token ids (thread-safe). Raises ValueError for one the engines cannot take.
-        eviction: None follows the driver; False serves this request with eviction off."""
+        eviction: None follows the driver; False serves this request with eviction off. outbox: where its
+        events go instead of the handle (dms_core.serving.RequestHandle)."""
         p = self.plan
         if params is None:
             raise ValueError("give sampling settings (pipeline.runtime.sampling.SamplingParams)")
@@ -215,7 +217,7 @@ class PairDriver(StepLoop):
         )
         if params.seed is not None:
             req.generator = torch.Generator().manual_seed(int(params.seed))
-        req.handle = RequestHandle(self, req.request_id, req)
+        req.handle = RequestHandle(self, req.request_id, req, outbox=outbox)
         return self._enqueue(req.handle)
 
     def generate(self, prompts: Sequence[Sequence[int]], params: Any, **kw: Any) -> list[Completion]:

@@ -2,21 +2,26 @@
 the DMS TensorRT engine pair's host driver (plugins/trtllm/driver.py), which load_engine picks by the
 model's parameters.
 
-Decoupled: execute() hands each request to the engine's background step loop and returns at once; a
-thread per request forwards its tokens (streaming) or its whole output to the request's response
-sender. A request with `stop` true cancels the running request of the same request id (TensorRT-LLM's
-convention; the BLS model passes its clients' cancellations on this way, Triton 2.51 has no other).
-All request logic lives in pipeline.serve.engine_adapter.
+Decoupled: execute() hands each request to the engine's background step loop and returns at once. The
+engine puts every request's tokens and its end into one outbox, and one dispatcher thread forwards them
+(streaming) or the whole output to the request's response sender. One thread, not one per request: with
+64 requests streaming, 64 threads waking per token fought the engine's loop for the GIL. A request with
+`stop` true cancels the running request of the same request id (TensorRT-LLM's convention; the BLS
+model passes its clients' cancellations on this way, Triton 2.51 has no other). All request logic lives
+in pipeline.serve.engine_adapter.
 """
 
 import json
+import queue
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from pipeline.serve.engine_adapter import load_engine, parse_request, stop_match
+from dms_core.serving import TokenEvent
+from pipeline.serve.engine_adapter import ends_with_stop, load_engine, parse_request, set_cpu_threads
 from pipeline.serve.text import RequestError
 
 INPUTS = (
@@ -35,6 +40,9 @@ INPUTS = (
     "eviction",  # declared by the DMS engine pair's model only: false serves the request with eviction off
 )
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+# is_cancelled() is a round trip to the server, as costly as sending a token: asked every 0.1 s, not
+# every token.
+CANCEL_POLL_S = 0.1
 
 
 def _response(token_ids, live_tokens, ratio):
@@ -58,6 +66,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config["parameters"].items()}
         self.name = args["model_name"]
+        set_cpu_threads(params)
         self.engine = load_engine(params, Path(args["model_repository"]).resolve().parent)
         self.engine.start()
         # Gauges on Triton's /metrics (the families must outlive their metrics, hence both kept)
@@ -65,8 +74,11 @@ class TritonPythonModel:
         for key, desc in (
             ("blocks_used", "KV pool blocks in use"),
             ("blocks_total", "KV pool blocks"),
+            ("bytes_total", "KV pool bytes"),
             ("running", "requests in the running batch"),
             ("waiting", "requests queued for admission"),
+            ("preemptions", "requests preempted (recomputed later) since the model loaded"),
+            ("mean_compression_ratio", "mean KV compression ratio of the running requests"),
         ):
             family = pb_utils.MetricFamily(
                 name=f"dms_kv_pool_{key}", description=desc, kind=pb_utils.MetricFamily.GAUGE
@@ -74,17 +86,22 @@ class TritonPythonModel:
             self.families.append(family)
             self.metrics[key] = family.Metric(labels={"model": self.name})
         self._by_id = {}  # request id -> handles running under it (for `stop` requests)
-        self._ids_lock = threading.Lock()
+        self._replies = {}  # handle -> its _Reply, until the request ends
+        self._lock = threading.Lock()  # guards both (execute and the dispatcher)
+        self._outbox = queue.SimpleQueue()  # (handle, TokenEvent | Completion) from the engine
         self._stopped = threading.Event()
         self._publisher = threading.Thread(target=self._publish_loop, daemon=True)
         self._publisher.start()
+        self._dispatcher = threading.Thread(target=self._dispatch_loop, daemon=True)
+        self._dispatcher.start()
 
     def _publish_loop(self):
         """Refresh the gauges twice a second (one writer: no stale value can land last)."""
         while True:
             stats = self.engine.pool_stats()
             for key, metric in self.metrics.items():
-                metric.set(float(stats[key]))
+                if key in stats:  # the pair's driver reports no bytes or ratio
+                    metric.set(float(stats[key]))
             if self._stopped.wait(0.5):
                 return
 
@@ -102,66 +119,99 @@ class TritonPythonModel:
                     continue
                 req = parse_request(tensors)
                 extra = {} if tensors["eviction"] is None else {"eviction": bool(tensors["eviction"].any())}
-                handle = self.engine.submit(req.input_ids, req.sampling(), **extra)
+                rid = request.request_id()
+                with self._lock:  # registered before the dispatcher can see the request's first event
+                    handle = self.engine.submit(req.input_ids, req.sampling(), outbox=self._outbox, **extra)
+                    self._replies[handle] = _Reply(req, sender, rid)
+                    if rid:
+                        self._by_id.setdefault(rid, set()).add(handle)
             except (RequestError, ValueError) as exc:
                 sender.send(_error(str(exc), invalid_request=True), flags=FINAL)
-                continue
             except Exception as exc:  # one request's failure must never fail the others in this call
                 sender.send(_error(f"{type(exc).__name__}: {exc}"), flags=FINAL)
-                continue
-            rid = request.request_id()
-            if rid:
-                with self._ids_lock:
-                    self._by_id.setdefault(rid, set()).add(handle)
-            threading.Thread(target=self._serve, args=(req, handle, sender, rid), daemon=True).start()
         return None
 
     def _stop_requests(self, rid):
-        with self._ids_lock:
+        with self._lock:
             handles = list(self._by_id.get(rid, ()))
         for handle in handles:
             handle.cancel()
 
-    def _serve(self, req, handle, sender, rid):
-        try:
-            self._forward(req, handle, sender)
-        finally:
-            if rid:
-                with self._ids_lock:
-                    running = self._by_id.get(rid, set())
-                    running.discard(handle)
-                    if not running:
-                        self._by_id.pop(rid, None)
-
-    def _forward(self, req, handle, sender):
-        try:
-            generated = []
-            for event in handle:
-                if sender.is_cancelled():  # the client went away (or cancelled): free its KV blocks now
-                    handle.cancel()
-                    sender.send(flags=FINAL)
-                    return
-                generated.append(event.token_id)
-                end = stop_match(generated, [s for s in req.stop_sequences if len(s) > 1])
-                if end is not None:
-                    handle.cancel()
-                    generated = generated[:end]
-                    break
-                if req.streaming:  # each event carries the request's KV figures after its token
-                    sender.send(_response([event.token_id], event.live_kv_tokens, event.compression_ratio))
-            completion = handle.result()
-            if completion.finish_reason == "error":
-                sender.send(_error(completion.error or "the engine failed this request"), flags=FINAL)
+    def _dispatch_loop(self):
+        while True:
+            handle, item = self._outbox.get()
+            if handle is None:
                 return
-            stats = completion.stats
-            live = int(stats.get("live_kv_tokens", 0))
-            ratio = float(stats.get("compression_ratio", 1.0))
-            # streaming: the last response only reports the final KV state (the tokens went already)
-            sender.send(_response([] if req.streaming else generated, live, ratio), flags=FINAL)
-        except Exception as exc:  # a failure must end this request, never the model
-            sender.send(_error(f"{type(exc).__name__}: {exc}"), flags=FINAL)
+            with self._lock:
+                reply = self._replies.get(handle)
+            if reply is None:  # its end was sent already (a cancelled client, a failure)
+                continue
+            try:
+                done = reply.deliver(handle, item)
+            except Exception as exc:  # a failure must end this request, never the model
+                reply.fail(f"{type(exc).__name__}: {exc}")
+                handle.cancel()
+                done = True
+            if done:
+                self._forget(handle, reply.rid)
+
+    def _forget(self, handle, rid):
+        with self._lock:
+            self._replies.pop(handle, None)
+            running = self._by_id.get(rid, set())
+            running.discard(handle)
+            if not running:
+                self._by_id.pop(rid, None)
 
     def finalize(self):
         self._stopped.set()
         self._publisher.join()
         self.engine.stop()
+        self._outbox.put((None, None))
+        self._dispatcher.join()
+
+
+class _Reply:
+    """One request's responses, sent from the dispatcher thread as its engine events arrive."""
+
+    def __init__(self, req, sender, rid):
+        self.req, self.sender, self.rid = req, sender, rid
+        self.generated = []
+        self.stops = [s for s in req.stop_sequences if len(s) > 1]  # single tokens stop in the engine
+        self.next_poll = 0.0
+        self.stopping = False  # cancelled in the engine at a stop sequence: its end is still to come
+
+    def deliver(self, handle, item):
+        """Forward one event; True when the request's final response went."""
+        if not isinstance(item, TokenEvent):
+            self._finish(item)
+            return True
+        if self.stopping:
+            return False
+        now = time.monotonic()
+        if now >= self.next_poll:  # the client went away (or cancelled): free its KV blocks now
+            self.next_poll = now + CANCEL_POLL_S
+            if self.sender.is_cancelled():
+                handle.cancel()
+                self.sender.send(flags=FINAL)
+                return True
+        self.generated.append(item.token_id)
+        if self.stops and ends_with_stop(self.generated, self.stops):
+            handle.cancel()
+            self.stopping = True
+        elif self.req.streaming:  # each event carries the request's KV figures after its token
+            self.sender.send(_response([item.token_id], item.live_kv_tokens, item.compression_ratio))
+        return False
+
+    def _finish(self, completion):
+        if completion.finish_reason == "error":
+            self.sender.send(_error(completion.error or "the engine failed this request"), flags=FINAL)
+            return
+        stats = completion.stats
+        live = int(stats.get("live_kv_tokens", 0))
+        ratio = float(stats.get("compression_ratio", 1.0))
+        # streaming: the last response only reports the final KV state (the tokens went already)
+        self.sender.send(_response([] if self.req.streaming else self.generated, live, ratio), flags=FINAL)
+
+    def fail(self, message):
+        self.sender.send(_error(message), flags=FINAL)

@@ -31,12 +31,13 @@ from dms_core.streams import StreamTable
 @dataclass(frozen=True)
 class DecodeStep:
     """What every layer of one decode step shares: streams 0..n-1 each take the token at pos [n]
-    (int64); `width` block-table columns cover every stream after it grows (StreamTable.width);
+    (int64); widths[layer] block-table columns cover every stream of that layer after it grows
+    (StreamTable.widths);
     append_rows int64 [layers, n] the pool row of each stream's next free slot; `ring` the DMS ring
     indices (None without rings)."""
 
     n: int
-    width: int
+    widths: tuple[int, ...]
     pos: torch.Tensor
     append_rows: torch.Tensor
     ring: RingStep | None
@@ -188,7 +189,7 @@ def budget_victim(st: StreamTable, layer: int, step: DecodeStep, values: torch.T
     """Reuse row for each stream of the step: -1 (append) while a stream is under its budget, else the
     pool row of the slot with the smallest `values` (a pool-shaped per-slot tensor) among its live slots
     not `exclude`d (bool [n, L], or None). Ties go to the lowest slot."""
-    pool_rows, live = st.live_rows(layer, step.n, step.width)
+    pool_rows, live = st.live_rows(layer, step.n, step.widths[layer])
     candidate = live if exclude is None else live & ~exclude
     victim = torch.where(candidate, values[pool_rows].float(), float("inf")).argmin(dim=1, keepdim=True)
     return torch.where(st.lens[layer, : step.n] >= st.budget[: step.n], pool_rows.gather(1, victim)[:, 0], -1)

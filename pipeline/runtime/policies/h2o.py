@@ -47,7 +47,7 @@ class H2OPolicy(EvictionPolicy):
     ) -> torch.Tensor:
         # at its budget, a stream overwrites its lowest-scoring token outside the recent ones
         n = step.n
-        pool_rows, _ = st.live_rows(layer, n, step.width)
+        pool_rows, _ = st.live_rows(layer, n, step.widths[layer])
         num_recent = (st.budget[:n] * self.recent_fraction).long().clamp_min(1)  # _recent, per stream
         recent = st.slot_pos[pool_rows] >= (step.pos - num_recent)[:, None]
         reuse = budget_victim(st, layer, step, st.slot_score, exclude=recent)

@@ -41,7 +41,7 @@ class WindowPolicy(EvictionPolicy):
         self, st: StreamTable, layer: int, step: DecodeStep, evict_prev: torch.Tensor | None
     ) -> torch.Tensor:
         # at its budget, a stream overwrites its oldest token that is not a sink
-        pool_rows, _ = st.live_rows(layer, step.n, step.width)
+        pool_rows, _ = st.live_rows(layer, step.n, step.widths[layer])
         sink = st.slot_pos[pool_rows] < self.sinks
         reuse = budget_victim(st, layer, step, st.slot_pos, exclude=sink)
         return st.place(layer, step.n, step.append_rows[layer], reuse)
