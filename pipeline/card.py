@@ -107,6 +107,9 @@ class RetrofitSpec:
     # GPU cards: traces are the user's to provide).
     data: str | None = "synthetic"
     data_env: str = "DMS_RETROFIT_DATA"
+    # synthetic only: rows of the teacher's own greedy traces (the generation-heavy `trace` task), one
+    # in every other batch, so the student learns what later steps of a generation read back. 0: none.
+    teacher_traces: int = 0
     seed: int = 0
     # Training processes on this machine: 1 trains in the stage's own process; more starts them with
     # `torchrun` and shards the model with FSDP2 (one per GPU; gloo processes on a CPU-only machine);

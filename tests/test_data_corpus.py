@@ -4,6 +4,7 @@ import random
 import re
 
 import pytest
+import torch
 
 from pipeline.data.corpus import PROMPT_WEIGHT, sample_batch, sample_batch_with_weights
 from pipeline.data.tokenizer import train_tokenizer
@@ -79,3 +80,30 @@ def test_retrofit_rows_ask_about_more_facts_than_pretraining_rows(tok):
     plain = sum(int((sample_batch(tok, 4, 1024, random.Random(step)) == eos).sum()) for step in range(4))
     assert dense > 1.5 * plain  # every answer ends with <eos>
     assert retrofit(3).equal(retrofit(3))
+
+
+def test_retrofit_rows_carry_the_teachers_own_traces():
+    """retrofit.teacher_traces: rows of trace prompts followed by the teacher's own greedy trace (not
+    the reference), then <eos> and padding; every odd step's first row is the next of them."""
+    from transformers import Qwen3ForCausalLM
+
+    from pipeline.data.tasks import train_item
+    from pipeline.data.teacher import ASSETS_DIR, greedy_answers
+    from pipeline.dms.distill_data import synthetic_batches, teacher_trace_rows
+    from pipeline.hf_files import load_tokenizer
+
+    torch.set_num_threads(1)
+    tok = load_tokenizer(ASSETS_DIR)
+    model = Qwen3ForCausalLM.from_pretrained(str(ASSETS_DIR)).eval()
+    rows = teacher_trace_rows(model, tok, 3, 160, seed=4)
+    assert rows.shape == (3, 160)
+    rng = random.Random("teacher-traces/4")  # the same training-split items
+    items = [train_item(rng.randint(80, 158), rng, "trace") for _ in range(3)]
+    for row, item, trace in zip(rows.tolist(), items, greedy_answers(model, tok, items), strict=True):
+        words = f"{item.prompt} {trace}".split()
+        want = [tok.bos_token_id, *tok.convert_tokens_to_ids(words), tok.eos_token_id]
+        assert row[: len(want)] == want and set(row[len(want) :]) <= {tok.pad_token_id}
+    batches = synthetic_batches(tok, 2, 160, seed=0, teacher_rows=rows)
+    assert torch.equal(batches(1)[0], rows[0]) and torch.equal(batches(3)[0], rows[1])
+    assert not any(torch.equal(batches(2)[0], r) for r in rows)
+    assert torch.equal(batches(2), synthetic_batches(tok, 2, 160, seed=0)(2))

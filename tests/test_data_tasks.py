@@ -110,3 +110,72 @@ def test_tokenizer_one_word_one_token_and_hf_round_trip(tmp_path):
     assert ids[0] == loaded.bos_token_id and len(ids) == 1 + len(item.prompt.split())
     assert loaded.decode(loaded(item.answer, add_special_tokens=False)["input_ids"]) == item.answer
     assert train_tokenizer(512, seed=0).get_vocab() == tok.get_vocab()  # deterministic
+
+
+# ---- trace: the generation-heavy task ----
+
+LABEL_ORDER = [f"k{i}" for i in range(64)] + [f"v{i}" for i in range(64)]
+
+
+def run_program(prompt: str) -> str:
+    """An independent interpreter: reads the program from the prompt and writes the expected trace."""
+    body, start = prompt.split(" ? ")
+    value = {n: int(v) for n, v in re.findall(r"\b([kv]\d+) (\d+) \.", body)}
+    source = dict(re.findall(r"\b([kv]\d+) ([kv]\d+) \.", body))
+    halt = dict(re.findall(r"\b([kv]\d+) = ([kv]\d+) \.", body))
+    out, label = [], start
+    while label not in halt:
+        value[label] = (value[source[label]] + 1) % 100
+        out.append(f"{label} {source[label]} {value[source[label]]} {label} {value[label]} .")
+        label = LABEL_ORDER[LABEL_ORDER.index(label) + 1]
+    out.append(f"{label} = {halt[label]} {value[halt[label]]}")
+    return " ".join(out)
+
+
+@pytest.mark.parametrize("length", [64, 256, 1024])
+def test_trace_answer_is_the_program_run(length):
+    rng = random.Random(3)
+    for _ in range(20):
+        item = make_item("trace", length, rng)
+        assert item.length == length == len(item.prompt.split()) + len(item.answer.split())
+        assert run_program(item.prompt) == item.answer
+    for i in range(20):  # training items too, any number of steps
+        item = train_item(length, random.Random(i), "trace")
+        assert run_program(item.prompt) == item.answer
+
+
+def test_trace_is_long_at_the_longest_setting():
+    items = eval_items("trace", 1024, 10)
+    assert min(len(it.answer.split()) for it in items) >= 500  # 88 steps of 6 tokens, and the halt
+    assert {len(it.answer.split()) for it in eval_items("trace", 256, 10)} == {118}
+
+
+def test_trace_values_lie_beyond_a_window():
+    """Every value a step reads, and the one the final answer reads, was last written more than 32 tokens
+    (the DMS window) before the token that needs it: a sliding window alone cannot run the trace. The
+    final answer reads a value the model itself wrote (an early step's), not a prompt fact."""
+    window = 32
+    for item in eval_items("trace", 1024, 10) + eval_items("trace", 256, 10):
+        words = item.prompt.split() + item.answer.split()
+        first = len(item.prompt.split())
+        # Values read by name: a line's `source value` and the halt's value (a line's `label value` is
+        # computed from the value two tokens before it).
+        needs = [p for p in range(first, len(words)) if words[p].isdigit() and words[p - 1] != words[p - 4]]
+        assert needs[-1] == len(words) - 1
+        for p in needs:
+            name = words[p - 1]
+            before = [q for q in range(p - 1) if words[q] == name and words[q + 1].isdigit()]
+            assert before, (name, p)
+            assert p - before[-1] > window, (name, p - before[-1])
+        halt_name, halt_pos = words[-2], len(words) - 1
+        written = [q for q in range(first, halt_pos - 1) if words[q] == halt_name and words[q + 1].isdigit()]
+        assert written and halt_pos - written[0] > 200 or len(item.answer.split()) < 200
+
+
+def test_trace_items_are_held_out_and_steps_are_checked():
+    a = eval_items("trace", 256, 5, seed=3)
+    assert a == eval_items("trace", 256, 5, seed=3) and a != eval_items("trace", 256, 5, seed=4)
+    train = {train_item(256, random.Random(i), "trace").prompt for i in range(50)}
+    assert not train & {it.prompt for it in a}
+    with pytest.raises(ValueError, match="n_facts=20 is outside trace's range 1..19"):
+        make_item("trace", 256, random.Random(0), n_facts=20)

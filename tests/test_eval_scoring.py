@@ -82,6 +82,24 @@ def test_gate_pass_and_fail():
         check_gate(acc, "4", limit=3.0)
 
 
+def test_gate_holds_the_generation_task_to_the_limit_on_its_own():
+    """A trace lost by DMS can hide in a four-task average (12 points there is 3 on the average): the
+    gate judges the trace task alone too, and says so."""
+    acc = {
+        "vanilla": {"1": {"needle": 100.0, "variables": 100.0, "arithmetic": 100.0, "trace": 100.0}},
+        "dms": {"8": {"needle": 100.0, "variables": 100.0, "arithmetic": 100.0, "trace": 88.0}},
+    }
+    for per_cr in acc.values():
+        for accs in per_cr.values():
+            accs["average"] = sum(accs.values()) / 4
+    assert check_gate(acc, "8", limit=3.0)["passed"]  # the average alone: a drop of exactly 3
+    gate = check_gate(acc, "8", limit=3.0, gated_tasks=("trace",))
+    assert not gate["passed"] and gate["drop"] == 3.0 and gate["failed_tasks"] == ["trace"]
+    assert "task 'trace' alone drops 12.0 points" in gate["message"]
+    acc["dms"]["8"].update(trace=97.0, average=99.25)
+    assert check_gate(acc, "8", limit=3.0, gated_tasks=("trace",))["passed"]
+
+
 def test_plot_writes_png(tmp_path):
     s = summarize(_results())
     path = plot_accuracy_vs_cr(s["accuracy"], s["measured_cr"], tmp_path / "p.png", "test")

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoTokenizer, Qwen3ForCausalLM
 
 from pipeline.card import EvalSpec, PretrainSpec, load_card
-from pipeline.data.tasks import TASKS, Item, make_item
+from pipeline.data.tasks import EVAL_TASKS, TASKS, Item, make_item
 from pipeline.data.teacher import ASSETS_DIR, exact_match, greedy_answers, prepare_embedded
 
 TINY = PretrainSpec(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
@@ -53,7 +53,7 @@ def test_prepare_embedded_from_scratch_writes_plain_hf_dir(tmp_path):
                                eval=EvalSpec(items_per_task=2, lengths=(64,)))
     report = prepare_embedded(card, tmp_path / "model", from_scratch=True)
     assert report["from_scratch"] is True and report["train_seconds"] >= 0
-    assert set(report["accuracy"]) == set(TASKS)
+    assert set(report["accuracy"]) == set(EVAL_TASKS)  # the trace task is measured too
     assert set(report["accuracy_by_length"]["needle"]) == {64, 128}
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "model"))
     model = Qwen3ForCausalLM.from_pretrained(str(tmp_path / "model"))
@@ -88,3 +88,29 @@ def test_committed_teacher_answers_the_documented_examples(prompt, answer):
     tok = AutoTokenizer.from_pretrained(str(ASSETS_DIR))
     model = Qwen3ForCausalLM.from_pretrained(str(ASSETS_DIR)).eval()
     assert naive_greedy(model, tok, prompt, max_new=6) == answer
+
+
+def test_trace_token_accuracy_scores_each_role():
+    """Per-role teacher-forced accuracy on trace answers: an oracle that predicts the reference gets 1.0
+    everywhere; the committed teacher, never trained on traces, finds no next label."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from pipeline.data.tasks import eval_items
+    from pipeline.data.teacher import TRACE_ROLES, trace_token_accuracy
+
+    tok = AutoTokenizer.from_pretrained(str(ASSETS_DIR))
+    items = eval_items("trace", 256, 2, seed=1)
+    full = {it.prompt: tok(f"{it.prompt} {it.answer}")["input_ids"] for it in items}
+
+    class Oracle(torch.nn.Module):
+        def forward(self, input_ids):
+            ids = input_ids[0].tolist()
+            ref = next(r for r in full.values() if r[: len(ids)] == ids)
+            nxt = torch.tensor(ref[1 : len(ids)] + [0])
+            return SimpleNamespace(logits=torch.nn.functional.one_hot(nxt, len(tok)).float()[None])
+
+    assert trace_token_accuracy(Oracle(), tok, items) == {r: 1.0 for r in (*TRACE_ROLES, "halt value")}
+    teacher = Qwen3ForCausalLM.from_pretrained(str(ASSETS_DIR)).eval()
+    assert trace_token_accuracy(teacher, tok, items)["label"] == 0.0

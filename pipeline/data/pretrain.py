@@ -88,6 +88,27 @@ def _lr(step: int, steps: int, peak: float) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def _optimizer(model: Qwen3ForCausalLM, lr: float) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr, betas=(0.9, 0.95),
+    )
+
+
+def _step(model, opt, tokens: torch.Tensor, weights: torch.Tensor, lr: float) -> tuple[float, float]:
+    """One optimizer step at `lr`; returns (loss, answer-token accuracy)."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    loss, acc = weighted_lm_loss(model, tokens, weights)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss.item(), acc.item()
+
+
 def pretrain(
     model: Qwen3ForCausalLM, tokenizer, spec: PretrainSpec, log_every: int = 25,
     save_every: int = 0, save: Callable[[dict[str, Any]], None] | None = None,
@@ -99,12 +120,7 @@ def pretrain(
     """
     rng = random.Random(f"pretrain/{spec.seed}")
     torch.manual_seed(spec.seed)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=spec.lr, betas=(0.9, 0.95),
-    )
+    opt = _optimizer(model, spec.lr)
     model.train()
     curve: list[dict[str, float]] = []
     run_loss, run_acc, n = 0.0, 0.0, 0
@@ -126,14 +142,8 @@ def pretrain(
             tokens, weights = sample_copy_batch(tokenizer, rows, seq_len, rng, max_gap=gap)
         else:
             tokens, weights = sample_batch_with_weights(tokenizer, spec.batch_size * div, seq_len, rng)
-        for group in opt.param_groups:
-            group["lr"] = _lr(step, spec.steps, spec.lr)
-        loss, acc = weighted_lm_loss(model, tokens, weights)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        run_loss, run_acc, n = run_loss + loss.item(), run_acc + acc.item(), n + 1
+        loss, acc = _step(model, opt, tokens, weights, _lr(step, spec.steps, spec.lr))
+        run_loss, run_acc, n = run_loss + loss, run_acc + acc, n + 1
         if (step + 1) % log_every == 0 or step + 1 == spec.steps:
             point = {"step": step + 1, "seq_len": seq_len, "loss": run_loss / n, "answer_acc": run_acc / n,
                      "seconds": time.perf_counter() - start}
@@ -148,3 +158,53 @@ def pretrain(
             model.train()
     model.eval()
     return {"train_seconds": time.perf_counter() - start, "curve": curve}
+
+
+# The trace phase, after the recipe above: the tasks plus the generation-heavy `trace`, one item in
+# TRACE_SHARE a trace (a trace's answer is hundreds of supervised tokens, the others' a few), on rows
+# of every length in turn. It starts from a teacher that already retrieves (the induction heads a trace
+# step reads its values with).
+TRACE_SHARE = 0.5
+
+
+def train_trace_phase(
+    model: Qwen3ForCausalLM, tokenizer, spec: PretrainSpec, steps: int, lr: float, log_every: int = 25,
+    probe_every: int = 0, probe: Callable[[int], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Train in place for `steps` on the trace mixture; returns {train_seconds, curve, probes}.
+
+    `probe(step)` (every `probe_every` steps and at the end) measures the model; its results are kept.
+    """
+    from pipeline.data.tasks import TASKS
+
+    mix = TASKS * round(TRACE_SHARE / (1 - TRACE_SHARE)) + ("trace",) * len(TASKS)
+    rng = random.Random(f"trace-phase/{spec.seed}")
+    torch.manual_seed(spec.seed)
+    opt = _optimizer(model, lr)
+    model.train()
+    curve: list[dict[str, float]] = []
+    probes: list[dict[str, Any]] = []
+    run_loss, run_acc, n = 0.0, 0.0, 0
+    start = time.perf_counter()
+    for step in tqdm(range(steps), desc="trace phase", mininterval=5.0):
+        div = MIXED_DIVS[step % len(MIXED_DIVS)]
+        seq_len = max(spec.seq_len // div, SHORT_ROW)
+        tokens, weights = sample_batch_with_weights(
+            tokenizer, spec.batch_size * spec.seq_len // seq_len, seq_len, rng, tasks=mix
+        )
+        loss, acc = _step(model, opt, tokens, weights, _lr(step, steps, lr))
+        run_loss, run_acc, n = run_loss + loss, run_acc + acc, n + 1
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            point = {"step": step + 1, "seq_len": seq_len, "loss": run_loss / n, "answer_acc": run_acc / n,
+                     "seconds": time.perf_counter() - start}
+            curve.append(point)
+            tqdm.write(f"trace step {step + 1} len {seq_len} loss {point['loss']:.4f} answer_acc "
+                       f"{point['answer_acc']:.3f} t {point['seconds']:.0f}s")
+            run_loss, run_acc, n = 0.0, 0.0, 0
+        if probe is not None and ((probe_every and (step + 1) % probe_every == 0) or step + 1 == steps):
+            model.eval()
+            probes.append({"step": step + 1, "seconds": time.perf_counter() - start, **probe(step + 1)})
+            tqdm.write(f"trace step {step + 1} probe {probes[-1]}")
+            model.train()
+    model.eval()
+    return {"train_seconds": time.perf_counter() - start, "curve": curve, "probes": probes}

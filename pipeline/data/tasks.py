@@ -10,6 +10,9 @@ question at long lengths), must be kept. That is exactly what learned KV evictio
               filler; `? v22` -> `v10 v3 7` (the chain is written out, one lookup per answer token).
 - arithmetic: `v3 7 .` definitions among filler; `? v3 + v8 + v1 =` -> `7 + 5 = 12 + 2 = 14`
               (the steps are written out in the answer).
+- trace:      generation-heavy: a program among filler, run by the model, which writes a long trace
+              (about 6 tokens per step, hundreds of tokens) whose steps read values it wrote itself
+              several windows earlier; the last step answers about an early state (`_trace` below).
 
 A fact is a name immediately followed by its value, and a question ends with the name it asks about,
 so every lookup is "find the earlier occurrence of this token, copy what followed it": the induction
@@ -29,6 +32,10 @@ from dataclasses import dataclass
 from typing import Any
 
 TASKS: tuple[str, ...] = ("needle", "variables", "arithmetic")
+# Tasks whose answer is a long generated trace (the reasoning regime: the KV cache grows with the
+# model's own output). Evaluated with the others; not in TASKS, the committed teacher's training mix.
+GENERATION_TASKS: tuple[str, ...] = ("trace",)
+EVAL_TASKS: tuple[str, ...] = TASKS + GENERATION_TASKS
 
 # The closed vocabulary. Keys and variables are distinct word families so the model can tell facts
 # from filler at a glance; values are the numbers 0..99 (one token each).
@@ -159,7 +166,70 @@ def _arithmetic(rng: random.Random, n_defs: int) -> tuple[list[list[str]], list[
     return facts, questions
 
 
-_BUILDERS = {"needle": _needle, "variables": _variables, "arithmetic": _arithmetic}
+# ---- trace: a program the model runs, reading what it wrote itself several windows earlier ----
+# Step labels run in a fixed order through TRACE_LABELS (k0..k63, then v0..v63): the next step's label
+# is the successor of the last one. The prompt holds, among filler and in random order:
+#   roots         `k40 17 .`   a name and its value
+#   instructions  `k5 k40 .`   step k5 reads k40: k5 := k40 + 1 (mod 100)
+#   the halt      `k9 = k6 .`  at step k9, answer the value of k6 (an early step)
+# and asks `? k5` (run from k5). The answer is the trace, one line per step, `label source value label
+# value .`, then the halt: `k5 k40 17 k5 18 . k6 k5 ... . k9 = k6 19` (then <eos>). A name followed by
+# a number is always that name's value (a root, or the two mentions in a line), and a label in an
+# instruction is followed by a name or `=`: every lookup is one induction step. A step's source was last
+# mentioned (its line, or a use) at least TRACE_GAP_STEPS steps earlier, so the value it needs lies
+# more than TRACE_GAP_STEPS * TRACE_LINE tokens back: a 32-token window alone cannot run the trace.
+TRACE_LABELS: tuple[str, ...] = KEYS + VARIABLES
+TRACE_ROOTS = 8
+TRACE_GAP_STEPS = 6
+TRACE_LINE = 6  # tokens per step in the trace
+MAX_TRACE_STEPS = len(TRACE_LABELS) - TRACE_ROOTS - 1  # every label distinct, the halt's included
+TRACE_FIXED_TOKENS = 3 * TRACE_ROOTS + 4 + 2 + 4  # roots, the halt fact, `? label`, the halt line
+TRACE_TOKENS_PER_STEP = 3 + TRACE_LINE  # its instruction in the prompt, its line in the trace
+TRACE_FILL = 0.8  # held-out items: steps take 80% of the item, filler the rest
+
+
+def trace_steps(length_tokens: int) -> int:
+    """Steps of a held-out trace item of `length_tokens` tokens (prompt + trace): 88 at 1024, 19 at 256."""
+    room = TRACE_FILL * (length_tokens - TRACE_FIXED_TOKENS) / TRACE_TOKENS_PER_STEP
+    return max(1, min(MAX_TRACE_STEPS, int(room)))
+
+
+def run_trace(facts: list[list[str]], start: str) -> list[str]:
+    """Execute a trace program (its prompt facts) from step `start`: the answer's words."""
+    value = {f[0]: int(f[1]) for f in facts if f[1].isdigit()}
+    source = {f[0]: f[1] for f in facts if f[1] in TRACE_LABELS}
+    halt = {f[0]: f[2] for f in facts if f[1] == "="}
+    words, label = [], start
+    while label not in halt:
+        src = source[label]
+        value[label] = (value[src] + 1) % 100
+        words += [label, src, str(value[src]), label, str(value[label]), "."]
+        label = TRACE_LABELS[TRACE_LABELS.index(label) + 1]
+    return words + [label, "=", halt[label], str(value[halt[label]])]
+
+
+def _trace(rng: random.Random, n_steps: int) -> tuple[list[list[str]], list[Question]]:
+    first = rng.randrange(len(TRACE_LABELS) - n_steps)  # steps first..first+n-1, the halt after them
+    steps = TRACE_LABELS[first : first + n_steps]
+    halt = TRACE_LABELS[first + n_steps]
+    roots = rng.sample(TRACE_LABELS[:first] + TRACE_LABELS[first + n_steps + 1 :], TRACE_ROOTS)
+    facts = [[r, str(rng.randrange(100)), "."] for r in roots]
+    last_mention = {r: -TRACE_GAP_STEPS for r in roots}  # roots are only in the prompt
+    for t, label in enumerate(steps):
+        ready = [name for name, at in last_mention.items() if at <= t - TRACE_GAP_STEPS]
+        src = rng.choice(ready)
+        facts.append([label, src, "."])
+        last_mention[src] = last_mention[label] = t
+    # The halt asks about an early step (its value written long before the end), else any far name.
+    far = [name for name, at in last_mention.items() if at <= n_steps - TRACE_GAP_STEPS]
+    early = [name for name in steps[: max(1, n_steps // 3)] if name in far]
+    facts.append([halt, "=", rng.choice(early or far), "."])
+    answer = run_trace(facts, steps[0])
+    rng.shuffle(facts)
+    return facts, [(["?", steps[0]], answer)]
+
+
+_BUILDERS = {"needle": _needle, "variables": _variables, "arithmetic": _arithmetic, "trace": _trace}
 
 
 def make_item(
@@ -167,17 +237,22 @@ def make_item(
 ) -> Item:
     """One item of exactly `length_tokens` tokens (prompt + answer, no BOS/EOS).
 
-    `n_facts` (fact groups, within FACT_RANGE[task]) defaults to the full, held-out difficulty.
+    `n_facts` (fact groups, within FACT_RANGE[task]; trace: steps, up to trace_steps(length_tokens))
+    defaults to the full, held-out difficulty.
 
     One word is one token of the project tokenizer, so the length is exact without a tokenizer; when
     one is given it is checked against it (a foreign tokenizer would make the length approximate).
     """
     if task not in _BUILDERS:
-        raise ValueError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
+        raise ValueError(f"unknown task {task!r}: choose one of {', '.join(EVAL_TASKS)}")
     if length_tokens < MIN_LENGTH:
         raise ValueError(f"length_tokens={length_tokens} is too short: items need at least {MIN_LENGTH}")
-    low, high = FACT_RANGE[task][0], RETROFIT_FACT_RANGE[task][1]
-    n_facts = FACT_RANGE[task][1] if n_facts is None else n_facts
+    if task == "trace":  # steps scale with the length: the held-out item has the most that fit
+        low, high = 1, trace_steps(length_tokens)
+        n_facts = high if n_facts is None else n_facts
+    else:
+        low, high = FACT_RANGE[task][0], RETROFIT_FACT_RANGE[task][1]
+        n_facts = FACT_RANGE[task][1] if n_facts is None else n_facts
     if not low <= n_facts <= high:
         raise ValueError(f"n_facts={n_facts} is outside {task}'s range {low}..{high}")
     facts, questions = _BUILDERS[task](rng, n_facts)
@@ -185,7 +260,8 @@ def make_item(
     fact_tokens = sum(len(f) for f in facts)
     n_filler = length_tokens - fact_tokens - len(query) - len(answer)
     # Facts go in the front part; the tail before the question is filler only.
-    tail = min(TAIL_FILLER, n_filler // 4)
+    # (A trace's first steps read prompt facts: its tail gets all the filler it can, up to TAIL_FILLER.)
+    tail = min(TAIL_FILLER, n_filler if task == "trace" else n_filler // 4)
     front = n_filler - tail
     filler = _filler(n_filler, rng)
     cuts = sorted(rng.randint(0, front) for _ in facts)
@@ -218,7 +294,10 @@ def train_item(
     uniformly from `fact_range` (pretraining's FACT_RANGE keeps easy items, one needle pair or one
     chain, in the mix); facts take at most half of the item."""
     task = task or rng.choice(TASKS)
-    low, high = fact_range[task]
-    high = min(high, max(low, length // (2 * _GROUP_TOKENS[task])))
+    if task == "trace":  # from one step up to a held-out item's number at this length
+        low, high = 1, trace_steps(length)
+    else:
+        low, high = fact_range[task]
+        high = min(high, max(low, length // (2 * _GROUP_TOKENS[task])))
     n_facts = rng.randint(low, high)
     return make_item(task, length, random.Random(item_seed("train", rng)), n_facts=n_facts)

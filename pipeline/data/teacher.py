@@ -18,8 +18,8 @@ from tqdm import tqdm
 from transformers import Qwen3ForCausalLM
 
 from pipeline.card import Card, CardError, load_card
-from pipeline.data.pretrain import build_model, pretrain
-from pipeline.data.tasks import TASKS, Item, eval_items
+from pipeline.data.pretrain import build_model, pretrain, train_trace_phase
+from pipeline.data.tasks import EVAL_TASKS, Item, eval_items
 from pipeline.data.tokenizer import save_tokenizer, train_tokenizer
 from pipeline.hf_files import load_tokenizer
 
@@ -57,19 +57,42 @@ def exact_match(model: Qwen3ForCausalLM, tokenizer, items: list[Item], batch_siz
     return sum(a == it.answer for a, it in zip(answers, items, strict=True)) / len(items)
 
 
+# A trace line's tokens, by what producing each one takes (pipeline/data/tasks.py, `_trace`).
+TRACE_ROLES = ("label", "source", "source value", "label again", "new value", "end of line")
+
+
+@torch.no_grad()
+def trace_token_accuracy(model: Qwen3ForCausalLM, tokenizer, items: list[Item]) -> dict[str, float]:
+    """Teacher-forced next-token accuracy over trace answers, per TRACE_ROLES role and for the halt's
+    answer: which lookup a model has not learnt yet (exact match needs every token of ~530 right)."""
+    model.eval()
+    hits: dict[str, list[bool]] = {r: [] for r in (*TRACE_ROLES, "halt value")}
+    for item in items:
+        prompt = tokenizer(item.prompt)["input_ids"]
+        answer = tokenizer.convert_tokens_to_ids(item.answer.split())
+        ids = torch.tensor([prompt + answer])
+        pred = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].argmax(-1).tolist()
+        for i, (p, want) in enumerate(zip(pred, answer, strict=True)):
+            role = "halt value" if i == len(answer) - 1 else TRACE_ROLES[i % len(TRACE_ROLES)]
+            if i < len(answer) - 4 or role == "halt value":  # the halt line's other tokens are format
+                hits[role].append(p == want)
+    return {r: sum(h) / len(h) for r, h in hits.items() if h}
+
+
 def evaluate_tasks(
-    model: Qwen3ForCausalLM, tokenizer, lengths: list[int], n_items: int, seed: int = 0
+    model: Qwen3ForCausalLM, tokenizer, lengths: list[int], n_items: int, seed: int = 0,
+    tasks: tuple[str, ...] = EVAL_TASKS,
 ) -> tuple[dict[str, float], dict[str, dict[int, float]]]:
     """Held-out exact match per task and length; `accuracy` is at the longest length."""
-    by_length: dict[str, dict[int, float]] = {t: {} for t in TASKS}
-    with tqdm(total=len(TASKS) * len(lengths), desc="teacher eval") as bar:
-        for task in TASKS:
+    by_length: dict[str, dict[int, float]] = {t: {} for t in tasks}
+    with tqdm(total=len(tasks) * len(lengths), desc="teacher eval") as bar:
+        for task in tasks:
             for length in sorted(lengths):
                 items = eval_items(task, length, n_items, seed)
                 by_length[task][length] = exact_match(model, tokenizer, items)
                 bar.update()
     longest = max(lengths)
-    return {t: by_length[t][longest] for t in TASKS}, by_length
+    return {t: by_length[t][longest] for t in tasks}, by_length
 
 
 def train_teacher(card: Card, out_dir: Path, save_every: int = 0) -> dict[str, Any]:
@@ -88,6 +111,34 @@ def train_teacher(card: Card, out_dir: Path, save_every: int = 0) -> dict[str, A
 
     stats = pretrain(model, tokenizer, spec, save_every=save_every, save=save)
     save({**stats, "steps_done": spec.steps})
+    return stats
+
+
+def trace_phase(card: Card, teacher_dir: Path, out_dir: Path, steps: int, lr: float,
+                probe_every: int = 100, probe_items: int = 8) -> dict[str, Any]:
+    """Train the teacher in `teacher_dir` on the trace mixture (`pretrain.train_trace_phase`) and save
+    it, with its curve and probes (held-out exact match at 1024 tokens), to `out_dir`."""
+    if steps < 1:
+        raise ValueError(f"--trace-steps {steps}: the trace phase needs at least one step")
+    tokenizer = load_tokenizer(teacher_dir)
+    model = Qwen3ForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32)
+
+    def probe(step: int) -> dict[str, Any]:
+        accuracy, _ = evaluate_tasks(model, tokenizer, [card.pretrain.seq_len], probe_items, seed=1)
+        short = exact_match(model, tokenizer, eval_items("trace", 256, probe_items, seed=1))
+        stats = {"accuracy_1024": accuracy, "trace_256": short}
+        save({"partial": True, "steps_done": step, "probe": stats})
+        return stats
+
+    def save(stats: dict[str, Any]) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(str(out_dir), safe_serialization=True)
+        tokenizer.save_pretrained(str(out_dir))
+        (out_dir / "trace_log.json").write_text(json.dumps(stats, indent=1) + "\n")
+
+    stats = train_trace_phase(model, tokenizer, card.pretrain, steps, lr, probe_every=probe_every,
+                              probe=probe)
+    save({**stats, "steps_done": steps, "lr": lr, "from": str(teacher_dir)})
     return stats
 
 
@@ -160,11 +211,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-items", type=int, default=100, help="held-out items per task and length")
     parser.add_argument("--save-every", type=int, default=50, help="checkpoint to --out every N steps")
     parser.add_argument("--eval-only", action="store_true", help="only measure the model already in --out")
+    parser.add_argument("--trace-from", type=Path, help="run only the trace phase, from this teacher")
+    parser.add_argument("--trace-steps", type=int, default=0, help="steps of the trace phase (0: none)")
+    parser.add_argument("--trace-lr", type=float, default=1e-3, help="peak lr of the trace phase")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     card = load_card(args.card)
     train_seconds = None
-    if not args.eval_only:
+    if args.trace_from is not None:
+        train_seconds = round(trace_phase(card, args.trace_from, args.out, args.trace_steps, args.trace_lr,
+                                          args.save_every)["train_seconds"], 1)
+    elif not args.eval_only:
         train_seconds = round(train_teacher(card, args.out, args.save_every)["train_seconds"], 1)
     tokenizer = load_tokenizer(args.out)
     model = Qwen3ForCausalLM.from_pretrained(str(args.out), dtype=torch.float32)

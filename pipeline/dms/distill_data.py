@@ -3,6 +3,7 @@
 - synthetic (tiny model): the project's task corpus (`pipeline.data.corpus`) in its retrieval-dense
   form (more facts per item, all of them asked: `tasks.RETROFIT_FACT_RANGE`), one seeded batch per step
   (so a resumed run sees the same data); held-out rows from the eval split of `pipeline.data.tasks`.
+  With retrofit.teacher_traces, rows of the teacher's own generated traces join them.
 - teacher-answers (real models, offline): generated prompts answered by the base model itself, chat
   formatted; the distillation target is then exactly the teacher's own distribution.
 - a path: a local JSONL (`{"messages": [...]}` chat records, or `{"text": ...}`) or a `datasets`
@@ -26,9 +27,10 @@ RETROFIT_EXTRA_ROOM = 100  # tokens of each row left for the extra questions (ev
 
 
 def synthetic_batches(
-    tokenizer: Any, batch_size: int, seq_len: int, seed: int
+    tokenizer: Any, batch_size: int, seq_len: int, seed: int, teacher_rows: torch.Tensor | None = None
 ) -> Callable[[int], torch.Tensor]:
-    """next_batch(step) -> [B, seq_len], the same batch for the same (seed, step)."""
+    """next_batch(step) -> [B, seq_len], the same batch for the same (seed, step). With teacher_rows
+    ([N, seq_len]), every odd step's first row is the next of them in turn."""
     from pipeline.data.corpus import sample_batch_with_weights
     from pipeline.data.tasks import RETROFIT_FACT_RANGE
 
@@ -38,9 +40,29 @@ def synthetic_batches(
             tokenizer, batch_size, seq_len, rng,
             fact_range=RETROFIT_FACT_RANGE, extra_room=RETROFIT_EXTRA_ROOM,
         )
+        if teacher_rows is not None and step % 2 == 1:
+            rows[0] = teacher_rows[(step // 2) % len(teacher_rows)]
         return rows
 
     return next_batch
+
+
+def teacher_trace_rows(model: Any, tokenizer: Any, n: int, seq_len: int, seed: int) -> torch.Tensor:
+    """[n, seq_len] rows of `<bos> prompt trace <eos>` then padding: training-split `trace` prompts
+    (half a row to a full one) and the teacher's own greedy trace of each (what the student must then
+    reproduce through its own compressed cache, right or wrong)."""
+    from pipeline.data.tasks import train_item
+    from pipeline.data.teacher import greedy_answers
+
+    rng = random.Random(f"teacher-traces/{seed}")
+    items = [train_item(rng.randint(seq_len // 2, seq_len - 2), rng, "trace") for _ in range(n)]
+    traces = greedy_answers(model, tokenizer, items, batch_size=16)
+    rows = torch.full((n, seq_len), tokenizer.pad_token_id, dtype=torch.long)
+    for i, (item, trace) in enumerate(zip(items, traces, strict=True)):
+        words = f"{item.prompt} {trace}".split()
+        ids = [tokenizer.bos_token_id, *tokenizer.convert_tokens_to_ids(words), tokenizer.eos_token_id]
+        rows[i, : min(seq_len, len(ids))] = torch.tensor(ids[:seq_len])
+    return rows
 
 
 def synthetic_heldout(tokenizer: Any, n: int, seq_len: int, seed: int = 0) -> torch.Tensor:

@@ -1,10 +1,11 @@
 """Exact-match scoring of generated answers.
 
-The synthetic tasks' answers are whitespace-separated words (`42`, `7 + 5 = 12 + 2 = 14`). A generation is
-correct when its first words are exactly the answer's words and, if it goes on, the next thing is an end
-of answer (the end-of-sequence token, already stripped by the decoder, or a stop word). Everything
-after the answer is the model's business, exactly as lm-eval's `until` stop sequences treat it; nothing
-else is forgiven (no case folding, no partial credit for the written steps of arithmetic).
+The synthetic tasks' answers are whitespace-separated words (`42`, `7 + 5 = 12 + 2 = 14`, a whole
+trace). A generation is correct when its first words are exactly the answer's words and, if it goes on,
+the next thing is an end of answer (the end-of-sequence token, already stripped by the decoder, or a
+stop word). Everything after the answer is the model's business, exactly as lm-eval's `until` stop
+sequences treat it; nothing else is forgiven (no case folding, no partial credit for the written steps
+of arithmetic or a trace).
 """
 
 from __future__ import annotations
@@ -13,17 +14,9 @@ from __future__ import annotations
 STOP_WORDS = (".", "?")
 
 
-def answer_words(text: str) -> list[str]:
-    """The generation's words up to the first stop word."""
-    words = text.split()
-    for i, word in enumerate(words):
-        if word in STOP_WORDS:
-            return words[:i]
-    return words
-
-
 def exact_match(generated: str, answer: str) -> bool:
-    """True when the generation's words (up to a stop word) are the answer's words, nothing more or less.
+    """True when the generation starts with exactly the answer's words and then ends (or a stop word
+    follows). A trace answer holds stop words itself (`k5 k40 17 k5 18 . ...`): all of it must match.
 
     Words beyond the answer's length count as wrong unless a stop word comes first: a model that writes
     `7 + 5 = 12 + 2 = 14 + 1` has not answered `7 + 5 = 12 + 2 = 14`.
@@ -31,7 +24,8 @@ def exact_match(generated: str, answer: str) -> bool:
     want = answer.split()
     if not want:
         raise ValueError("exact_match: the reference answer is empty")
-    return answer_words(generated) == want
+    words = generated.split()
+    return words[: len(want)] == want and (len(words) == len(want) or words[len(want)] in STOP_WORDS)
 
 
 def max_answer_tokens(answer: str, slack: int = 2) -> int:

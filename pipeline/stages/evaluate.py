@@ -25,7 +25,8 @@ from pipeline.stages.api import (
 
 NAME = "evaluate"
 DEPENDS: tuple[str, ...] = ("prepare", "retrofit")
-VERSION = 1
+# 2: the generation-heavy trace task; the gate holds it to the limit on its own
+VERSION = 2
 
 RESULTS, TABLE, PLOT = "results.json", "results.md", "accuracy_vs_cr.png"
 # Real models: agreement with vanilla over this many held-out prompts and greedy tokens each.
@@ -48,7 +49,9 @@ def gate(report: dict[str, Any], card: Card) -> dict[str, Any]:
 
     target, e = cr_label(card.dms.target_cr), card.eval
     if card.source.kind == "embedded":
-        return check_gate(report["accuracy"], target, e.max_accuracy_drop)
+        from pipeline.data.tasks import GENERATION_TASKS
+
+        return check_gate(report["accuracy"], target, e.max_accuracy_drop, gated_tasks=GENERATION_TASKS)
     from pipeline.eval.compare import BASELINES
 
     return check_quality_gate(report, target, e.max_accuracy_drop, BASELINES, e.max_kl, e.min_token_match)
@@ -57,11 +60,11 @@ def gate(report: dict[str, Any], card: Card) -> dict[str, Any]:
 def build_items(card: Card, tokenizer) -> list[Any]:
     """Held-out items: the synthetic suite for the embedded model, passkey retrieval for real models."""
     if card.source.kind == "embedded":
-        from pipeline.data.tasks import TASKS, eval_items
+        from pipeline.data.tasks import EVAL_TASKS, eval_items
 
         return [
             it
-            for task in TASKS
+            for task in EVAL_TASKS
             for length in card.eval.lengths
             for it in eval_items(task, length, card.eval.items_per_task)
         ]
@@ -154,7 +157,8 @@ def _evaluate(ctx, card, base_dir, checkpoints, tokenizer, items, score, start) 
     (ctx.out_dir / TABLE).write_text(
         f"# {card.name}: accuracy against compression\n\n"
         f"{card.eval.items_per_task} held-out items per task and length {list(card.eval.lengths)}; "
-        f"baselines run at DMS's measured CR per length. Accuracy in %, {scored}.\n\n"
+        f"baselines run at DMS's measured CR per length. Accuracy in %, {scored}. Measured CR counts "
+        "the whole request (prompt and generated tokens), peak KV is the request's largest footprint.\n\n"
         f"{quality_md}{markdown_table(summary, METHOD_ORDER)}\n![accuracy vs CR]({PLOT})\n"
     )
     full = {**report, "by_length": summary["by_length"], "items": [dataclasses.asdict(r) for r in results]}

@@ -34,6 +34,8 @@ def settings(card: Card, options: Options) -> dict[str, Any]:
     out = card_section(card, "family", "dms", "retrofit")
     if card.dms.decision == "adapter":  # the warm start is for borrowed decisions only
         del out["retrofit"]["warm_start"]
+    if not card.retrofit.teacher_traces:  # cards without them keep their cached retrofit
+        del out["retrofit"]["teacher_traces"]
     out["eval_lengths"] = card.eval.lengths  # the synthetic held-out rows are as long as the longest
     data = card.retrofit_data()
     out["data"] = fingerprint(data) if isinstance(data, Path) else data
@@ -75,8 +77,11 @@ def _data(
     r = card.retrofit
     if data == "synthetic":
         length = max(r.seq_len, *card.eval.lengths)
+        traces = None
+        if r.teacher_traces:
+            traces = dd.teacher_trace_rows(model, tokenizer, r.teacher_traces, r.seq_len, r.seed)
         return (
-            dd.synthetic_batches(tokenizer, r.batch_size, r.seq_len, r.seed),
+            dd.synthetic_batches(tokenizer, r.batch_size, r.seq_len, r.seed, teacher_rows=traces),
             dd.synthetic_heldout(tokenizer, 8, length, seed=r.seed),
         )
     if data == "teacher-answers":
