@@ -25,6 +25,7 @@ def _card(**retro):
         dms=dataclasses.replace(card.dms, window=16, target_cr=4.0),
         build=dataclasses.replace(card.build, kv_block_size=8),
         eval=dataclasses.replace(card.eval, lengths=(128,)),
+        perf=dataclasses.replace(card.perf, equal_memory=None),  # sized for the tiny model, not a micro one
         pretrain=PretrainSpec(
             hidden_size=32,
             num_layers=2,
