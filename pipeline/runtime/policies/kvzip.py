@@ -19,12 +19,15 @@ from dataclasses import dataclass
 
 import torch
 
-from dms_core.streams import StreamTable
-from pipeline.runtime.policies.base import Candidates, DecodeStep, EvictionPolicy, fixed_budget
+from pipeline.runtime.policies.base import fixed_budget
+from pipeline.runtime.policies.none import NoEviction
 
 
 @dataclass
-class KVzipPolicy(EvictionPolicy):
+class KVzipPolicy(NoEviction):
+    """Keeps every token as it comes (prefill and decode place like `none`); the context is compressed
+    once, after its reconstruction pass."""
+
     cr: float = 8.0
     repeat_ids: tuple[int, ...] = ()  # tokens asking to repeat the context (none: the context again)
     name: str = "kvzip"
@@ -44,17 +47,6 @@ class KVzipPolicy(EvictionPolicy):
         out = torch.zeros_like(valid)
         out.scatter_(1, top, True)
         return out & valid
-
-    def prefill_keep(self, c: Candidates) -> tuple[torch.Tensor, torch.Tensor]:
-        return c.valid, c.score  # everything stays until the context is compressed
-
-    def place(
-        self, st: StreamTable, layer: int, step: DecodeStep, evict_prev: torch.Tensor | None
-    ) -> torch.Tensor:
-        return st.place(layer, step.n, step.append_rows[layer], None)
-
-    def appends(self, st: StreamTable, n: int, pos: torch.Tensor) -> torch.Tensor:
-        return torch.ones((st.num_layers, n), dtype=torch.bool, device=pos.device)
 
     def expected_live_tokens(self, total_tokens: int, kept_fraction: float) -> int:
         return total_tokens  # prefill holds the whole context before it is compressed
