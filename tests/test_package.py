@@ -75,7 +75,7 @@ def test_trtllm_repository_uses_the_cpp_backend_without_kv_outputs():
     configs = validate_repository(render_repository(spec))
     assert configs["tensorrt_llm"].backend == "tensorrtllm"
     assert "ensemble_vanilla" not in configs
-    assert {t.name for t in configs["ensemble"].output} == {"text_output"}
+    assert {t.name for t in configs["ensemble"].output} == {"text_output", "num_output_tokens"}
 
 
 @pytest.mark.parametrize(

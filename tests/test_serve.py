@@ -7,6 +7,7 @@ bad requests, in-flight batching, the KV pool draining, a short load, perf_analy
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import subprocess
 import sys
@@ -113,9 +114,11 @@ def test_streaming_grpc_and_http(served):
     assert len([p for p in streamed.pieces if p]) > 1
     assert streamed.text == full.text  # incremental detokenization loses nothing
     assert streamed.kv_compression_ratio > 1.0
-    # the ensemble streams too: one response per generated token, then a final one with the KV figures
+    # the ensemble streams too: a response per generated token (or per few, when the server was behind),
+    # then a final one with the KV figures
     pieces = list(client.stream_grpc(served.grpc_url, PROMPT, 8, end_id=-1))
-    assert len(pieces) == 9 and pieces[-1].text == ""  # end_id -1: exactly max_tokens tokens
+    assert 2 < len(pieces) <= 9 and pieces[-1].text == "" and pieces[-1].num_tokens == 0
+    assert sum(p.num_tokens for p in pieces) == 8  # end_id -1: exactly max_tokens tokens
     sse = client.join(client.stream_http(served.http_url, PROMPT, 16, model="tensorrt_llm_bls"))
     assert sse.text == full.text and len(sse.pieces) > 1
 
@@ -298,6 +301,74 @@ def test_load_tool_bad_input_is_one_line(argv, message, capsys):
         load_main(argv)
     out = capsys.readouterr().err
     assert err.value.code == 2 and message in out and "Traceback" not in out
+
+
+def _engine_token_ids(grpc_url: str, streaming: bool) -> list[list[int]]:
+    """The engine model's responses to one greedy request (10 tokens), as token id lists."""
+    import queue
+
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    def tensor(name, value, dtype="INT32"):
+        t = grpcclient.InferInput(name, [1, len(value)], dtype)
+        t.set_data_from_numpy(np.array([value], np.int32 if dtype == "INT32" else bool))
+        return t
+
+    results: queue.Queue = queue.Queue()
+    grpc = grpcclient.InferenceServerClient(grpc_url)
+    grpc.start_stream(callback=lambda result, error: results.put((result, error)))
+    inputs = [tensor("input_ids", [5, 6, 7, 8]), tensor("input_lengths", [4]),
+              tensor("request_output_len", [10]), tensor("end_id", [-1]),
+              tensor("streaming", [streaming], "BOOL")]  # fmt: skip
+    grpc.async_stream_infer("tensorrt_llm", inputs, enable_empty_final_response=True)
+    out = []
+    while True:
+        result, error = results.get(timeout=60)
+        assert error is None, error
+        ids = result.as_numpy("output_ids")
+        if ids is not None and ids.size:
+            out.append(ids.reshape(-1).tolist())
+        if result.get_response().parameters["triton_final_response"].bool_param:
+            break
+    grpc.stop_stream()
+    grpc.close()
+    return out
+
+
+def test_streamed_responses_carry_stream_interval_tokens_and_the_profile_counts_them(tmp_path):
+    """With stream_interval 4 the first response goes as soon as there is a token, then 4 or more tokens a
+    response, the rest before the end; the tokens are one response's, and perf_analyzer's profile export
+    counts every one."""
+    from pipeline.serve import equal_memory, perf
+    from pipeline.serve.profile import figures, read_export
+    from pipeline.serve.server import TritonServer
+    from pipeline.serve.text import load_tokenizer
+
+    make_engine_dir(tmp_path / "engine", max_input_len=MAX_INPUT, max_output_len=64)
+    repo = tmp_path / "repo"
+    write_repository(RepoSpec(engine_dir="../engine", tokenizer_dir="../engine", max_input_len=MAX_INPUT,
+                              max_output_len=64, kv_pool_tokens=8192, stream_interval=4), repo)  # fmt: skip
+    config = (repo / "tensorrt_llm" / "config.pbtxt").read_text()
+    assert 'key: "stream_interval" value: { string_value: "4" }' in config
+    with TritonServer(repo) as server:
+        pieces = list(client.stream_grpc(server.grpc_url, PROMPT, 10, end_id=-1))
+        counts = [p.num_tokens for p in pieces]  # the dispatcher sends whatever waits, 4 or more
+        assert all(k >= 4 for k in counts[1:-2]) and counts[-1] == 0, counts  # 0: the end (KV figures)
+        assert sum(counts) == 10 and len(counts) <= 5, counts
+        assert client.generate_grpc(server.grpc_url, PROMPT, 10, end_id=-1).num_tokens == 10
+        streamed, whole = _engine_token_ids(server.grpc_url, True), _engine_token_ids(server.grpc_url, False)
+        assert len(streamed) > 1 and sum(streamed, []) == whole[0] and len(whole[0]) == 10
+        data = tmp_path / "input_data.json"
+        tokenizer = load_tokenizer(tmp_path / "engine")
+        data.write_text(json.dumps(equal_memory.input_data(tokenizer, 16, 9, num_prompts=2)))  # streamed
+        export = perf.run_perf_analyzer_requests("ensemble", server.grpc_url, data, 2, 2, tmp_path / "x.json")
+    timings = read_export(export)[2]
+    assert [len(t.token_ns) for t in timings] == [9, 9]
+    raw = json.loads(export.read_text())["experiments"][0]["requests"]
+    assert all(len(r["response_timestamps"]) <= 4 for r in raw)  # 1 + 4 + 4 tokens, then the end
+    f = figures(timings)
+    assert f.output_tokens == 18 and 0 < f.itl_ms_p50 <= f.itl_ms_p99
 
 
 def test_a_cancelled_request_frees_its_kv_blocks_at_the_next_token(tmp_path):

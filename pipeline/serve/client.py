@@ -32,6 +32,7 @@ class Reply:
     kv_live_tokens: int | None = None
     kv_compression_ratio: float | None = None
     pieces: list[str] = field(default_factory=list)  # streamed pieces, in order (streaming only)
+    num_tokens: int | None = None  # generated tokens this response carries (the ensemble reports it)
 
 
 def request_body(
@@ -64,10 +65,12 @@ def _reply_from_json(data: dict[str, Any]) -> Reply:
     text = data.get("text_output", "")
     if isinstance(text, list):
         text = "".join(text)
+    count = data.get("num_output_tokens")
     return Reply(
         text=text,
         kv_live_tokens=data.get("kv_live_tokens"),
         kv_compression_ratio=data.get("kv_compression_ratio"),
+        num_tokens=None if count is None else int(count[0] if isinstance(count, list) else count),
     )
 
 
@@ -204,6 +207,8 @@ def stream_grpc(
                 ratio = result.as_numpy("kv_compression_ratio")
                 reply.kv_live_tokens = None if live is None else int(live.reshape(-1)[0])
                 reply.kv_compression_ratio = None if ratio is None else float(ratio.reshape(-1)[0])
+                count = result.as_numpy("num_output_tokens")
+                reply.num_tokens = None if count is None else int(count.reshape(-1)[0])
                 yield reply
             if final:
                 finished = True
@@ -247,6 +252,8 @@ def join(replies: Iterator[Reply]) -> Reply:
         if reply.kv_live_tokens is not None:
             out.kv_live_tokens = reply.kv_live_tokens
             out.kv_compression_ratio = reply.kv_compression_ratio
+        if reply.num_tokens is not None:
+            out.num_tokens = (out.num_tokens or 0) + reply.num_tokens
     return out
 
 

@@ -157,10 +157,10 @@ def run_mixed_load(
     """The `--mixed` workload (module docstring): `concurrency` threads, each cycling through the kinds
     from its own offset, for `seconds`. `http_url` is the proxy's (bodies over `max_request_bytes` must
     come back 413). `timeout_s` bounds each wait for a response; `only` picks some of the kinds.
-    `streaming_model`: what the streaming and cancelled requests call. `ensemble` streams one response per
-    token (checked: max_tokens of them); `tensorrt_llm_bls` streams text (checked against the answer
-    alone) and passes cancellations on, but Triton 2.51's python backend can deadlock under many
-    concurrent decoupled BLS calls (README, Reliability)."""
+    `streaming_model`: what the streaming and cancelled requests call. `ensemble` streams a response per
+    token or per few (checked: max_tokens in all, by its num_output_tokens); `tensorrt_llm_bls` streams
+    text (checked against the answer alone) and passes cancellations on, but Triton 2.51's python backend
+    can deadlock under many concurrent decoupled BLS calls (README, Reliability)."""
     from pipeline.serve import client
 
     wait_s = timeout_s
@@ -188,9 +188,8 @@ def run_mixed_load(
             return check(reply, prompt)
         if reply.kv_live_tokens is None:
             return "response without KV statistics"
-        tokens = len([p for p in reply.pieces if p])
-        return None if tokens <= max_tokens and len(reply.pieces) == max_tokens + 1 else (
-            f"{len(reply.pieces)} streamed responses for {max_tokens} tokens")
+        return None if reply.num_tokens == max_tokens and 1 < len(reply.pieces) <= max_tokens + 1 else (
+            f"{len(reply.pieces)} streamed responses carrying {reply.num_tokens} tokens for {max_tokens}")
 
     def refused(call: Callable[[], object], needle: str) -> str | None:
         try:

@@ -3,9 +3,14 @@
 The export (perf_analyzer 2.51) is one JSON object: {"experiments": [{"experiment": {"mode",
 "value"}, "requests": [{"timestamp", "request_inputs", "response_timestamps", "response_outputs"}],
 "window_boundaries"}], "version", ...}, times in nanoseconds since the epoch. With `--streaming` a
-request gets one response per generated token; our torch engine model then sends a final response
-without a token (its text is empty), the TensorRT-LLM backend puts the last token in the final one. So
-every response but the last carries a token, and the last one does when its text is not empty.
+request gets a response per generated token, or per few tokens: our ensemble reports how many in
+`num_output_tokens` (the engine model's `stream_interval`). Without that output (the TensorRT-LLM
+backend's ensemble) every response but the last carries one token, and the last one does when its text
+is not empty; our engine model's final response carries none.
+
+A response of k tokens that arrives `gap` after the request's previous one counts k tokens arriving at
+its time, and k inter-token latencies of gap / k each: the same total time spread over its tokens, so
+ITL keeps meaning the time per generated token whatever the interval.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ class ProfileError(ValueError):
 @dataclass(frozen=True)
 class RequestTiming:
     sent_ns: int
-    token_ns: tuple[int, ...]  # when each generated token's response arrived
+    token_ns: tuple[int, ...]  # when each generated token's response arrived (k equal times: k tokens)
     end_ns: int  # the request's last response
     final_compression_ratio: float | None  # the KV compression ratio its last response reports
 
@@ -46,9 +51,15 @@ class StreamFigures:
     final_cr: float | None  # mean over requests of the compression ratio at their end (None: not reported)
 
 
-def _carries_token(output: dict[str, Any]) -> bool:
+def _tokens_in(output: dict[str, Any], last: bool) -> int:
+    """How many generated tokens one response carries."""
+    if "num_output_tokens" in output:
+        count = output["num_output_tokens"]
+        return int(count[0] if isinstance(count, list) else count)
+    if not last:
+        return 1
     text = output.get("text_output", "")
-    return bool(text) if isinstance(text, str) else True
+    return int(bool(text)) if isinstance(text, str) else 1
 
 
 def read_export(path: Path) -> dict[int, list[RequestTiming]]:
@@ -75,7 +86,8 @@ def read_export(path: Path) -> dict[int, list[RequestTiming]]:
                 raise ProfileError(
                     f"{path}: a request has {len(stamps)} response timestamps but {len(outputs)} outputs"
                 )
-            tokens = stamps if _carries_token(outputs[-1]) else stamps[:-1]
+            counts = [_tokens_in(o, i == len(outputs) - 1) for i, o in enumerate(outputs)]
+            tokens = [t for t, k in zip(stamps, counts, strict=True) for _ in range(k)]
             ratio = outputs[-1].get("kv_compression_ratio")
             ratio = None if ratio is None else float(ratio)
             timings.append(RequestTiming(int(req["timestamp"]), tuple(tokens), stamps[-1], ratio))
@@ -94,7 +106,7 @@ def figures(timings: list[RequestTiming]) -> StreamFigures:
     seconds = max(end - start, 1) / 1e9
     tokens = sum(len(t.token_ns) for t in timings)
     ttft = np.array([(t.token_ns[0] - t.sent_ns) / 1e6 for t in timings])
-    gaps = [np.diff(np.array(t.token_ns, dtype=np.int64)) / 1e6 for t in timings if len(t.token_ns) > 1]
+    gaps = [_token_gaps_ms(t.token_ns) for t in timings if len(t.token_ns) > 1]
     itl = np.concatenate(gaps) if gaps else np.zeros(1)
     ratios = [t.final_compression_ratio for t in timings if t.final_compression_ratio is not None]
     return StreamFigures(
@@ -109,3 +121,12 @@ def figures(timings: list[RequestTiming]) -> StreamFigures:
         itl_ms_p99=float(np.percentile(itl, 99)),
         final_cr=sum(ratios) / len(ratios) if ratios else None,
     )
+
+
+def _token_gaps_ms(token_ns: tuple[int, ...]) -> np.ndarray:
+    """Inter-token latencies (ms) of one request: a response of k tokens spreads its gap over them."""
+    times, counts = np.unique(np.array(token_ns, dtype=np.int64), return_counts=True)
+    gaps = np.diff(times) / 1e6 / counts[1:]
+    itl = np.repeat(gaps, counts[1:])
+    # the first response's extra tokens arrived with the first token: no wait of their own
+    return np.concatenate([np.zeros(counts[0] - 1), itl])

@@ -56,6 +56,7 @@ class RepoSpec:
     with_vanilla: bool = True  # also serve the same engine with eviction off (perf's baseline)
     device: str = "auto"  # torch backend: auto | cpu | cuda
     dms_session: str = "trtllm"  # dms_pair: how the driver runs the engines (trtllm | emulated)
+    stream_interval: int = 1  # tokens per streamed response (card serve.stream_interval)
 
 
 def fill_template(text: str, values: Mapping[str, object], where: str = "template") -> str:
@@ -84,6 +85,7 @@ def render_repository(spec: RepoSpec, templates: Path = TEMPLATES_DIR) -> dict[s
         "batch_scheduler_policy": spec.batch_scheduler_policy,
         "device": spec.device,
         "dms_session": spec.dms_session,
+        "stream_interval": spec.stream_interval,
         "add_special_tokens": "true",
         "skip_special_tokens": "true",
         "preprocessing_instance_count": 1,

@@ -337,6 +337,17 @@ class TritonServer:
                 return f"the python-backend stub of model instance {name} (pid {pid}) died"
         return None
 
+    def _every_model_ready(self) -> bool:
+        """Every model of the repository answers on its own ready endpoint: a first request has failed
+        with "failed to find the requested model version" after the server as a whole answered ready.
+        (The repository index API is restricted: the models are read from the directory.)"""
+        for config in sorted(Path(self.model_repo).glob("*/config.pbtxt")):
+            ready = f"http://{self.http_url}/v2/models/{config.parent.name}/ready"
+            with urllib.request.urlopen(ready, timeout=2) as resp:
+                if resp.status != 200:
+                    return False
+        return True
+
     def _wait_ready(self) -> None:
         url = f"http://{self.http_url}/v2/health/ready"
         deadline = time.monotonic() + self.startup_timeout_s
@@ -349,7 +360,7 @@ class TritonServer:
                 )
             try:
                 with urllib.request.urlopen(url, timeout=2) as resp:
-                    if resp.status == 200:
+                    if resp.status == 200 and self._every_model_ready():
                         return
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 pass

@@ -43,6 +43,7 @@ def templates_hash() -> str:
 def settings(card: Card, options: Options) -> dict[str, Any]:
     out = card_section(card, "build")
     out["templates"] = templates_hash()
+    out["stream_interval"] = card.serve.stream_interval
     return out
 
 
@@ -88,6 +89,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         max_output_len=int(limits["max_output_len"]),
         kv_pool_tokens=int(limits["kv_pool_tokens"]),
         with_vanilla=backend in ("torch", "dms_pair"),
+        stream_interval=ctx.card.serve.stream_interval,
     )
     configs = write_repository(spec, repo)
     print(f"[package] {len(configs)} models in {REPO_DIR}/: {', '.join(sorted(configs))}")

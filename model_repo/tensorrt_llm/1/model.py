@@ -5,7 +5,10 @@ model's parameters.
 Decoupled: execute() hands each request to the engine's background step loop and returns at once. The
 engine puts every request's tokens and its end into one outbox, and one dispatcher thread forwards them
 (streaming) or the whole output to the request's response sender. One thread, not one per request: with
-64 requests streaming, 64 threads waking per token fought the engine's loop for the GIL. A request with
+64 requests streaming, 64 threads waking per token fought the engine's loop for the GIL. A streamed
+response carries every token of its request that is waiting when it is sent, and at least
+`stream_interval` of them (vLLM's knob of that name) except the first and the last: each response costs
+the server, the ensemble's postprocessing and the client as much CPU as one token's decode step. A request with
 `stop` true cancels the running request of the same request id (TensorRT-LLM's convention; the BLS
 model passes its clients' cancellations on this way, Triton 2.51 has no other). All request logic lives
 in pipeline.serve.engine_adapter.
@@ -68,6 +71,7 @@ class TritonPythonModel:
         self.name = args["model_name"]
         set_cpu_threads(params)
         self.engine = load_engine(params, Path(args["model_repository"]).resolve().parent)
+        self.stream_interval = max(1, int(params.get("stream_interval", "") or 1))
         self.engine.start()
         # Gauges on Triton's /metrics (the families must outlive their metrics, hence both kept)
         self.families, self.metrics = [], {}
@@ -122,7 +126,7 @@ class TritonPythonModel:
                 rid = request.request_id()
                 with self._lock:  # registered before the dispatcher can see the request's first event
                     handle = self.engine.submit(req.input_ids, req.sampling(), outbox=self._outbox, **extra)
-                    self._replies[handle] = _Reply(req, sender, rid)
+                    self._replies[handle] = _Reply(req, sender, rid, self.stream_interval)
                     if rid:
                         self._by_id.setdefault(rid, set()).add(handle)
             except (RequestError, ValueError) as exc:
@@ -139,21 +143,30 @@ class TritonPythonModel:
 
     def _dispatch_loop(self):
         while True:
-            handle, item = self._outbox.get()
-            if handle is None:
-                return
-            with self._lock:
-                reply = self._replies.get(handle)
-            if reply is None:  # its end was sent already (a cancelled client, a failure)
-                continue
-            try:
-                done = reply.deliver(handle, item)
-            except Exception as exc:  # a failure must end this request, never the model
-                reply.fail(f"{type(exc).__name__}: {exc}")
-                handle.cancel()
-                done = True
-            if done:
-                self._forget(handle, reply.rid)
+            batch = [self._outbox.get()]
+            while True:  # and whatever else the engine produced meanwhile: one response per request
+                try:
+                    batch.append(self._outbox.get_nowait())
+                except queue.Empty:
+                    break
+            events = {}  # handle -> its events in order (dicts keep the order requests first appeared)
+            for handle, item in batch:
+                events.setdefault(handle, []).append(item)
+            for handle, items in events.items():
+                if handle is None:
+                    return
+                with self._lock:
+                    reply = self._replies.get(handle)
+                if reply is None:  # its end was sent already (a cancelled client, a failure)
+                    continue
+                try:
+                    done = reply.deliver(handle, items)
+                except Exception as exc:  # a failure must end this request, never the model
+                    reply.fail(f"{type(exc).__name__}: {exc}")
+                    handle.cancel()
+                    done = True
+                if done:
+                    self._forget(handle, reply.rid)
 
     def _forget(self, handle, rid):
         with self._lock:
@@ -174,20 +187,33 @@ class TritonPythonModel:
 class _Reply:
     """One request's responses, sent from the dispatcher thread as its engine events arrive."""
 
-    def __init__(self, req, sender, rid):
+    def __init__(self, req, sender, rid, stream_interval=1):
         self.req, self.sender, self.rid = req, sender, rid
+        self.stream_interval = stream_interval
         self.generated = []
+        self.unsent = []  # generated tokens not streamed yet
+        self.sent_any = False
         self.stops = [s for s in req.stop_sequences if len(s) > 1]  # single tokens stop in the engine
         self.next_poll = 0.0
         self.stopping = False  # cancelled in the engine at a stop sequence: its end is still to come
+        self.live, self.ratio = 0, 1.0  # the request's KV figures after its last token
 
-    def deliver(self, handle, item):
-        """Forward one event; True when the request's final response went."""
-        if not isinstance(item, TokenEvent):
-            self._finish(item)
-            return True
-        if self.stopping:
-            return False
+    def deliver(self, handle, items):
+        """Forward a request's events (its tokens, in order, then maybe its end); True when its final
+        response went."""
+        for item in items:
+            if not isinstance(item, TokenEvent):
+                self._finish(item)
+                return True
+            if self.stopping:
+                continue
+            self.generated.append(item.token_id)
+            self.live, self.ratio = item.live_kv_tokens, item.compression_ratio
+            if self.stops and ends_with_stop(self.generated, self.stops):
+                handle.cancel()
+                self.stopping = True  # the stop sequence's last token is not streamed
+            elif self.req.streaming:
+                self.unsent.append(item.token_id)
         now = time.monotonic()
         if now >= self.next_poll:  # the client went away (or cancelled): free its KV blocks now
             self.next_poll = now + CANCEL_POLL_S
@@ -195,18 +221,21 @@ class _Reply:
                 handle.cancel()
                 self.sender.send(flags=FINAL)
                 return True
-        self.generated.append(item.token_id)
-        if self.stops and ends_with_stop(self.generated, self.stops):
-            handle.cancel()
-            self.stopping = True
-        elif self.req.streaming:  # each event carries the request's KV figures after its token
-            self.sender.send(_response([item.token_id], item.live_kv_tokens, item.compression_ratio))
+        if self.req.streaming and self.unsent and (len(self.unsent) >= self.stream_interval or not self.sent_any):
+            self._send_unsent()
         return False
+
+    def _send_unsent(self):
+        """Stream the waiting tokens in one response; it carries the request's KV figures after them."""
+        self.sender.send(_response(self.unsent, self.live, self.ratio))
+        self.unsent, self.sent_any = [], True
 
     def _finish(self, completion):
         if completion.finish_reason == "error":
             self.sender.send(_error(completion.error or "the engine failed this request"), flags=FINAL)
             return
+        if self.req.streaming and self.unsent:
+            self._send_unsent()
         stats = completion.stats
         live = int(stats.get("live_kv_tokens", 0))
         ratio = float(stats.get("compression_ratio", 1.0))
