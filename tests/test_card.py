@@ -62,6 +62,7 @@ def test_valid_card_loads(tmp_path):
         ("dms", "window", 512, "must be shorter than retrofit.seq_len"),
         ("retrofit", "checkpoint_crs", "2,4", "'retrofit.checkpoint_crs' must be a list"),
         ("build", "tp_size", 3, "tp_size must be 1, 2, 4 or 8"),
+        ("serve", "stream_interval", 0, "serve.stream_interval .* must be between 1 and 256, got 0"),
         ("retrofit", "logit_clip", 0, "retrofit.logit_clip must be > 0"),
         (None, "name", "../../evil", "name '../../evil' must be lower-case letters"),
         (None, "name", "", "name '' must be"),

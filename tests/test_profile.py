@@ -75,3 +75,26 @@ def test_other_files_are_refused(tmp_path, content, message):
 def test_no_tokens_is_an_error():
     with pytest.raises(ProfileError, match="no request .* received a token"):
         figures([])
+
+
+def test_a_response_of_several_tokens_spreads_its_gap_over_them(tmp_path):
+    """stream_interval > 1: each response says how many tokens it carries (num_output_tokens)."""
+    ms = 1_000_000
+    request = {
+        "timestamp": 0,
+        "request_inputs": {},
+        "response_timestamps": [5 * ms, 35 * ms, 55 * ms, 56 * ms],
+        "response_outputs": [{"text_output": "a", "num_output_tokens": [1]},
+                             {"text_output": "bcd", "num_output_tokens": [3]},
+                             {"text_output": "ef", "num_output_tokens": [2]},
+                             {"text_output": "", "num_output_tokens": [0], "kv_compression_ratio": 2.0}],
+    }  # fmt: skip
+    path = tmp_path / "export.json"
+    path.write_text(json.dumps({"experiments": [{"experiment": {"mode": "concurrency", "value": 1},
+                                                 "requests": [request]}]}))  # fmt: skip
+    (timing,) = read_export(path)[1]
+    assert len(timing.token_ns) == 6 and timing.final_compression_ratio == 2.0
+    f = figures([timing])
+    assert f.output_tokens == 6 and f.ttft_ms_p50 == pytest.approx(5.0)
+    # gaps 30 ms over 3 tokens and 20 ms over 2: ITLs 10, 10, 10, 10, 10
+    assert f.itl_ms_p50 == pytest.approx(10.0) and f.itl_ms_p99 == pytest.approx(10.0)
