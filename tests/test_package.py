@@ -62,6 +62,7 @@ def test_torch_repository_has_every_model_with_the_card_values():
     } <= ens_in
     assert {t.name for t in configs["ensemble"].output} == {
         "text_output",
+        "num_output_tokens",
         "kv_live_tokens",
         "kv_compression_ratio",
     }

@@ -119,7 +119,8 @@ def test_served_tokens_are_the_drivers(served):
 def test_streaming_bls_and_concurrent_requests_then_the_pool_drains(served):
     server, _ = served
     pieces = list(client.stream_grpc(server.grpc_url, PROMPT, 8, end_id=-1))
-    assert len(pieces) == 9 and pieces[-1].text == ""  # one response per token, then the KV figures
+    # a response per token (or per few, when the server was behind), then the KV figures
+    assert 2 < len(pieces) <= 9 and pieces[-1].text == "" and sum(p.num_tokens for p in pieces) == 8
     full = client.generate_grpc(server.grpc_url, PROMPT, 10, model="tensorrt_llm_bls")
     assert (
         client.join(client.stream_grpc(server.grpc_url, PROMPT, 10, model="tensorrt_llm_bls")).text

@@ -76,7 +76,7 @@ def input_data(tokenizer: Any, input_tokens: int, output_tokens: int, num_prompt
     data = perf.input_data(tokenizer, input_tokens, output_tokens, num_prompts)
     for i, entry in enumerate(data["data"]):
         entry["text_input"]["content"] = [task_prompt(tokenizer, input_tokens, seed=i)]
-        entry["stream"] = {"content": [True], "shape": [1]}  # one response per token: TTFT and ITL
+        entry["stream"] = {"content": [True], "shape": [1]}  # streamed: TTFT and ITL
     return data
 
 
