@@ -8,10 +8,10 @@ engine puts every request's tokens and its end into one outbox, and one dispatch
 64 requests streaming, 64 threads waking per token fought the engine's loop for the GIL. A streamed
 response carries every token of its request that is waiting when it is sent, and at least
 `stream_interval` of them (vLLM's knob of that name) except the first and the last: each response costs
-the server, the ensemble's postprocessing and the client as much CPU as one token's decode step. A request with
-`stop` true cancels the running request of the same request id (TensorRT-LLM's convention; the BLS
-model passes its clients' cancellations on this way, Triton 2.51 has no other). All request logic lives
-in pipeline.serve.engine_adapter.
+the server, the ensemble's postprocessing and the client as much CPU as one token's decode step.
+A request with `stop` true cancels the running request of the same request id (TensorRT-LLM's
+convention; the BLS model passes its clients' cancellations on this way, Triton 2.51 has no other). All
+request logic lives in pipeline.serve.engine_adapter.
 """
 
 import json
@@ -221,7 +221,8 @@ class _Reply:
                 handle.cancel()
                 self.sender.send(flags=FINAL)
                 return True
-        if self.req.streaming and self.unsent and (len(self.unsent) >= self.stream_interval or not self.sent_any):
+        due = len(self.unsent) >= self.stream_interval or not self.sent_any  # the first goes at once
+        if self.req.streaming and self.unsent and due:
             self._send_unsent()
         return False
 
